@@ -1,0 +1,366 @@
+"""Locally trained blocks: one layer + its local heads + its own optimizer + its own RNG.
+
+Every block is created with a seed derived from (run seed, block index) and uses only its own
+generators: one on the CPU for the initialisation of all its weights and fixed random matrices, one
+on its device for dropout masks. No block touches torch's process-global generator, so a block
+computes the same numbers whatever process or pipeline stage it runs in (DESIGN.md).
+
+Training API, used the same way by the one-process loop and by a pipeline stage:
+``out, ctx = block.train_forward(x)`` computes the (detached, max-pooled) output for the next
+block; ``stats = block.train_update(ctx, y, y_onehot)`` then computes the local loss on the
+pre-dropout activation, backpropagates it into this block only, and steps the block's optimizer.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LossConfig, OptimConfig
+from .losses import LinearFAFunction, pred_bio_loss, pred_loss, sim_loss, similarity_matrix
+
+__all__ = ["derive_seed", "LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
+           "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS", "make_optimizer"]
+
+# Order of the per-batch statistics vector returned by train_update/evaluate.
+STAT_FIELDS = ("loss", "loss_sim", "loss_pred", "correct")
+
+
+def derive_seed(seed: int, index: int, purpose: str) -> int:
+    """A 63-bit seed for (run seed, block index, purpose), independent of process layout."""
+    digest = hashlib.sha256(f"localloss-pp:{seed}:{index}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The reference's optimizer choice; lr starts at 0 and is set each epoch."""
+    params = list(params)
+    if optim.optim == "sgd":
+        return torch.optim.SGD(params, lr=0.0, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay)
+    return torch.optim.Adam(params, lr=0.0, weight_decay=optim.weight_decay,
+                            amsgrad=optim.optim == "amsgrad")
+
+
+class LinearFA(nn.Module):
+    """Linear layer trained with feedback alignment: the input gradient uses a fixed matrix."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.register_buffer("feedback", torch.empty(out_features, in_features))
+
+    def forward(self, x):
+        return LinearFAFunction.apply(x, self.weight, self.bias, self.feedback)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _default_init(module: nn.Module, gen: torch.Generator) -> None:
+    """PyTorch's default Linear/Conv init (uniform +-1/sqrt(fan_in)) drawn from `gen`."""
+    w = module.weight
+    fan_in = w.size(1) * math.prod(w.shape[2:])
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    w.uniform_(-bound, bound, generator=gen)
+    if getattr(module, "bias", None) is not None:
+        module.bias.uniform_(-bound, bound, generator=gen)
+
+
+def make_pool(kind: str) -> nn.Module:
+    """The pooling layers of the reference's VGG layer builder."""
+    table = {"M": lambda: nn.MaxPool2d(2, 2), "M3": lambda: nn.MaxPool2d(3, 2, 1),
+             "M4": lambda: nn.MaxPool2d(4, 4), "A": lambda: nn.AvgPool2d(2, 2),
+             "A3": lambda: nn.AvgPool2d(3, 2, 1), "A4": lambda: nn.AvgPool2d(4, 4)}
+    return table[kind]()
+
+
+def decoder_pool(ch_out: int, dim_out: int, dim_in_decoder: int):
+    """Average pool that brings a conv map under `dim_in_decoder` values (SPEC.md 4.4).
+
+    Returns (pool or None, pooled height, pooled width, decoder input size).
+    """
+    kh = kw = 1
+    oh = ow = dim_out
+    d = ch_out * oh * ow
+    while d > dim_in_decoder and kh < dim_out:
+        kh *= 2
+        oh = math.ceil(dim_out / kh)
+        d = ch_out * oh * ow
+        if d > dim_in_decoder:
+            kw *= 2
+            ow = math.ceil(dim_out / kw)
+            d = ch_out * oh * ow
+    if kh == 1 and kw == 1:
+        return None, oh, ow, d
+    ph = (kh * (oh - dim_out // kh)) // 2
+    pw = (kw * (ow - dim_out // kw)) // 2
+    return nn.AvgPool2d((kh, kw), padding=(ph, pw)), oh, ow, d
+
+
+class LocalBlock(nn.Module):
+    """Common machinery of the linear and conv blocks; subclasses build `encoder` and heads."""
+
+    def __init__(self, *, index: int, seed: int, num_classes: int, loss: LossConfig,
+                 dropout: float, nonlin: str, first_layer: bool):
+        super().__init__()
+        self.index = index
+        self.num_classes = num_classes
+        self.cfg = loss
+        self.dropout_p = dropout
+        self.negative_slope = 0.01 if nonlin == "leakyrelu" else 0.0
+        self.first_layer = first_layer
+        self.local = not loss.backprop
+        self.use_pred = self.local and loss.loss_sup in ("pred", "predsim")
+        self.use_sim = self.local and (loss.loss_sup in ("sim", "predsim")
+                                       or loss.loss_unsup == "sim")
+        self.use_recon = self.local and loss.loss_unsup == "recon" and not first_layer
+        self.post = nn.Sequential()  # max-pools that follow this block travel with it
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._seed = seed
+        self._drop_gen: torch.Generator | None = None
+
+    # --- construction -------------------------------------------------------------------------
+    def _materialize(self) -> None:
+        """Allocate the meta-built modules on the CPU and initialise them from the block's seed."""
+        self.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(derive_seed(self._seed, self.index, "init"))
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                    _default_init(module, gen)
+                elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_parameters()
+                elif isinstance(module, LinearFA):
+                    module.weight.zero_()
+                    module.bias.zero_()
+                    bound = 1.0 / math.sqrt(module.in_features)
+                    module.feedback.uniform_(-bound, bound, generator=gen)
+            if hasattr(self, "decoder_y") and isinstance(self.decoder_y, nn.Linear):
+                self.decoder_y.weight.zero_()
+            if self.cfg.bio and self.local:
+                bound = 1.0 / math.sqrt(self.num_classes)
+                self.proj_y.uniform_(-bound, bound, generator=gen)
+
+    def _build_common_heads(self, feat: int, dec_in: int) -> None:
+        """decoder_y (pred, or LinearFA under bio) and proj_y (bio); called inside meta context."""
+        if self.use_pred:
+            if self.cfg.bio:
+                self.decoder_y = LinearFA(dec_in, self.cfg.target_proj_size)
+            else:
+                self.decoder_y = nn.Linear(dec_in, self.num_classes)
+        if self.cfg.bio and self.local:
+            self.register_buffer("proj_y", torch.empty(self.cfg.target_proj_size,
+                                                       self.num_classes))
+
+    def setup(self, device: torch.device, optim: OptimConfig) -> None:
+        """Move to `device`, create the dropout generator there and the block's optimizer."""
+        self.to(device)
+        self._drop_gen = torch.Generator(device=device)
+        self._drop_gen.manual_seed(derive_seed(self._seed, self.index, "dropout"))
+        self.optimizer = make_optimizer(self.parameters(), optim)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # --- forward pieces -----------------------------------------------------------------------
+    def nonlin(self, x):
+        if self.negative_slope:
+            return F.leaky_relu(x, self.negative_slope)
+        return F.relu(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        p = self.dropout_p
+        if not self.training or p == 0:
+            return h
+        shape = (h.size(0), h.size(1), 1, 1) if h.dim() == 4 else h.shape
+        mask = torch.empty(shape, dtype=h.dtype, device=h.device)
+        mask.bernoulli_(1.0 - p, generator=self._drop_gen)
+        return h * mask / (1.0 - p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain forward (global backprop chain or inference): layer, dropout, pools."""
+        return self.post(self._dropout(self.encode(x)))
+
+    def train_forward(self, x: torch.Tensor, detach: bool = True):
+        """Output for the next block (pooled; detached unless `detach` is False) and the context
+        that train_update/local_loss need."""
+        h = self.encode(x)
+        out = self._dropout(h)
+        return self.post(out.detach() if detach else out), (x, h)
+
+    # --- local losses ---------------------------------------------------------------------------
+    def sim_input(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pred_input(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def local_loss(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor):
+        """(loss, stats) of one batch; stats = STAT_FIELDS as a detached float tensor."""
+        x, h = ctx
+        cfg = self.cfg
+        beta = cfg.beta
+        zero = h.new_zeros(())
+        rh = similarity_matrix(self.sim_input(h), cfg.similarity_std) if self.use_sim else None
+        if cfg.loss_unsup == "sim":
+            loss_unsup = sim_loss(rh, similarity_matrix(x.detach(), cfg.similarity_std))
+        elif self.use_recon:
+            loss_unsup = F.mse_loss(self.nonlin(self.decoder_x(h)), x.detach())
+        else:
+            loss_unsup = zero
+        lsim = lpred = zero
+        correct = zero
+        if cfg.loss_sup in ("sim", "predsim"):
+            target = y_onehot.matmul(self.proj_y.t()) if cfg.bio else y_onehot
+            lsim = sim_loss(rh, similarity_matrix(target, cfg.similarity_std))
+        if self.use_pred:
+            logits = self.decoder_y(self.pred_input(h).flatten(1))
+            if cfg.bio:
+                lpred = pred_bio_loss(logits, y_onehot.matmul(self.proj_y.t()))
+                codes = (self.proj_y > 0).to(logits.dtype) * 2 - 1  # P x C class codes
+                guess = logits.detach().matmul(codes).argmax(1)
+            else:
+                lpred = pred_loss(logits, y)
+                guess = logits.detach().argmax(1)
+            correct = (guess == y).sum().to(h.dtype)
+        if cfg.loss_sup == "predsim":
+            lpred, lsim = (1 - beta) * lpred, beta * lsim
+        loss_sup = lpred + lsim
+        loss = cfg.alpha * loss_unsup + (1 - cfg.alpha) * loss_sup
+        stats = torch.stack([loss.detach(), lsim.detach(), lpred.detach(), correct])
+        return loss, stats
+
+    def train_update(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
+        """Local loss, backward into this block only, optimizer step; returns the stats."""
+        loss, stats = self.local_loss(ctx, y, y_onehot)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, x, y, y_onehot, with_stats: bool = True):
+        """Eval-mode output for the next block and, if asked, the local stats on this batch."""
+        h = self.encode(x)
+        stats = self.local_loss((x, h), y, y_onehot)[1] if with_stats and self.local else None
+        return self.post(h), stats
+
+
+class LocalLinearBlock(LocalBlock):
+    """Linear -> BatchNorm1d -> nonlin -> Dropout, with pred decoder and square sim head."""
+
+    def __init__(self, num_in: int, num_out: int, *, batch_norm: bool = True, **kw):
+        super().__init__(**kw)
+        self.num_in, self.num_out = num_in, num_out
+        with torch.device("meta"):
+            self.encoder = nn.Linear(num_in, num_out)
+            self.bn = nn.BatchNorm1d(num_out) if batch_norm else None
+            self._build_common_heads(num_out, num_out)
+            if self.use_sim and not self.cfg.bio:
+                self.linear_loss = nn.Linear(num_out, num_out, bias=False)
+            if self.use_recon:
+                self.decoder_x = nn.Linear(num_out, num_in)
+        self._materialize()
+
+    def encode(self, x):
+        h = self.encoder(x.flatten(1))
+        if self.bn is not None:
+            h = self.bn(h)
+        return self.nonlin(h)
+
+    def train_forward(self, x, detach=True):
+        return super().train_forward(x.flatten(1), detach)
+
+    def evaluate(self, x, y, y_onehot, with_stats=True):
+        return super().evaluate(x.flatten(1), y, y_onehot, with_stats)
+
+    def sim_input(self, h):
+        return h if self.cfg.bio else self.linear_loss(h)
+
+
+class LocalConvBlock(LocalBlock):
+    """Conv -> BatchNorm2d -> nonlin -> Dropout2d, with pooled pred decoder and 3x3 sim head."""
+
+    def __init__(self, ch_in: int, ch_out: int, *, kernel_size: int, stride: int, padding: int,
+                 dim_out: int, dim_in_decoder: int, batch_norm: bool = True, **kw):
+        super().__init__(**kw)
+        self.ch_in, self.ch_out, self.dim_out = ch_in, ch_out, dim_out
+        pool, self.pool_h, self.pool_w, dec_in = decoder_pool(ch_out, dim_out, dim_in_decoder)
+        self.decoder_in = dec_in
+        with torch.device("meta"):
+            self.encoder = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding, bias=True)
+            self.bn = nn.BatchNorm2d(ch_out) if batch_norm else None
+            self.avg_pool = pool if (self.use_pred or (self.cfg.bio and self.local)) else None
+            self._build_common_heads(ch_out, dec_in)
+            if self.use_sim and not self.cfg.bio:
+                self.conv_loss = nn.Conv2d(ch_out, ch_out, 3, 1, 1, bias=False)
+            if self.use_recon:
+                self.decoder_x = nn.ConvTranspose2d(ch_out, ch_in, kernel_size, stride, padding)
+        self._materialize()
+
+    def encode(self, x):
+        h = self.encoder(x)
+        if self.bn is not None:
+            h = self.bn(h)
+        return self.nonlin(h)
+
+    def pred_input(self, h):
+        return self.avg_pool(h) if self.avg_pool is not None else h
+
+    def sim_input(self, h):
+        if self.cfg.bio:
+            return self.pred_input(h)
+        return self.conv_loss(h)
+
+
+class OutputLayer(nn.Module):
+    """The final linear classifier with its own optimizer and the (scaled) global CE."""
+
+    def __init__(self, num_in: int, num_classes: int, *, index: int, seed: int,
+                 zero_init: bool, loss_scale: float):
+        super().__init__()
+        self.index = index
+        self.loss_scale = loss_scale
+        with torch.device("meta"):
+            self.linear = nn.Linear(num_in, num_classes)
+        self.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(derive_seed(seed, index, "init"))
+        with torch.no_grad():
+            _default_init(self.linear, gen)
+            if zero_init:
+                self.linear.weight.zero_()
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def setup(self, device: torch.device, optim: OptimConfig) -> None:
+        self.to(device)
+        self.optimizer = make_optimizer(self.parameters(), optim)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+    def loss(self, logits, y):
+        """Global cross-entropy, scaled by (1 - beta) for local predsim (reference rule)."""
+        return self.loss_scale * F.cross_entropy(logits, y)
+
+    def train_update(self, x, y):
+        """Local-mode step of the output layer on a detached input: (logits, scaled loss)."""
+        logits = self(x)
+        loss = self.loss(logits, y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return logits.detach(), loss.detach()

@@ -1,0 +1,133 @@
+"""`localloss-pp` command line: train, params, plot.
+
+Errors in the input (bad flags, bad config, missing data) print one line and exit with status 2;
+set LOCALLOSS_PP_DEBUG=1 to see the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import DATASET_NAMES, MODEL_NAMES, ModelConfig, add_config_arguments, \
+    config_from_args
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+# (model, dataset, feat-mult, num-layers, num-hidden) rows of SPEC.md section 5.3
+PARAM_TABLE = [
+    ("mlp", "MNIST", 1, 3, 1024), ("mlp", "CIFAR10", 1, 3, 3000), ("mlp", "CIFAR100", 1, 3, 3000),
+    ("vgg8b", "MNIST", 1, 1, 1024), ("vgg8b", "FashionMNIST", 2, 1, 1024),
+    ("vgg8b", "CIFAR10", 1, 1, 1024), ("vgg8b", "CIFAR100", 1, 1, 1024),
+    ("vgg8b", "STL10", 1, 1, 1024), ("vgg11b", "CIFAR10", 1, 1, 1024),
+    ("vgg11b", "CIFAR100", 1, 1, 1024), ("vgg11b", "CIFAR10", 2, 1, 1024),
+    ("vgg11b", "CIFAR100", 2, 1, 1024), ("vgg11b", "CIFAR10", 3, 1, 1024),
+    ("vgg11b", "CIFAR100", 3, 1, 1024),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="localloss-pp", description="Train networks with local error signals.")
+    parser.add_argument("--version", action="version", version=f"localloss-pp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="train a model (the reference's flags work)",
+                           description="Train a model. With no --dataset/--model (and no config "
+                           "naming them) this is the quick-start run: a 3x1024 mlp trained with "
+                           "predsim on the embedded mnist5k dataset.")
+    add_config_arguments(train)
+    params = sub.add_parser("params", help="print the paper's parameter count of a model")
+    params.add_argument("--model", default="vgg8b", help=f"one of {', '.join(MODEL_NAMES)}")
+    params.add_argument("--dataset", default="CIFAR10", help=f"one of {', '.join(DATASET_NAMES)}")
+    params.add_argument("--feat-mult", type=float, default=1.0)
+    params.add_argument("--num-layers", type=int, default=None,
+                        help="hidden FC layers (default: 3 for mlp, 1 for vgg)")
+    params.add_argument("--num-hidden", type=int, default=1024)
+    params.add_argument("--no-batch-norm", action="store_true")
+    params.add_argument("--table", action="store_true",
+                        help="also print every model/dataset row of the paper's table")
+    plot = sub.add_parser("plot", help="write PNG curves of a run directory")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    return parser
+
+
+def _count(model: str, dataset: str, feat_mult: float, num_layers: int, num_hidden: int,
+           batch_norm: bool = True) -> tuple[int, list]:
+    from .config import LossConfig, validate, Config, DataConfig
+    from .data import DATASETS
+    from .models import build_model
+    cfg = Config(model=ModelConfig(name=model, feat_mult=feat_mult, num_layers=num_layers,
+                                   num_hidden=num_hidden, batch_norm=batch_norm),
+                 data=DataConfig(dataset=dataset))
+    validate(cfg)
+    info = DATASETS[cfg.data.dataset]
+    net = build_model(cfg.model, LossConfig(backprop=True), info.input_shape, info.num_classes, 0)
+    rows = [(str(b.index), b, sum(p.numel() for p in b.parameters())) for b in net.blocks]
+    rows.append(("output", net.output, sum(p.numel() for p in net.output.parameters())))
+    return sum(r[2] for r in rows), rows
+
+
+def _cmd_params(args) -> int:
+    from .stage import describe_block
+    num_layers = args.num_layers if args.num_layers is not None else (
+        3 if args.model.lower() == "mlp" else 1)
+    total, rows = _count(args.model, args.dataset, args.feat_mult, num_layers, args.num_hidden,
+                         not args.no_batch_norm)
+    print(f"{args.model} on {args.dataset}, feat-mult {args.feat_mult}, {num_layers} hidden FC "
+          f"layer(s) of {args.num_hidden} (backprop-mode count, BN affine included, local "
+          f"heads excluded)")
+    print(f"{'unit':>6}  {'layer':<28} {'params':>12}")
+    for name, unit, n in rows:
+        layer = describe_block(unit) if name != "output" else \
+            f"Linear({unit.linear.in_features}->{unit.linear.out_features})"
+        print(f"{name:>6}  {layer:<28} {n:>12,}")
+    print(f"total: {total}")
+    if args.table:
+        print("\nmodel    dataset        feat-mult  params")
+        for model, dataset, fm, nl, nh in PARAM_TABLE:
+            n, _ = _count(model, dataset, fm, nl, nh)
+            print(f"{model:<8} {dataset:<14} {fm:<10} {n:>11,}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .metrics import setup_logging
+    from .train import run_training
+    setup_logging(0, 1)
+    cfg = config_from_args(args)
+    result = run_training(cfg)
+    print(f"final test error: {result.test_error:.2f}% (train error {result.train_error:.2f}%) "
+          f"after {result.epochs} epochs; run directory: {result.run_dir}")
+    print(f"model-digest: {result.digest}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plots import plot_run
+    for path in plot_run(args.run_dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"train": _cmd_train, "params": _cmd_params, "plot": _cmd_plot}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FloatingPointError) as exc:
+        if os.environ.get("LOCALLOSS_PP_DEBUG"):
+            raise
+        print(f"localloss-pp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"localloss-pp {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,356 @@
+"""Run configuration: dataclass sections, TOML files, the reference's CLI flags, validation.
+
+A config has the sections ``model``, ``loss``, ``data``, ``optim`` and ``train``; a TOML file uses
+the same section and field names. Precedence: command line > TOML file > defaults. The defaults are
+the reference implementation's, with one exception: when neither the command line nor the file names
+a dataset or a model, the *quick-start preset* (`QUICKSTART`) applies: an mlp trained with predsim
+on the embedded `mnist5k` dataset for a few epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
+    "QUICKSTART", "REFERENCE_FLAGS", "add_config_arguments", "config_from_args", "load_toml",
+    "build_config", "validate", "to_toml", "lr_at_epoch", "SECTIONS",
+]
+
+MODEL_NAMES = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
+               "vgg16", "vgg19")
+DATASET_NAMES = ("mnist5k", "MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100",
+                 "SVHN", "STL10", "ImageNet")
+LOSS_SUP = ("pred", "sim", "predsim")
+LOSS_UNSUP = ("none", "sim", "recon")
+OPTIMS = ("adam", "amsgrad", "sgd")
+NONLINS = ("relu", "leakyrelu")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "vgg8b"
+    num_layers: int = 1
+    num_hidden: int = 1024
+    feat_mult: float = 1.0
+    nonlin: str = "relu"
+    batch_norm: bool = True
+    dropout: float = 0.0
+    dim_in_decoder: int = 4096
+    pre_act: bool = False
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    loss_sup: str = "predsim"
+    loss_unsup: str = "none"
+    alpha: float = 0.0
+    beta: float = 0.99
+    backprop: bool = False
+    detach: bool = True
+    bio: bool = False
+    target_proj_size: int = 128
+    similarity_std: bool = True
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "CIFAR10"
+    data_dir: str = "data"
+    download: bool = False
+    batch_size: int = 128
+    classes_per_batch: int = 0
+    classes_per_batch_until_epoch: int = 0
+    cutout: bool = False
+    n_holes: int = 1
+    length: int = 16
+    num_workers: int = 0
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    optim: str = "adam"
+    lr: float = 5e-4
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay_milestones: list[int] = field(default_factory=lambda: [200, 300, 350, 375])
+    lr_decay_fact: float = 0.25
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 400
+    seed: int = 1
+    device: str = "auto"
+    threads: int = 0
+    print_stats: bool = True
+    progress: bool = True
+    run_dir: str = ""
+    save_dir: str = ""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+_SECTION_CLASSES = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig,
+                    "optim": OptimConfig, "train": TrainConfig}
+
+# The embedded default run: what `localloss-pp train` does with no dataset and no model given.
+# MNIST mlp predsim recipe (leaky ReLU, dropout 0.1, lr 5e-4, 3x1024) shortened to a few epochs.
+QUICKSTART: dict[str, dict[str, Any]] = {
+    "model": {"name": "mlp", "num_layers": 3, "num_hidden": 1024, "nonlin": "leakyrelu",
+              "dropout": 0.1},
+    "data": {"dataset": "mnist5k"},
+    "optim": {"lr": 5e-4, "lr_decay_milestones": [4, 6], "lr_decay_fact": 0.25},
+    "train": {"epochs": 8},
+}
+
+# (flag, section, field, action). action: a type for a valued flag, "true"/"false" for switches
+# that set the field, "list" for an int list. Reference names first, then this tool's own flags.
+REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
+    ("--model", "model", "name", str),
+    ("--dataset", "data", "dataset", str),
+    ("--batch-size", "data", "batch_size", int),
+    ("--num-layers", "model", "num_layers", int),
+    ("--num-hidden", "model", "num_hidden", int),
+    ("--dim-in-decoder", "model", "dim_in_decoder", int),
+    ("--feat-mult", "model", "feat_mult", float),
+    ("--epochs", "train", "epochs", int),
+    ("--classes-per-batch", "data", "classes_per_batch", int),
+    ("--classes-per-batch-until-epoch", "data", "classes_per_batch_until_epoch", int),
+    ("--lr", "optim", "lr", float),
+    ("--lr-decay-milestones", "optim", "lr_decay_milestones", "list"),
+    ("--lr-decay-fact", "optim", "lr_decay_fact", float),
+    ("--optim", "optim", "optim", str),
+    ("--momentum", "optim", "momentum", float),
+    ("--weight-decay", "optim", "weight_decay", float),
+    ("--alpha", "loss", "alpha", float),
+    ("--beta", "loss", "beta", float),
+    ("--dropout", "model", "dropout", float),
+    ("--loss-sup", "loss", "loss_sup", str),
+    ("--loss-unsup", "loss", "loss_unsup", str),
+    ("--nonlin", "model", "nonlin", str),
+    ("--no-similarity-std", "loss", "similarity_std", "false"),
+    ("--no-cuda", "train", "device", "cpu"),
+    ("--backprop", "loss", "backprop", "true"),
+    ("--no-batch-norm", "model", "batch_norm", "false"),
+    ("--no-detach", "loss", "detach", "false"),
+    ("--pre-act", "model", "pre_act", "true"),
+    ("--seed", "train", "seed", int),
+    ("--save-dir", "train", "save_dir", str),
+    ("--progress-bar", "train", "progress", "true"),
+    ("--no-print-stats", "train", "print_stats", "false"),
+    ("--bio", "loss", "bio", "true"),
+    ("--target-proj-size", "loss", "target_proj_size", int),
+    ("--cutout", "data", "cutout", "true"),
+    ("--n_holes", "data", "n_holes", int),
+    ("--length", "data", "length", int),
+    # this tool's own flags
+    ("--data-dir", "data", "data_dir", str),
+    ("--download", "data", "download", "true"),
+    ("--num-workers", "data", "num_workers", int),
+    ("--device", "train", "device", str),
+    ("--threads", "train", "threads", int),
+    ("--run-dir", "train", "run_dir", str),
+    ("--no-progress", "train", "progress", "false"),
+]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` and every flag of REFERENCE_FLAGS; unset flags stay absent."""
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML config; flags override it")
+    for flag, section, name, action in REFERENCE_FLAGS:
+        dest = f"cfg:{section}.{name}"
+        if action == "true" or action == "false":
+            parser.add_argument(flag, dest=dest, action="store_const", const=action == "true",
+                                default=argparse.SUPPRESS)
+        elif action == "cpu":
+            parser.add_argument(flag, dest=dest, action="store_const", const="cpu",
+                                default=argparse.SUPPRESS, help="same as --device cpu")
+        elif action == "list":
+            parser.add_argument(flag, dest=dest, type=int, nargs="*", default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=dest, type=action, default=argparse.SUPPRESS)
+
+
+def _canonical(value: str, choices: tuple[str, ...], what: str, flag: str) -> str:
+    for choice in choices:
+        if value.lower() == choice.lower():
+            return choice
+    raise ValueError(f"unknown {what} {value!r} ({flag}); choose one of: {', '.join(choices)}")
+
+
+def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a TOML config file; unknown sections or keys and wrong types are a ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist; pass an existing .toml file to --config")
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in raw.items():
+        if section not in _SECTION_CLASSES:
+            raise ValueError(f"{path}: unknown section [{section}]; sections are: "
+                             f"{', '.join(_SECTION_CLASSES)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: {section} must be a [{section}] table, not a value")
+        known = {f.name: f for f in fields(_SECTION_CLASSES[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"{path}: unknown key {key!r} in [{section}]; known keys: "
+                                 f"{', '.join(known)}")
+            _check_type(f"{path}: [{section}] {key}", value, known[key])
+    return raw
+
+
+def _check_type(where: str, value: Any, fld: dataclasses.Field) -> None:
+    expected = fld.type if isinstance(fld.type, str) else fld.type.__name__
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "list[int]": isinstance(value, list)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+    }[expected]
+    if not ok:
+        raise ValueError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def build_config(file_values: dict | None = None, cli_values: dict | None = None) -> Config:
+    """Merge defaults, the quick-start preset (if no dataset/model is named), file and CLI values."""
+    file_values = file_values or {}
+    cli_values = cli_values or {}
+    named = [("data", "dataset"), ("model", "name")]
+    given = any(f in file_values.get(s, {}) or f in cli_values.get(s, {}) for s, f in named)
+    layers = [] if given else [QUICKSTART]
+    layers += [file_values, cli_values]
+    merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_CLASSES}
+    for layer in layers:
+        for section, values in layer.items():
+            merged[section].update(values)
+    cfg = Config(**{s: cls(**merged[s]) for s, cls in _SECTION_CLASSES.items()})
+    for section in _SECTION_CLASSES:
+        obj = getattr(cfg, section)
+        for fld in fields(obj):
+            if fld.type == "float":
+                setattr(obj, fld.name, float(getattr(obj, fld.name)))
+    validate(cfg)
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the Config of a parsed command line (see add_config_arguments)."""
+    cli: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg:"):
+            section, name = dest[4:].split(".")
+            cli.setdefault(section, {})[name] = value
+    file_values = load_toml(args.config) if getattr(args, "config", None) else {}
+    return build_config(file_values, cli)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError naming the first bad value and how to fix it; canonicalise names."""
+    m, lo, d, o, t = cfg.model, cfg.loss, cfg.data, cfg.optim, cfg.train
+    if m.name.lower().startswith(("resnet", "wresnet")):
+        raise ValueError(f"model {m.name!r} (ResNet/Wide-ResNet) is not available in localloss-pp; "
+                         f"choose one of: {', '.join(MODEL_NAMES)}")
+    m.name = _canonical(m.name, MODEL_NAMES, "model", "--model")
+    d.dataset = _canonical(d.dataset, DATASET_NAMES, "dataset", "--dataset")
+    lo.loss_sup = _canonical(lo.loss_sup, LOSS_SUP, "supervised loss", "--loss-sup")
+    lo.loss_unsup = _canonical(lo.loss_unsup, LOSS_UNSUP, "unsupervised loss", "--loss-unsup")
+    o.optim = _canonical(o.optim, OPTIMS, "optimizer", "--optim")
+    m.nonlin = _canonical(m.nonlin, NONLINS, "nonlinearity", "--nonlin")
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
+    need(m.num_layers >= 0, f"--num-layers must be >= 0, got {m.num_layers}")
+    need(m.name != "mlp" or m.num_layers >= 1,
+         "--num-layers must be >= 1 for the mlp (it is its number of hidden layers)")
+    need(m.num_hidden >= 1, f"--num-hidden must be >= 1, got {m.num_hidden}")
+    need(finite(m.feat_mult) and m.feat_mult > 0, f"--feat-mult must be > 0, got {m.feat_mult}")
+    need(finite(m.dropout) and 0 <= m.dropout < 1,
+         f"--dropout must be in [0, 1), got {m.dropout}")
+    need(m.dim_in_decoder >= 1, f"--dim-in-decoder must be >= 1, got {m.dim_in_decoder}")
+    need(finite(lo.alpha) and 0 <= lo.alpha <= 1, f"--alpha must be in [0, 1], got {lo.alpha}")
+    need(finite(lo.beta) and 0 <= lo.beta <= 1, f"--beta must be in [0, 1], got {lo.beta}")
+    need(lo.target_proj_size >= 1, f"--target-proj-size must be >= 1, got {lo.target_proj_size}")
+    need(not (lo.backprop and not lo.detach),
+         "--backprop and --no-detach cannot be combined: --backprop already trains end to end")
+    need(not (lo.backprop and lo.bio), "--backprop and --bio cannot be combined: --bio changes the "
+         "local losses, which --backprop does not use")
+    need(d.batch_size >= 1, f"--batch-size must be >= 1, got {d.batch_size}")
+    need(d.classes_per_batch >= 0, f"--classes-per-batch must be >= 0, got {d.classes_per_batch}")
+    need(d.classes_per_batch_until_epoch >= 0, "--classes-per-batch-until-epoch must be >= 0, "
+         f"got {d.classes_per_batch_until_epoch}")
+    need(d.n_holes >= 1, f"--n_holes must be >= 1, got {d.n_holes}")
+    need(d.length >= 1, f"--length must be >= 1, got {d.length}")
+    need(d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}")
+    need(finite(o.lr) and o.lr > 0, f"--lr must be > 0, got {o.lr}")
+    need(finite(o.momentum) and o.momentum >= 0, f"--momentum must be >= 0, got {o.momentum}")
+    need(o.optim == "sgd" or o.momentum == 0,
+         f"--momentum {o.momentum} only applies to --optim sgd; drop it or use --optim sgd")
+    need(finite(o.weight_decay) and o.weight_decay >= 0,
+         f"--weight-decay must be >= 0, got {o.weight_decay}")
+    need(finite(o.lr_decay_fact) and o.lr_decay_fact > 0,
+         f"--lr-decay-fact must be > 0, got {o.lr_decay_fact}")
+    ms = o.lr_decay_milestones
+    need(all(b > a for a, b in zip(ms, ms[1:])),
+         f"--lr-decay-milestones must be strictly increasing, got {' '.join(map(str, ms))}")
+    need(all(x >= 1 for x in ms), f"--lr-decay-milestones must be epochs >= 1, got {ms}")
+    need(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
+    need(t.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {t.threads}")
+    dev = t.device.lower()
+    need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
+         f"--device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    t.device = dev
+
+
+def lr_at_epoch(optim: OptimConfig, epoch: int) -> float:
+    """Learning rate of 1-based `epoch`: decayed once per milestone <= epoch - 1 (reference rule)."""
+    passed = sum(1 for m in optim.lr_decay_milestones if m <= epoch - 1)
+    return optim.lr * optim.lr_decay_fact ** passed
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a TOML document that load_toml reads back unchanged."""
+    lines = []
+    for section in _SECTION_CLASSES:
+        lines.append(f"[{section}]")
+        obj = getattr(cfg, section)
+        for fld in fields(obj):
+            lines.append(f"{fld.name} = {_toml_value(getattr(obj, fld.name))}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Models as ordered lists of locally trained blocks plus an output layer (SPEC.md section 5).
+
+Architecture only: no training logic lives here. A max-pool that follows a block is attached to
+that block (`block.post`), so cutting the block list anywhere gives valid pipeline stages.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, make_pool
+from .config import LossConfig, ModelConfig
+
+__all__ = ["VGG_CFGS", "LocalModel", "build_model", "count_params", "model_digest"]
+
+VGG_CFGS: dict[str, list] = {
+    "vgg6a": [128, "M", 256, "M", 512, "M", 512],
+    "vgg6b": [128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8": [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8a": [128, 256, "M", 256, 512, "M", 512, "M", 512],
+    "vgg8b": [128, 256, "M", 256, 512, "M", 512, "M", 512, "M"],
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg11b": [128, 128, 128, 256, "M", 256, 512, "M", 512, 512, "M", 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+
+
+class LocalModel(nn.Module):
+    """An ordered list of blocks and the output layer. `forward` is the inference chain."""
+
+    def __init__(self, blocks: list, output: OutputLayer, name: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.output = output
+        self.name = name
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.output(x)
+
+    def units(self) -> list[nn.Module]:
+        """Every unit that owns an optimizer, in order: the blocks, then the output layer."""
+        return [*self.blocks, self.output]
+
+
+@dataclass(frozen=True)
+class _Common:
+    seed: int
+    num_classes: int
+    loss: LossConfig
+    nonlin: str
+    dropout: float
+    batch_norm: bool
+
+
+def _fc_stack(c: _Common, num_in: int, num_layers: int, num_hidden: int, start: int) -> list:
+    """The reference's Net: num_layers local FC blocks (the first flagged first_layer)."""
+    blocks = []
+    for i in range(num_layers):
+        blocks.append(LocalLinearBlock(
+            num_in if i == 0 else num_hidden, num_hidden, batch_norm=c.batch_norm,
+            index=start + i, seed=c.seed, num_classes=c.num_classes, loss=c.loss,
+            dropout=c.dropout, nonlin=c.nonlin, first_layer=i == 0))
+    return blocks
+
+
+def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, int, int],
+                num_classes: int, seed: int) -> LocalModel:
+    """Build `model.name` for inputs of shape (channels, size, size) on the CPU."""
+    channels, input_dim, _ = input_shape
+    c = _Common(seed, num_classes, loss, model.nonlin, model.dropout, model.batch_norm)
+    local = not loss.backprop
+    scale = (1 - loss.beta) if (local and loss.loss_sup == "predsim") else 1.0
+    if model.name == "mlp":
+        blocks = _fc_stack(c, channels * input_dim * input_dim, model.num_layers,
+                           model.num_hidden, 0)
+        output = OutputLayer(model.num_hidden, num_classes, index=len(blocks), seed=seed,
+                             zero_init=local, loss_scale=scale)
+        return LocalModel(blocks, output, model.name)
+    if model.name not in VGG_CFGS:
+        raise ValueError(f"unknown model {model.name!r}; choose mlp or one of {', '.join(VGG_CFGS)}")
+    blocks: list = []
+    ch_in, scale_factor = channels, 1
+    for item in VGG_CFGS[model.name]:
+        if isinstance(item, str):
+            if not blocks:
+                raise ValueError(f"{model.name}: a pooling layer cannot come before the first conv")
+            blocks[-1].post.append(make_pool(item))
+            scale_factor *= 2 if item in ("M", "A", "M3", "A3") else 4
+            continue
+        ch_out = int(item * model.feat_mult)
+        first = not blocks
+        if first and input_dim > 64:
+            kernel, stride, padding = 7, 2, 3
+            scale_factor = 2
+        else:
+            kernel, stride, padding = 3, 1, 1
+        blocks.append(LocalConvBlock(
+            ch_in, ch_out, kernel_size=kernel, stride=stride, padding=padding,
+            dim_out=input_dim // scale_factor, dim_in_decoder=model.dim_in_decoder,
+            batch_norm=c.batch_norm, index=len(blocks), seed=seed, num_classes=num_classes,
+            loss=loss, dropout=model.dropout, nonlin=model.nonlin, first_layer=first))
+        ch_in = ch_out
+    output_dim = input_dim // scale_factor
+    if output_dim < 1:
+        raise ValueError(f"{model.name} pools a {input_dim}x{input_dim} input down to nothing; "
+                         "use a larger input or a shallower model")
+    head_in = output_dim * output_dim * ch_in
+    if model.num_layers > 0:
+        blocks += _fc_stack(c, head_in, model.num_layers, model.num_hidden, len(blocks))
+        output = OutputLayer(model.num_hidden, num_classes, index=len(blocks), seed=seed,
+                             zero_init=local, loss_scale=scale)
+    else:  # a plain linear head, not zero-initialised (reference)
+        output = OutputLayer(head_in, num_classes, index=len(blocks), seed=seed,
+                             zero_init=False, loss_scale=scale)
+    return LocalModel(blocks, output, model.name)
+
+
+def count_params(model: ModelConfig, input_shape, num_classes: int) -> int:
+    """The paper's "#Params": the backprop-mode model (no local heads), BN affine included."""
+    bp = build_model(model, LossConfig(backprop=True), input_shape, num_classes, seed=0)
+    return sum(p.numel() for p in bp.parameters())
+
+
+def model_digest(model: LocalModel) -> str:
+    """sha256 over every block's and the output layer's parameters and buffers, in block order."""
+    h = hashlib.sha256()
+    for unit in model.units():
+        for name, tensor in unit.state_dict().items():
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{unit.index}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
