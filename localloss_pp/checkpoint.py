@@ -44,11 +44,12 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic(path, lambda fh: torch.save(obj, fh))
 
 
-def save_model(model: LocalModel, path: Path, config_toml: str) -> str:
-    """Write every unit's state (blocks, then output layer) and the config; returns the digest."""
+def save_model(model: LocalModel, path: Path, config_toml: str, epoch: int) -> str:
+    """Write every unit's state (blocks, then output layer), the config and the number of epochs
+    trained; returns the model digest."""
     digest = model_digest(model)
     state = {"format": MODEL_FORMAT, "model": model.name, "config": config_toml,
-             "digest": digest,
+             "digest": digest, "epoch": epoch,
              "units": [{k: v.detach().cpu() for k, v in u.state_dict().items()}
                        for u in model.units()]}
     atomic_torch_save(state, path)

@@ -92,6 +92,7 @@ class TrainConfig:
     progress: bool = True
     run_dir: str = ""
     save_dir: str = ""
+    resume: str = ""
 
 
 @dataclass(kw_only=True)
@@ -113,8 +114,8 @@ QUICKSTART: dict[str, dict[str, Any]] = {
     "model": {"name": "mlp", "num_layers": 3, "num_hidden": 1024, "nonlin": "leakyrelu",
               "dropout": 0.1},
     "data": {"dataset": "mnist5k"},
-    "optim": {"lr": 5e-4, "lr_decay_milestones": [4, 6], "lr_decay_fact": 0.25},
-    "train": {"epochs": 8},
+    "optim": {"lr": 5e-4, "lr_decay_milestones": [10, 15], "lr_decay_fact": 0.25},
+    "train": {"epochs": 20},
 }
 
 # (flag, section, field, action). action: a type for a valued flag, "true"/"false" for switches
@@ -150,6 +151,7 @@ REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
     ("--pre-act", "model", "pre_act", "true"),
     ("--seed", "train", "seed", int),
     ("--save-dir", "train", "save_dir", str),
+    ("--resume", "train", "resume", str),
     ("--progress-bar", "train", "progress", "true"),
     ("--no-print-stats", "train", "print_stats", "false"),
     ("--bio", "loss", "bio", "true"),

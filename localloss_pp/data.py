@@ -65,15 +65,19 @@ class Cutout:
     def __init__(self, n_holes: int, length: int):
         self.n_holes, self.length = n_holes, length
 
+    def mask(self, h: int, w: int, centres) -> torch.Tensor:
+        """H x W mask with a zero square around each (y, x) centre, clipped at the border."""
+        mask = torch.ones(h, w)
+        half = self.length // 2
+        for y, x in centres:
+            mask[max(y - half, 0):min(y + half, h), max(x - half, 0):min(x + half, w)] = 0
+        return mask
+
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
-        mask = torch.ones(h, w, dtype=img.dtype)
-        half = self.length // 2
-        for _ in range(self.n_holes):
-            y = int(torch.randint(h, ()))
-            x = int(torch.randint(w, ()))
-            mask[max(y - half, 0):min(y + half, h), max(x - half, 0):min(x + half, w)] = 0
-        return img * mask
+        centres = [(int(torch.randint(h, ())), int(torch.randint(w, ())))
+                   for _ in range(self.n_holes)]
+        return img * self.mask(h, w, centres).to(img.dtype)
 
     def __repr__(self):
         return f"Cutout(n_holes={self.n_holes}, length={self.length})"

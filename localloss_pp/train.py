@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes, save_model
+from .checkpoint import atomic_write_bytes, load_model_state, save_model
 from .config import Config, lr_at_epoch, to_toml
-from .data import build_loaders, train_loader
+from .data import NClassRandomSampler, build_loaders, train_loader
 from .metrics import append_jsonl
 from .models import build_model, count_params
 from .stage import describe_block, evaluate, set_lr, train_epoch
@@ -65,11 +65,10 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.data.dataset}-{cfg.model.name}-{stamp}"
 
 
-def _prepare_run_dir(path: Path) -> None:
+def _check_run_dir(path: Path) -> None:
     if (path / "metrics.jsonl").exists() or (path / "model.pt").exists():
         raise ValueError(f"run directory {path} already holds a run; choose another --run-dir "
                          "(nothing is ever deleted)")
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def _mode(cfg: Config) -> str:
@@ -109,15 +108,23 @@ def run_training(cfg: Config) -> RunResult:
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)  # only the data pipeline draws from the global generator
     run_dir = resolve_run_dir(cfg)
-    _prepare_run_dir(run_dir)
-    config_toml = to_toml(cfg)
-    atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
-
+    _check_run_dir(run_dir)
     train_dl, test_dl, info = build_loaders(cfg.data, cfg.train.seed,
                                             pin_memory=device.type == "cuda")
     model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed)
     for unit in model.units():
         unit.setup(device, cfg.optim)
+    start_epoch = 1
+    if cfg.train.resume:
+        state = load_model_state(model, cfg.train.resume)
+        start_epoch = state["epoch"] + 1
+        log.info("resumed %s after epoch %d (fresh optimizers)", cfg.train.resume, state["epoch"])
+        if start_epoch > cfg.train.epochs:
+            raise ValueError(f"{cfg.train.resume} was trained for {state['epoch']} epochs, "
+                             f"--epochs is {cfg.train.epochs}: raise --epochs to train further")
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once everything above has succeeded
+    config_toml = to_toml(cfg)
+    atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
     mode = _mode(cfg)
     names = [describe_block(b) for b in model.blocks]
     has_decoder = [hasattr(b, "decoder_y") for b in model.blocks]
@@ -132,11 +139,12 @@ def run_training(cfg: Config) -> RunResult:
 
     show = cfg.train.progress
     tr = te = {"error": float("nan")}
-    for epoch in range(1, cfg.train.epochs + 1):
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
         lr = lr_at_epoch(cfg.optim, epoch)
         set_lr(model, lr)
         until = cfg.data.classes_per_batch_until_epoch
-        if cfg.data.classes_per_batch > 0 and until > 0 and epoch == until + 1:
+        if cfg.data.classes_per_batch > 0 and until > 0 and epoch > until \
+                and isinstance(train_dl.sampler, NClassRandomSampler):
             log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
                      epoch)
             train_dl = train_loader(train_dl.dataset, cfg.data, cfg.train.seed, False,
@@ -168,6 +176,6 @@ def run_training(cfg: Config) -> RunResult:
             "epoch": epoch, "lr": lr, "train": tr, "test": te, "blocks": blocks,
             "train_time_s": train_s, "epoch_time_s": secs,
             "train_samples_per_s": tr["num_examples"] / train_s if train_s > 0 else None})
-    digest = save_model(model, run_dir / "model.pt", config_toml)
+    digest = save_model(model, run_dir / "model.pt", config_toml, cfg.train.epochs)
     log.info("final test error %.2f%%; model saved to %s", te["error"], run_dir / "model.pt")
     return RunResult(run_dir, digest, te["error"], tr["error"], cfg.train.epochs)

@@ -1,0 +1,129 @@
+import glob
+from pathlib import Path
+
+import pytest
+
+from localloss_pp.cli import build_parser
+from localloss_pp.config import (OptimConfig, build_config, config_from_args, load_toml,
+                                 lr_at_epoch, to_toml)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(*argv):
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+@pytest.mark.parametrize("epoch,expected", [(1, 1), (200, 1), (201, 1 / 4), (300, 1 / 4),
+                                            (301, 1 / 16), (350, 1 / 16), (351, 1 / 64),
+                                            (375, 1 / 64), (376, 1 / 256), (400, 1 / 256)])
+def test_lr_schedule_reference_table(epoch, expected):
+    assert lr_at_epoch(OptimConfig(lr=1.0), epoch) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("ms,changes", [([50, 75, 89, 94], [51, 76, 90, 95]),
+                                        ([100, 150, 175, 188], [101, 151, 176, 189])])
+def test_lr_decay_starts_the_epoch_after_each_milestone(ms, changes):
+    opt = OptimConfig(lr=1.0, lr_decay_milestones=ms)
+    lrs = [lr_at_epoch(opt, e) for e in range(1, 201)]
+    assert [e for e in range(2, 201) if lrs[e - 1] != lrs[e - 2]] == changes
+
+
+def test_no_dataset_or_model_means_the_quickstart_preset():
+    cfg = parse()
+    assert (cfg.model.name, cfg.data.dataset, cfg.model.num_layers) == ("mlp", "mnist5k", 3)
+    assert cfg.train.epochs == 20
+    assert parse("--epochs", "2").train.epochs == 2  # flags still override the preset
+    ref = parse("--dataset", "CIFAR10")  # naming one of them gives the reference defaults
+    assert (ref.model.name, ref.train.epochs, ref.model.num_layers) == ("vgg8b", 400, 1)
+    assert ref.optim.lr_decay_milestones == [200, 300, 350, 375]
+
+
+def test_reference_flags_map_to_the_config():
+    cfg = parse("--model", "VGG8B", "--dataset", "cifar10", "--no-batch-norm", "--no-detach",
+                "--no-similarity-std", "--no-cuda", "--n_holes", "2", "--length", "14",
+                "--lr-decay-milestones", "5", "9", "--bio", "--loss-sup", "pred",
+                "--no-print-stats", "--feat-mult", "2")
+    assert cfg.model.name == "vgg8b" and cfg.data.dataset == "CIFAR10"
+    assert not cfg.model.batch_norm and not cfg.loss.detach and not cfg.loss.similarity_std
+    assert cfg.train.device == "cpu" and cfg.data.n_holes == 2 and cfg.data.length == 14
+    assert cfg.optim.lr_decay_milestones == [5, 9] and cfg.loss.bio
+    assert not cfg.train.print_stats and cfg.model.feat_mult == 2.0
+
+
+def test_cli_overrides_file_overrides_defaults(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nname = "mlp"\nnum_hidden = 64\n[train]\nepochs = 7\n'
+                 '[optim]\nlr = 1e-3\n')
+    cfg = parse("--config", str(f), "--epochs", "3")
+    assert cfg.train.epochs == 3 and cfg.model.num_hidden == 64 and cfg.optim.lr == 1e-3
+    assert cfg.data.dataset == "CIFAR10"  # the file named a model: no quick-start preset
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[model]\nnmae = "mlp"\n', "unknown key 'nmae' in [model]"),
+    ('[modle]\nname = "mlp"\n', "unknown section [modle]"),
+    ('[train]\nepochs = "ten"\n', "[train] epochs must be int"),
+    ('[optim]\nlr = true\n', "[optim] lr must be float"),
+    ('[optim]\nlr_decay_milestones = [1, 2.5]\n', "lr_decay_milestones must be list[int]"),
+    ('[model\n', "not valid TOML"),
+])
+def test_bad_toml_files(tmp_path, text, message):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=None) as err:
+        load_toml(f)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "alexnet"], "unknown model 'alexnet'"),
+    (["--model", "resnet18"], "not available"),
+    (["--dataset", "CIFAR11"], "unknown dataset 'CIFAR11'"),
+    (["--loss-sup", "predsimm"], "unknown supervised loss"),
+    (["--loss-unsup", "ae"], "unknown unsupervised loss"),
+    (["--optim", "lamb"], "unknown optimizer 'lamb'"),
+    (["--nonlin", "gelu"], "unknown nonlinearity"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--beta", "1.5"], "--beta must be in [0, 1]"),
+    (["--alpha", "-0.1"], "--alpha must be in [0, 1]"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr-decay-milestones", "5", "5"], "strictly increasing"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--momentum", "0.9"], "only applies to --optim sgd"),
+    (["--backprop", "--no-detach"], "cannot be combined"),
+    (["--device", "tpu"], "--device must be"),
+])
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(ValueError) as err:
+        parse(*argv)
+    assert message in str(err.value)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = parse("--model", "vgg8b", "--dataset", "SVHN", "--lr", "3e-4", "--cutout")
+    f = tmp_path / "resolved.toml"
+    f.write_text(to_toml(cfg))
+    assert build_config(load_toml(f)) == cfg
+
+
+RECIPES = sorted(glob.glob(str(ROOT / "configs" / "**" / "*.toml"), recursive=True))
+
+
+def test_every_reference_recipe_has_a_config():
+    names = {Path(p).stem for p in RECIPES}
+    assert len(glob.glob(str(ROOT / "configs" / "recipes" / "*.toml"))) == 86
+    for required in ["mnist_mlp_predsim", "cifar10_vgg8b_backprop", "cifar100_vgg11bx3_sim",
+                     "cifar10_vgg8b_predsim-bio", "stl10_vgg8b_predsim_cutout48", "quickstart"]:
+        assert required in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
+def test_recipe_configs_load_and_validate(path):
+    cfg = build_config(load_toml(path))
+    assert cfg.data.batch_size == 128 and cfg.optim.optim == "adam"
+    text = Path(path).read_text()
+    if "backprop = true" in text or 'loss_sup = "pred"' in text:
+        assert cfg.model.nonlin == "relu" or "-bio" in Path(path).stem

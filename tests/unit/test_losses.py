@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from localloss_pp.blocks import LinearFA
+from localloss_pp.losses import onehot, pred_bio_loss, similarity_matrix
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_label_similarity_target(num_classes):
+    y = torch.tensor([0, 1, 1, 2, 0, num_classes - 1])
+    r = similarity_matrix(onehot(y, num_classes))
+    same = y[:, None] == y[None, :]
+    assert torch.allclose(r[same], torch.ones(()), atol=1e-6)
+    assert torch.allclose(r[~same], torch.tensor(-1.0 / (num_classes - 1)), atol=1e-6)
+
+
+def test_similarity_reduces_maps_with_spatial_std():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, 4, 4, generator=g)
+    std = x.reshape(5, 8, -1).std(dim=2)  # unbiased, per channel
+    c = std - std.mean(1, keepdim=True)
+    c = c / (1e-8 + c.norm(dim=1, keepdim=True))
+    assert torch.allclose(similarity_matrix(x), (c @ c.t()).clamp(-1, 1), atol=1e-6)
+    # raw images (<= 3 channels) and --no-similarity-std are flattened instead
+    flat = x.reshape(5, -1)
+    f = flat - flat.mean(1, keepdim=True)
+    f = f / (1e-8 + f.norm(dim=1, keepdim=True))
+    assert torch.allclose(similarity_matrix(x, use_std=False), f @ f.t(), atol=1e-6)
+    img = x[:, :3]
+    assert similarity_matrix(img).shape == (5, 5)
+    assert torch.allclose(similarity_matrix(img), similarity_matrix(img, use_std=False))
+
+
+def test_similarity_is_clamped_and_has_unit_diagonal():
+    x = torch.randn(7, 20)
+    r = similarity_matrix(x)
+    assert r.max() <= 1 and r.min() >= -1
+    assert torch.allclose(r.diagonal(), torch.ones(7), atol=1e-5)
+
+
+def test_feedback_alignment_uses_the_fixed_matrix():
+    torch.manual_seed(0)
+    fa = LinearFA(6, 4)
+    with torch.no_grad():
+        fa.weight.normal_()
+        fa.bias.normal_()
+        fa.feedback.normal_()
+    x = torch.randn(3, 6, requires_grad=True)
+    out = fa(x)
+    assert torch.allclose(out, x @ fa.weight.t() + fa.bias)
+    g = torch.randn(3, 4)
+    out.backward(g)
+    assert torch.allclose(x.grad, g @ fa.feedback)  # not g @ weight
+    assert not torch.allclose(x.grad, g @ fa.weight)
+    assert torch.allclose(fa.weight.grad, g.t() @ x.detach())
+    assert torch.allclose(fa.bias.grad, g.sum(0))
+    assert "feedback" in dict(fa.named_buffers())  # fixed: never in an optimizer
+
+
+def test_pred_bio_loss_targets_are_signs_of_the_projection():
+    logits = torch.zeros(2, 3)
+    proj = torch.tensor([[0.5, -0.2, 0.1], [-1.0, 2.0, -0.3]])
+    # BCE with logits 0 is log(2) whatever the targets
+    assert math.isclose(pred_bio_loss(logits, proj).item(), math.log(2), rel_tol=1e-6)
+    big = torch.tensor([[9.0, -9.0, 9.0], [-9.0, 9.0, -9.0]])
+    assert pred_bio_loss(big, proj).item() < 1e-3
