@@ -126,8 +126,15 @@ class LocalBlock(nn.Module):
         self._drop_gen: torch.Generator | None = None
 
     # --- construction -------------------------------------------------------------------------
-    def _materialize(self) -> None:
-        """Allocate the meta-built modules on the CPU and initialise them from the block's seed."""
+    @property
+    def materialized(self) -> bool:
+        return not any(t.is_meta for t in self.state_dict().values())
+
+    def materialize(self) -> None:
+        """Allocate the meta-built modules on the CPU and initialise them from the block's seed.
+
+        Blocks are built on the meta device (shapes only); a process materializes just the
+        blocks of its own pipeline stage."""
         self.to_empty(device="cpu")
         gen = torch.Generator().manual_seed(derive_seed(self._seed, self.index, "init"))
         with torch.no_grad():
@@ -168,6 +175,13 @@ class LocalBlock(nn.Module):
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def describe(self) -> str:
+        enc = self.encoder
+        if isinstance(enc, nn.Linear):
+            return f"Linear({enc.in_features}->{enc.out_features})"
+        k = enc.kernel_size[0]
+        return f"Conv{k}x{k}({enc.in_channels}->{enc.out_channels})@{self.dim_out}"
 
     # --- forward pieces -----------------------------------------------------------------------
     def nonlin(self, x):
@@ -270,7 +284,6 @@ class LocalLinearBlock(LocalBlock):
                 self.linear_loss = nn.Linear(num_out, num_out, bias=False)
             if self.use_recon:
                 self.decoder_x = nn.Linear(num_out, num_in)
-        self._materialize()
 
     def encode(self, x):
         h = self.encoder(x.flatten(1))
@@ -306,7 +319,6 @@ class LocalConvBlock(LocalBlock):
                 self.conv_loss = nn.Conv2d(ch_out, ch_out, 3, 1, 1, bias=False)
             if self.use_recon:
                 self.decoder_x = nn.ConvTranspose2d(ch_out, ch_in, kernel_size, stride, padding)
-        self._materialize()
 
     def encode(self, x):
         h = self.encoder(x)
@@ -331,15 +343,25 @@ class OutputLayer(nn.Module):
         super().__init__()
         self.index = index
         self.loss_scale = loss_scale
+        self._seed, self._zero_init = seed, zero_init
         with torch.device("meta"):
             self.linear = nn.Linear(num_in, num_classes)
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def materialized(self) -> bool:
+        return not self.linear.weight.is_meta
+
+    def materialize(self) -> None:
         self.to_empty(device="cpu")
-        gen = torch.Generator().manual_seed(derive_seed(seed, index, "init"))
+        gen = torch.Generator().manual_seed(derive_seed(self._seed, self.index, "init"))
         with torch.no_grad():
             _default_init(self.linear, gen)
-            if zero_init:
+            if self._zero_init:
                 self.linear.weight.zero_()
-        self.optimizer: torch.optim.Optimizer | None = None
+
+    def describe(self) -> str:
+        return f"Linear({self.linear.in_features}->{self.linear.out_features})"
 
     def setup(self, device: torch.device, optim: OptimConfig) -> None:
         self.to(device)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .models import LocalModel, model_digest
+from .models import LocalModel
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "load_model_state",
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "load_model_state", "unit_states",
            "CheckpointError", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "localloss-pp/model/1"
@@ -44,20 +44,23 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic(path, lambda fh: torch.save(obj, fh))
 
 
-def save_model(model: LocalModel, path: Path, config_toml: str, epoch: int) -> str:
-    """Write every unit's state (blocks, then output layer), the config and the number of epochs
-    trained; returns the model digest."""
-    digest = model_digest(model)
-    state = {"format": MODEL_FORMAT, "model": model.name, "config": config_toml,
-             "digest": digest, "epoch": epoch,
-             "units": [{k: v.detach().cpu() for k, v in u.state_dict().items()}
-                       for u in model.units()]}
+def unit_states(units) -> list[dict]:
+    """CPU copies of the units' state dicts (what save_model writes for each unit)."""
+    return [{k: v.detach().cpu() for k, v in u.state_dict().items()} for u in units]
+
+
+def save_model(path: Path, model_name: str, unit_state_list: list[dict], config_toml: str,
+               epoch: int, digest: str) -> None:
+    """Write every unit's state (blocks, then the output layer), the config, the number of
+    epochs trained and the model digest."""
+    state = {"format": MODEL_FORMAT, "model": model_name, "config": config_toml,
+             "digest": digest, "epoch": epoch, "units": unit_state_list}
     atomic_torch_save(state, path)
-    return digest
 
 
-def load_model_state(model: LocalModel, path: Path) -> dict:
-    """Load a file written by save_model into `model`; a clear CheckpointError if it does not fit."""
+def load_model_state(model: LocalModel, path: Path, only=None) -> dict:
+    """Load a file written by save_model into `model` (into the units whose index is in `only`,
+    all when None); a clear CheckpointError if it does not fit."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
@@ -73,6 +76,8 @@ def load_model_state(model: LocalModel, path: Path) -> dict:
         raise CheckpointError(f"{path} holds a {state['model']} with {len(state['units'])} units, "
                               f"not this {model.name} with {len(units)}")
     for unit, sd in zip(units, state["units"]):
+        if only is not None and unit.index not in only:
+            continue
         try:
             unit.load_state_dict(sd)
         except RuntimeError as exc:

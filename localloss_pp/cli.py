@@ -66,14 +66,14 @@ def _count(model: str, dataset: str, feat_mult: float, num_layers: int, num_hidd
                  data=DataConfig(dataset=dataset))
     validate(cfg)
     info = DATASETS[cfg.data.dataset]
-    net = build_model(cfg.model, LossConfig(backprop=True), info.input_shape, info.num_classes, 0)
+    net = build_model(cfg.model, LossConfig(backprop=True), info.input_shape, info.num_classes, 0,
+                      materialize=())
     rows = [(str(b.index), b, sum(p.numel() for p in b.parameters())) for b in net.blocks]
     rows.append(("output", net.output, sum(p.numel() for p in net.output.parameters())))
     return sum(r[2] for r in rows), rows
 
 
 def _cmd_params(args) -> int:
-    from .stage import describe_block
     num_layers = args.num_layers if args.num_layers is not None else (
         3 if args.model.lower() == "mlp" else 1)
     total, rows = _count(args.model, args.dataset, args.feat_mult, num_layers, args.num_hidden,
@@ -83,8 +83,7 @@ def _cmd_params(args) -> int:
           f"heads excluded)")
     print(f"{'unit':>6}  {'layer':<28} {'params':>12}")
     for name, unit, n in rows:
-        layer = describe_block(unit) if name != "output" else \
-            f"Linear({unit.linear.in_features}->{unit.linear.out_features})"
+        layer = unit.describe()
         print(f"{name:>6}  {layer:<28} {n:>12,}")
     print(f"total: {total}")
     if args.table:
@@ -96,14 +95,43 @@ def _cmd_params(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .distributed import torchrun_world
     from .metrics import setup_logging
     from .train import run_training
-    setup_logging(0, 1)
+    rank, world, _, _ = torchrun_world()
+    setup_logging(rank, world)
+    if world > 1:
+        log.info("pid %d", os.getpid())
     cfg = config_from_args(args)
-    result = run_training(cfg)
-    print(f"final test error: {result.test_error:.2f}% (train error {result.train_error:.2f}%) "
-          f"after {result.epochs} epochs; run directory: {result.run_dir}")
-    print(f"model-digest: {result.digest}")
+    if world == 1:
+        return _report(run_training(cfg))
+    if os.environ.get("LOCALLOSS_PP_DEBUG"):
+        logging.getLogger("localloss_pp").setLevel(logging.DEBUG)
+    try:
+        _report(run_training(cfg))
+    except BaseException as exc:  # a pipeline stage: say what failed, then leave at once
+        if os.environ.get("LOCALLOSS_PP_DEBUG"):
+            log.exception("failed")
+        else:
+            log.error("error: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        for handler in logging.getLogger("localloss_pp").handlers:
+            handler.flush()
+        sys.stdout.flush()
+        # no interpreter teardown: gloo closes the links and the neighbours stop promptly
+        os._exit(2 if isinstance(exc, ValueError) else 1)
+    # Success: everything is written (atomically) and the process group is closed. Skip the
+    # interpreter's teardown of the backend's threads, which can abort a finished process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _report(result) -> int:
+    if result is not None:  # only the writer (last stage) has the final numbers
+        print(f"final test error: {result.test_error:.2f}% (train error "
+              f"{result.train_error:.2f}%) after {result.epochs} epochs; run directory: "
+              f"{result.run_dir}")
+        print(f"model-digest: {result.digest}", flush=True)
     return 0
 
 

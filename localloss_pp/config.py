@@ -87,7 +87,11 @@ class TrainConfig:
     epochs: int = 400
     seed: int = 1
     device: str = "auto"
-    threads: int = 0
+    backend: str = "auto"
+    threads_per_rank: int = 0
+    partition: str = "params"
+    queue_depth: int = 2
+    timeout_s: float = 600.0
     print_stats: bool = True
     progress: bool = True
     run_dir: str = ""
@@ -164,7 +168,11 @@ REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
     ("--download", "data", "download", "true"),
     ("--num-workers", "data", "num_workers", int),
     ("--device", "train", "device", str),
-    ("--threads", "train", "threads", int),
+    ("--backend", "train", "backend", str),
+    ("--threads-per-rank", "train", "threads_per_rank", int),
+    ("--partition", "train", "partition", str),
+    ("--queue-depth", "train", "queue_depth", int),
+    ("--timeout-s", "train", "timeout_s", float),
     ("--run-dir", "train", "run_dir", str),
     ("--no-progress", "train", "progress", "false"),
 ]
@@ -321,7 +329,18 @@ def validate(cfg: Config) -> None:
          f"--lr-decay-milestones must be strictly increasing, got {' '.join(map(str, ms))}")
     need(all(x >= 1 for x in ms), f"--lr-decay-milestones must be epochs >= 1, got {ms}")
     need(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
-    need(t.threads >= 0, f"--threads must be >= 0 (0 = automatic), got {t.threads}")
+    need(t.threads_per_rank >= 0,
+         f"--threads-per-rank must be >= 0 (0 = cores / local ranks), got {t.threads_per_rank}")
+    t.backend = t.backend.lower()
+    need(t.backend in ("auto", "gloo", "nccl"),
+         f"--backend must be auto, gloo or nccl, got {t.backend!r}")
+    need(t.queue_depth >= 1, f"--queue-depth must be >= 1, got {t.queue_depth}")
+    need(finite(t.timeout_s) and t.timeout_s > 0, f"--timeout-s must be > 0, got {t.timeout_s}")
+    t.partition = t.partition.replace(" ", "").lower()
+    need(t.partition in ("params", "auto") or all(p.isdigit() and int(p) >= 1
+                                                  for p in t.partition.split(",")),
+         f"--partition must be params, auto or block counts per stage like 3,3,2 "
+         f"(each >= 1), got {t.partition!r}")
     dev = t.device.lower()
     need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
          f"--device must be auto, cpu, cuda or cuda:N, got {t.device!r}")

@@ -14,7 +14,8 @@ import torch.nn as nn
 from .blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, make_pool
 from .config import LossConfig, ModelConfig
 
-__all__ = ["VGG_CFGS", "LocalModel", "build_model", "count_params", "model_digest"]
+__all__ = ["VGG_CFGS", "LocalModel", "build_model", "count_params", "model_digest", "unit_digest",
+           "combine_digests"]
 
 VGG_CFGS: dict[str, list] = {
     "vgg6a": [128, "M", 256, "M", 512, "M", 512],
@@ -73,8 +74,29 @@ def _fc_stack(c: _Common, num_in: int, num_layers: int, num_hidden: int, start: 
 
 
 def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, int, int],
-                num_classes: int, seed: int) -> LocalModel:
-    """Build `model.name` for inputs of shape (channels, size, size) on the CPU."""
+                num_classes: int, seed: int, materialize=None) -> LocalModel:
+    """Build `model.name` for inputs of shape (channels, size, size).
+
+    Units (blocks, then the output layer) are created on the meta device; the units whose
+    index is in `materialize` (all when None) are then allocated and initialised on the CPU.
+    Every block gets `in_shape`/`out_shape`: its per-sample input and (pooled) output shapes.
+    """
+    net = _build(model, loss, input_shape, num_classes, seed)
+    x = torch.empty(2, *input_shape, device="meta")
+    for block in net.blocks:
+        block.in_shape = tuple(x.shape[1:])
+        block.eval()
+        x = block(x)
+        block.train()
+        block.out_shape = tuple(x.shape[1:])
+    for unit in net.units():
+        if materialize is None or unit.index in materialize:
+            unit.materialize()
+    return net
+
+
+def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
+           seed: int) -> LocalModel:
     channels, input_dim, _ = input_shape
     c = _Common(seed, num_classes, loss, model.nonlin, model.dropout, model.batch_norm)
     local = not loss.backprop
@@ -126,16 +148,26 @@ def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, in
 
 def count_params(model: ModelConfig, input_shape, num_classes: int) -> int:
     """The paper's "#Params": the backprop-mode model (no local heads), BN affine included."""
-    bp = build_model(model, LossConfig(backprop=True), input_shape, num_classes, seed=0)
+    bp = build_model(model, LossConfig(backprop=True), input_shape, num_classes, seed=0,
+                     materialize=())
     return sum(p.numel() for p in bp.parameters())
+
+
+def unit_digest(unit: nn.Module) -> str:
+    """sha256 over one unit's parameters and buffers (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in unit.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{unit.index}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def combine_digests(unit_digests: list[str]) -> str:
+    """The model digest: sha256 over the units' digests in unit order (blocks, then output)."""
+    return hashlib.sha256("".join(unit_digests).encode()).hexdigest()
 
 
 def model_digest(model: LocalModel) -> str:
     """sha256 over every block's and the output layer's parameters and buffers, in block order."""
-    h = hashlib.sha256()
-    for unit in model.units():
-        for name, tensor in unit.state_dict().items():
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"{unit.index}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return combine_digests([unit_digest(u) for u in model.units()])

@@ -1,44 +1,40 @@
-"""The training and evaluation loop over a contiguous run of blocks (one process).
+"""One pipeline stage's loop: receive -> forward -> send -> local update; eval; statistics.
 
-Order of work for one batch in local mode: all forwards of the blocks, then (where a pipeline
-sends its output downstream) the local losses, backward passes and optimizer steps. The numbers
-equal the reference order (each block's output is computed before its update).
+A stage owns a contiguous run of blocks (the last stage also the output layer). For every
+batch it runs all forwards of its blocks, hands the (detached) output to the next stage right
+away, and only then computes the local losses, backward passes and optimizer steps, so the next
+stage starts one backward earlier. The numbers equal the reference order, where each block
+updates before the next block runs: a block's output never depends on its own update.
 
-`--backprop` and `--no-detach` need gradients across blocks; they run here with the whole model.
+The first stage reads the data; the others receive activations and labels. A one-stage run is
+the same loop with no links. All communication goes through transport.py.
 """
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from .losses import onehot
 from .metrics import EpochStats, NonFiniteLossError, check_finite, progress
-from .models import LocalModel
+from .transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN, PeerLostError,
+                        Receiver, Sender, ShapeMismatchError)
 
-__all__ = ["train_epoch", "evaluate", "set_lr", "local_forward_update", "describe_block"]
+__all__ = ["StageRunner", "StageTimes", "StageFailure", "local_forward_update"]
 
 log = logging.getLogger(__name__)
 
 
-def describe_block(block) -> str:
-    enc = block.encoder
-    if isinstance(enc, torch.nn.Linear):
-        return f"Linear({enc.in_features}->{enc.out_features})"
-    k = enc.kernel_size[0]
-    return f"Conv{k}x{k}({enc.in_channels}->{enc.out_channels})@{block.dim_out}"
-
-
-def set_lr(model: LocalModel, lr: float) -> None:
-    for unit in model.units():
-        unit.set_lr(lr)
+class StageFailure(RuntimeError):
+    """An error inside a stage, re-raised with the stage index, epoch and batch number."""
 
 
 def local_forward_update(blocks, x, y, y1h, on_output=None):
-    """Local-mode step of a run of blocks: forwards, optional hand-off of the output, updates.
+    """Local-mode step of a run of blocks: all forwards, the hand-off of the output, the updates.
 
-    Returns (output of the last block, list of per-block stats tensors).
-    """
+    Returns (output of the last block, list of per-block stats tensors)."""
     ctxs = []
     for block in blocks:
         x, ctx = block.train_forward(x)
@@ -49,82 +45,201 @@ def local_forward_update(blocks, x, y, y1h, on_output=None):
     return x, stats
 
 
-def _step_all(model: LocalModel) -> None:
-    for unit in model.units():
-        unit.optimizer.step()
-        unit.optimizer.zero_grad(set_to_none=True)
+@dataclass
+class StageTimes:
+    wall_s: float = 0.0
+    busy_s: float = 0.0
+    data_s: float = 0.0
+    wait_recv_s: float = 0.0
+    wait_send_s: float = 0.0
+    batches: int = 0
+    samples: int = 0
+    bytes_sent: int = 0
+
+    def as_dict(self) -> dict:
+        wall = self.wall_s or float("nan")
+        return {"wall_s": self.wall_s, "busy_s": self.busy_s, "busy_fraction": self.busy_s / wall,
+                "data_s": self.data_s, "wait_recv_s": self.wait_recv_s,
+                "wait_send_s": self.wait_send_s, "batches": self.batches,
+                "samples_per_s": self.samples / wall, "bytes_sent": self.bytes_sent}
 
 
-def _global_step(model: LocalModel, x, y, y1h, detach_mode: str):
-    """--backprop (no local losses) or --no-detach (local + global losses through the net)."""
-    stats, losses = [], []
-    for block in model.blocks:
-        if detach_mode == "backprop":
-            x = block(x)
-            continue
-        x, ctx = block.train_forward(x, detach=False)
-        loss, s = block.local_loss(ctx, y, y1h)
-        losses.append(loss)
-        stats.append(s)
-    logits = model.output(x)
-    gloss = model.output.loss(logits, y)
-    total = gloss + sum(losses) if losses else gloss
-    total.backward()
-    _step_all(model)
-    return logits.detach(), gloss.detach(), stats
+@dataclass
+class StageEpoch:
+    stats: EpochStats
+    times: StageTimes = field(default_factory=StageTimes)
 
 
-def _check(stats, glob_loss, model, step):
-    for block, s in zip(model.blocks, stats):
-        check_finite(s, f"block {block.index} ({describe_block(block)})", step)
-    if not bool(torch.isfinite(glob_loss)):
-        raise NonFiniteLossError(f"non-finite loss in the output layer at step {step}; "
-                                 "lower --lr or check the input data")
+class StageRunner:
+    """Runs the train and eval streams of one stage (see the module docstring)."""
 
+    def __init__(self, *, blocks, output, stage_index: int, num_stages: int, device,
+                 num_classes: int, sender: Sender | None, receiver: Receiver | None,
+                 with_stats: bool, show_progress: bool = False, check_every: int = 1):
+        self.blocks = list(blocks)
+        self.output = output
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.device, self.num_classes = device, num_classes
+        self.sender, self.receiver = sender, receiver
+        self.with_stats = with_stats
+        self.show_progress = show_progress and output is not None
+        self.check_every = check_every
+        self.sync = device.type == "cuda"  # honest busy times on an asynchronous device
 
-def train_epoch(model: LocalModel, loader, device, *, mode: str, num_classes: int,
-                epoch: int, show_progress: bool = False, check_every: int = 1) -> EpochStats:
-    """One training epoch; `mode` is "local", "backprop" or "nodetach"."""
-    model.train()
-    acc = EpochStats([b.index for b in model.blocks], device)
-    batches = progress(loader, total=len(loader), enabled=show_progress, desc=f"train {epoch}")
-    for step, (x, y) in enumerate(batches, start=1):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        y1h = onehot(y, num_classes)
-        if mode == "local":
-            h, stats = local_forward_update(model.blocks, x, y, y1h)
-            logits, gloss = model.output.train_update(h, y)
-        else:
-            logits, gloss, stats = _global_step(model, x, y, y1h, mode)
-        if stats:
-            acc.add_blocks(stats, y.size(0))
-        acc.add_global(gloss, logits, y)
-        acc.add_count(y.size(0))
-        if step % check_every == 0 or step == len(loader):
-            _check(stats, gloss, model, f"{step} of epoch {epoch}")
-    return acc
+    @property
+    def units(self):
+        return self.blocks + ([self.output] if self.output is not None else [])
 
+    def set_lr(self, lr: float) -> None:
+        for unit in self.units:
+            unit.set_lr(lr)
 
-@torch.no_grad()
-def evaluate(model: LocalModel, loader, device, *, num_classes: int, with_stats: bool,
-             show_progress: bool = False) -> EpochStats:
-    """Test-set pass in eval mode: final error and, if asked, every block's local stats."""
-    model.eval()
-    acc = EpochStats([b.index for b in model.blocks], device)
-    batches = progress(loader, total=len(loader), enabled=show_progress, desc="test")
-    for x, y in batches:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        y1h = onehot(y, num_classes)
+    def _name(self) -> str:
+        return f"stage {self.stage_index + 1}/{self.num_stages}"
+
+    # --- the message stream ------------------------------------------------------------------
+    def _batches(self, loader, kind: int, epoch: int, times: StageTimes):
+        """(seq, x, y) of this stage's input stream, until the end-of-stream marker."""
+        if self.receiver is None:
+            it = iter(loader)
+            seq = 0
+            while True:
+                start = time.perf_counter()
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    return
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                times.data_s += time.perf_counter() - start
+                yield seq, x, y
+                seq += 1
+        end = END_TRAIN if kind == TRAIN else END_EVAL
+        while self.receiver is not None:
+            before = self.receiver.wait_s
+            msg = self.receiver.recv()
+            times.wait_recv_s += self.receiver.wait_s - before
+            if msg.kind == end:
+                return
+            if msg.kind != kind or msg.epoch != epoch:
+                raise StageFailure(f"{self._name()} expected a {KIND_NAMES[kind]} of epoch "
+                                   f"{epoch}, got a {KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
+            yield msg.seq, msg.activation, msg.labels.to(self.device, non_blocking=True)
+
+    def _send(self, times: StageTimes, kind: int, epoch: int, seq: int, x=None, y=None) -> None:
+        if self.sender is None:
+            return
+        before = self.sender.wait_s
+        start = time.perf_counter()
+        self.sender.send(kind, epoch, seq, x, y)
+        times.wait_send_s += self.sender.wait_s - before
+        times.busy_s += (time.perf_counter() - start) - (self.sender.wait_s - before)
+
+    def _check(self, stats, gloss, epoch, seq) -> None:
+        for block, s in zip(self.blocks, stats):
+            check_finite(s, f"block {block.index} ({block.describe()}) on {self._name()}",
+                         f"{seq} of epoch {epoch}")
+        if gloss is not None and not bool(torch.isfinite(gloss)):
+            raise NonFiniteLossError(f"non-finite loss in the output layer on {self._name()} at "
+                                     f"step {seq} of epoch {epoch}; lower --lr or check the data")
+
+    def _stream(self, loader, kind: int, epoch: int, total: int | None, step_fn) -> StageEpoch:
+        result = StageEpoch(EpochStats([b.index for b in self.blocks], self.device))
+        times = result.times
+        start = time.perf_counter()
+        bar = progress(None, total=total or 0, enabled=self.show_progress,
+                       desc=f"{'train' if kind == TRAIN else 'test'} {epoch}") \
+            if self.show_progress else None
+        seq = -1
+        try:
+            for seq, x, y in self._batches(loader, kind, epoch, times):
+                step_fn(result, times, epoch, seq, x, y)
+                times.batches += 1
+                times.samples += y.size(0)
+                if bar is not None and hasattr(bar, "update"):
+                    bar.update(1)
+            self._send(times, END_TRAIN if kind == TRAIN else END_EVAL, epoch, seq + 1)
+        except (StageFailure, NonFiniteLossError, PeerLostError, ShapeMismatchError):
+            raise
+        except Exception as exc:
+            raise StageFailure(f"{self._name()} failed at {KIND_NAMES[kind]} {seq + 1} of epoch "
+                               f"{epoch}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
+        times.wall_s = time.perf_counter() - start
+        if self.sender is not None:
+            times.bytes_sent = self.sender.bytes
+        return result
+
+    # --- train and eval ----------------------------------------------------------------------
+    def _settle(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+
+    def _train_step(self, result, times, epoch, seq, x, y) -> None:
+        mark = [time.perf_counter()]
+        y1h = onehot(y, self.num_classes)
+
+        def hand_off(h):  # runs between the forwards and the updates
+            self._settle()
+            times.busy_s += time.perf_counter() - mark[0]
+            self._send(times, TRAIN, epoch, seq, h, y)
+            mark[0] = time.perf_counter()
+
+        h, stats = local_forward_update(self.blocks, x, y, y1h,
+                                        hand_off if self.sender is not None else None)
+        gloss = None
+        if self.output is not None:
+            logits, gloss = self.output.train_update(h, y)
+            result.stats.add_global(gloss, logits, y)
+        result.stats.add_blocks(stats, y.size(0))
+        result.stats.add_count(y.size(0))
+        if seq % self.check_every == 0:
+            self._check(stats, gloss, epoch, seq)
+        self._settle()
+        times.busy_s += time.perf_counter() - mark[0]
+
+    @torch.no_grad()
+    def _eval_step(self, result, times, epoch, seq, x, y) -> None:
+        t0 = time.perf_counter()
+        y1h = onehot(y, self.num_classes)
         stats = []
-        for block in model.blocks:
-            x, s = block.evaluate(x, y, y1h, with_stats)
+        for block in self.blocks:
+            x, s = block.evaluate(x, y, y1h, self.with_stats)
             if s is not None:
                 stats.append(s)
-        logits = model.output(x)
+        if self.output is not None:
+            logits = self.output(x)
+            result.stats.add_global(self.output.loss(logits, y), logits, y)
         if stats:
-            acc.add_blocks(stats, y.size(0))
-        acc.add_global(model.output.loss(logits, y), logits, y)
-        acc.add_count(y.size(0))
-    return acc
+            result.stats.add_blocks(stats, y.size(0))
+        result.stats.add_count(y.size(0))
+        times.busy_s += time.perf_counter() - t0
+        self._send(times, EVAL, epoch, seq, x, y)
+
+    def train_epoch(self, epoch: int, loader=None, total: int | None = None) -> StageEpoch:
+        for unit in self.units:
+            unit.train()
+        return self._stream(loader, TRAIN, epoch, total, self._train_step)
+
+    def eval_epoch(self, epoch: int, loader=None, total: int | None = None) -> StageEpoch:
+        for unit in self.units:
+            unit.eval()
+        result = self._stream(loader, EVAL, epoch, total, self._eval_step)
+        if self.sender is not None:
+            before = self.sender.wait_s
+            self.sender.drain()  # nothing in flight before the epoch's collectives
+            result.times.wait_send_s += self.sender.wait_s - before
+        return result
+
+    def stop(self) -> None:
+        """End of the run: the first stage sends STOP; the others wait for it and pass it on."""
+        if self.receiver is not None:
+            msg = self.receiver.recv()
+            if msg.kind != STOP:
+                raise StageFailure(f"{self._name()} expected the stop message, got a "
+                                   f"{KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
+        if self.sender is not None:
+            self.sender.send(STOP, 0, 0)
+            self.sender.drain()

@@ -1,8 +1,13 @@
-"""A whole training run in one process: setup, epochs, logs, metrics, final model."""
+"""A whole training run: one process, or one pipeline stage per process under torchrun.
+
+Rank k runs stage k. Stage 0 reads the data; the last stage (the *writer*) owns the output
+layer, gathers every stage's numbers once per epoch, and writes the run directory:
+config.toml, partition.json, metrics.jsonl and model.pt.
+"""
 from __future__ import annotations
 
+import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,14 +15,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes, load_model_state, save_model
+from . import globalmode
+from .checkpoint import atomic_write_bytes, load_model_state, save_model, unit_states
 from .config import Config, lr_at_epoch, to_toml
-from .data import NClassRandomSampler, build_loaders, train_loader
+from .data import DATASETS, NClassRandomSampler, build_loaders, train_loader
+from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
+    shutdown
 from .metrics import append_jsonl
-from .models import build_model, count_params
-from .stage import describe_block, evaluate, set_lr, train_epoch
+from .models import build_model, combine_digests, count_params, unit_digest
+from .partition import choose_partition
+from .stage import StageEpoch, StageRunner, StageTimes
+from .transport import Receiver, Sender, config_fingerprint
 
-__all__ = ["RunResult", "run_training", "resolve_device", "run_tag", "resolve_run_dir"]
+__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "merge_stage_summaries"]
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +39,6 @@ class RunResult:
     test_error: float
     train_error: float
     epochs: int
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec} asks for CUDA, but no CUDA device is available; "
-                         "use --device cpu")
-    return dev
 
 
 def run_tag(cfg: Config) -> str:
@@ -59,8 +59,8 @@ def resolve_run_dir(cfg: Config) -> Path:
     if t.run_dir:
         return Path(t.run_dir)
     if t.save_dir:
-        return (Path(t.save_dir) / cfg.data.dataset / f"{cfg.model.name}_mult{cfg.model.feat_mult:.1f}"
-                / run_tag(cfg))
+        return (Path(t.save_dir) / cfg.data.dataset /
+                f"{cfg.model.name}_mult{cfg.model.feat_mult:.1f}" / run_tag(cfg))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.data.dataset}-{cfg.model.name}-{stamp}"
 
@@ -85,97 +85,236 @@ def _fmt_err(x) -> str:
     return "-" if x is None else f"{x:.2f}%"
 
 
-def _log_epoch(epoch, epochs, lr, tr, te, tr_blocks, te_blocks, names, secs, stats: bool):
+def merge_stage_summaries(epoch: int, lr: float, summaries: list[dict], epoch_s: float) -> dict:
+    """One metrics.jsonl record from the per-stage summaries (in stage order)."""
+    last = summaries[-1]
+    blocks = [b for s in summaries for b in s["blocks"]]
+    rec = {"epoch": epoch, "lr": lr, "blocks": blocks}
+    for split in ("train", "test"):
+        g = dict(last[split])
+        g["loss_local"] = sum(b[split]["loss"] for b in blocks)
+        rec[split] = g
+    train_s = last["train_times"]["wall_s"]
+    rec.update(train_time_s=train_s, epoch_time_s=epoch_s,
+               train_samples_per_s=rec["train"]["num_examples"] / train_s if train_s else None)
+    rec["stages"] = [{"stage": s["stage"], "blocks": [b["index"] for b in s["blocks"]],
+                      "train": s["train_times"], "test": s["test_times"]} for s in summaries]
+    return rec
+
+
+def _stage_summary(k, names, has_decoder, tr, te, with_test_blocks, backprop=False) -> dict:
+    tr_glob, tr_blocks = tr.stats.summary(has_decoder)
+    te_glob, te_blocks = te.stats.summary(has_decoder)
+    blocks = []
+    if not backprop:
+        for i, b in enumerate(tr_blocks):
+            rec = {"index": b["index"], "name": names[i], "train": b}
+            rec["test"] = te_blocks[i] if with_test_blocks else {
+                "loss": 0.0, "loss_sim": None, "loss_pred": None, "error": None}
+            blocks.append(rec)
+    return {"stage": k, "train": tr_glob, "test": te_glob, "blocks": blocks,
+            "train_times": tr.times.as_dict(), "test_times": te.times.as_dict()}
+
+
+def _log_blocks(summary: dict) -> None:
+    for b in summary["blocks"]:
+        a, t = b["train"], b["test"]
+        log.info("  block %d %s: train sim %s pred %s error %s | test sim %s pred %s error %s",
+                 b["index"], b["name"], _fmt(a["loss_sim"]), _fmt(a["loss_pred"]),
+                 _fmt_err(a["error"]), _fmt(t["loss_sim"]), _fmt(t["loss_pred"]),
+                 _fmt_err(t["error"]))
+
+
+def _log_epoch(rec: dict, epochs: int, num_stages: int) -> None:
+    tr, te = rec["train"], rec["test"]
     log.info("epoch %d/%d lr %.2e | train loss_local %.4f loss_global %.4f error %.2f%% | "
-             "test loss_global %.4f error %.2f%% | %.1fs", epoch, epochs, lr, tr["loss_local"],
-             tr["loss_global"], tr["error"], te["loss_global"], te["error"], secs)
-    if not stats:
-        return
-    for i, (name, a) in enumerate(zip(names, tr_blocks)):
-        line = (f"  block {a['index']} {name}: train sim {_fmt(a['loss_sim'])} "
-                f"pred {_fmt(a['loss_pred'])} error {_fmt_err(a['error'])}")
-        if te_blocks:
-            b = te_blocks[i]
-            line += (f" | test sim {_fmt(b['loss_sim'])} pred {_fmt(b['loss_pred'])} "
-                     f"error {_fmt_err(b['error'])}")
-        log.info("%s", line)
+             "test loss_global %.4f error %.2f%% | %.1fs", rec["epoch"], epochs, rec["lr"],
+             tr["loss_local"], tr["loss_global"], tr["error"], te["loss_global"], te["error"],
+             rec["epoch_time_s"])
+    if num_stages > 1:
+        parts = [f"{s['stage'] + 1}: busy {100 * s['train']['busy_fraction']:.0f}% "
+                 f"recv-wait {s['train']['wait_recv_s']:.1f}s send-wait "
+                 f"{s['train']['wait_send_s']:.1f}s" for s in rec["stages"]]
+        log.info("  stages (train) %s | %.0f samples/s", "; ".join(parts),
+                 rec["train_samples_per_s"] or 0)
 
 
-def run_training(cfg: Config) -> RunResult:
-    """Train as configured; write config.toml, metrics.jsonl and model.pt into the run dir."""
-    device = resolve_device(cfg.train.device)
-    threads = cfg.train.threads or (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
+class _GlobalRunner:
+    """--backprop / --no-detach in one process, with the StageRunner's epoch interface."""
+
+    def __init__(self, model, device, mode, num_classes, with_stats, show):
+        self.model, self.device, self.mode = model, device, mode
+        self.num_classes, self.with_stats, self.show = num_classes, with_stats, show
+        self.units = model.units()
+
+    def set_lr(self, lr):
+        for unit in self.units:
+            unit.set_lr(lr)
+
+    def _timed(self, fn, *args, **kw):
+        start = time.perf_counter()
+        stats = fn(self.model, *args, self.device, num_classes=self.num_classes,
+                   show_progress=self.show, **kw)
+        times = StageTimes(wall_s=time.perf_counter() - start, samples=stats.count)
+        times.busy_s = times.wall_s
+        return StageEpoch(stats, times)
+
+    def train_epoch(self, epoch, loader, total=None):
+        return self._timed(globalmode.train_epoch, loader, mode=self.mode, epoch=epoch,
+                           check_every=1 if self.device.type == "cpu" else 50)
+
+    def eval_epoch(self, epoch, loader, total=None):
+        return self._timed(globalmode.evaluate, loader, with_stats=self.with_stats)
+
+    def stop(self):
+        pass
+
+
+def run_training(cfg: Config) -> RunResult | None:
+    """Train as configured. Returns the result on the writer rank, None on the other ranks."""
+    env = init_distributed(cfg.train)
+    result = _run(cfg, env)  # on an error the caller exits at once: no collective teardown
+    shutdown(env)
+    log.debug("process group closed")
+    return result
+
+
+def _links(cfg, env, model, part, k, S, fingerprint):
+    (a, b) = part.bounds[k]
+    common = dict(stage_index=k, num_stages=S, dtype=torch.float32,
+                  max_batch=cfg.data.batch_size, device=env.device,
+                  group=None, meta_group=env.meta_group)
+    receiver = sender = None
+    if k > 0:
+        receiver = Receiver(peer_rank=k - 1, peer_stage=k - 1,
+                            sample_shape=model.blocks[a].in_shape, **common)
+        receiver.handshake(fingerprint)
+    if k < S - 1:
+        sender = Sender(peer_rank=k + 1, peer_stage=k + 1, queue_depth=cfg.train.queue_depth,
+                        sample_shape=model.blocks[b - 1].out_shape, **common)
+        sender.handshake(fingerprint)
+    return sender, receiver
+
+
+def _run(cfg: Config, env: DistEnv) -> RunResult | None:
+    S, k = env.world_size, env.rank
+    writer, mode = S - 1, _mode(cfg)
+    if S > 1 and mode != "local":
+        flag = "--backprop" if mode == "backprop" else "--no-detach"
+        raise ValueError(f"{flag} trains end to end and cannot be pipelined across {S} "
+                         "processes; run it in one process (without torchrun)")
     torch.manual_seed(cfg.train.seed)  # only the data pipeline draws from the global generator
-    run_dir = resolve_run_dir(cfg)
-    _check_run_dir(run_dir)
-    train_dl, test_dl, info = build_loaders(cfg.data, cfg.train.seed,
-                                            pin_memory=device.type == "cuda")
-    model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed)
-    for unit in model.units():
-        unit.setup(device, cfg.optim)
-    start_epoch = 1
-    if cfg.train.resume:
-        state = load_model_state(model, cfg.train.resume)
-        start_epoch = state["epoch"] + 1
-        log.info("resumed %s after epoch %d (fresh optimizers)", cfg.train.resume, state["epoch"])
-        if start_epoch > cfg.train.epochs:
-            raise ValueError(f"{cfg.train.resume} was trained for {state['epoch']} epochs, "
-                             f"--epochs is {cfg.train.epochs}: raise --epochs to train further")
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once everything above has succeeded
-    config_toml = to_toml(cfg)
-    atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
-    mode = _mode(cfg)
-    names = [describe_block(b) for b in model.blocks]
-    has_decoder = [hasattr(b, "decoder_y") for b in model.blocks]
-    n_params = count_params(cfg.model, info.input_shape, info.num_classes)
-    n_local = sum(p.numel() for p in model.parameters())
-    log.info("%s on %s (%d train / %d test images), %s mode, device %s, %d thread(s)",
-             cfg.model.name, cfg.data.dataset, len(train_dl.dataset), len(test_dl.dataset), mode,
-             device, threads)
-    log.info("%d blocks: %s; %s parameters (paper count), %s with local heads", len(names),
-             ", ".join(names), f"{n_params:,}", f"{n_local:,}")
-    log.info("run directory: %s", run_dir)
+    info = DATASETS[cfg.data.dataset]
+    run_dir = resolve_run_dir(cfg) if k == writer else None
+    err, loaders = None, None
+    try:
+        if k == 0:
+            loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda")
+        if k == writer:
+            _check_run_dir(run_dir)
+    except ValueError as exc:
+        err = str(exc)
+    all_agree(env, err)
+    sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
+                                 len(loaders[0]), len(loaders[1])] if k == 0 else None, 0)
 
-    show = cfg.train.progress
-    tr = te = {"error": float("nan")}
+    model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
+                        materialize=())
+    names = [b.describe() for b in model.blocks]
+    part, err = None, None
+    if k == 0:
+        try:
+            part = choose_partition(cfg, model, S, info.input_shape, info.num_classes,
+                                    env.device, names)
+        except ValueError as exc:
+            err = str(exc)
+    all_agree(env, err)
+    part = broadcast_from(env, part, 0)
+    a, b = part.bounds[k]
+    keep = set(range(a, b)) | ({len(model.blocks)} if k == S - 1 else set())
+    for unit in model.units():
+        if unit.index in keep:
+            unit.materialize()
+            unit.setup(env.device, cfg.optim)
+    start_epoch, err = 1, None
+    if cfg.train.resume:
+        try:
+            state = load_model_state(model, cfg.train.resume, only=keep)
+            start_epoch = state["epoch"] + 1
+            if start_epoch > cfg.train.epochs:
+                raise ValueError(f"{cfg.train.resume} was trained for {state['epoch']} epochs, "
+                                 f"--epochs is {cfg.train.epochs}: raise --epochs to go on")
+        except ValueError as exc:
+            err = str(exc)
+        all_agree(env, err)
+        log.info("resumed %s after epoch %d (fresh optimizers)", cfg.train.resume, start_epoch - 1)
+
+    config_toml = to_toml(cfg)
+    sender, receiver = _links(cfg, env, model, part, k, S, config_fingerprint(config_toml))
+    if k == 0:
+        n_params = count_params(cfg.model, info.input_shape, info.num_classes)
+        log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s), device %s, "
+                 "%d thread(s) per process", cfg.model.name, cfg.data.dataset, sizes[0],
+                 sizes[1], mode, S, env.device, env.threads)
+        log.info("%d blocks; %s parameters (paper count)", len(names), f"{n_params:,}")
+        for line in part.describe():
+            log.info("%s", line)
+    if k == writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
+        atomic_write_bytes(run_dir / "partition.json",
+                           json.dumps(part.to_dict(), indent=2).encode())
+        log.info("run directory: %s", run_dir)
+
+    blocks = model.blocks[a:b]
+    has_decoder = [hasattr(blk, "decoder_y") for blk in blocks]
+    with_stats = cfg.train.print_stats and mode != "backprop"
+    if mode == "local":
+        runner = StageRunner(blocks=blocks, output=model.output if k == S - 1 else None,
+                             stage_index=k, num_stages=S, device=env.device,
+                             num_classes=info.num_classes, sender=sender, receiver=receiver,
+                             with_stats=with_stats, show_progress=cfg.train.progress,
+                             check_every=1 if env.device.type == "cpu" else 50)
+    else:
+        runner = _GlobalRunner(model, env.device, mode, info.num_classes, with_stats,
+                               cfg.train.progress)
+    train_dl, test_dl = loaders[:2] if loaders else (None, None)
+    rec = None
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         lr = lr_at_epoch(cfg.optim, epoch)
-        set_lr(model, lr)
-        until = cfg.data.classes_per_batch_until_epoch
-        if cfg.data.classes_per_batch > 0 and until > 0 and epoch > until \
-                and isinstance(train_dl.sampler, NClassRandomSampler):
-            log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
-                     epoch)
-            train_dl = train_loader(train_dl.dataset, cfg.data, cfg.train.seed, False,
-                                    device.type == "cuda")
-        if hasattr(train_dl.sampler, "set_epoch"):
-            train_dl.sampler.set_epoch(epoch)
+        runner.set_lr(lr)
         start = time.perf_counter()
-        tr_acc = train_epoch(model, train_dl, device, mode=mode, num_classes=info.num_classes,
-                             epoch=epoch, show_progress=show,
-                             check_every=1 if device.type == "cpu" else 50)
-        train_s = time.perf_counter() - start
-        with_stats = cfg.train.print_stats and mode != "backprop"
-        te_acc = evaluate(model, test_dl, device, num_classes=info.num_classes,
-                          with_stats=with_stats, show_progress=show)
-        secs = time.perf_counter() - start
-        tr, tr_blocks = tr_acc.summary(has_decoder)
-        te, te_blocks = te_acc.summary(has_decoder)
-        if mode == "backprop":
-            tr_blocks, te_blocks = [], []
-        _log_epoch(epoch, cfg.train.epochs, lr, tr, te, tr_blocks, te_blocks, names, secs,
-                   cfg.train.print_stats)
-        blocks = []
-        for i, name in enumerate(names if tr_blocks else []):
-            rec = {"index": i, "name": name, "train": tr_blocks[i]}
-            if te_blocks:
-                rec["test"] = te_blocks[i]
-            blocks.append(rec)
-        append_jsonl(run_dir / "metrics.jsonl", {
-            "epoch": epoch, "lr": lr, "train": tr, "test": te, "blocks": blocks,
-            "train_time_s": train_s, "epoch_time_s": secs,
-            "train_samples_per_s": tr["num_examples"] / train_s if train_s > 0 else None})
-    digest = save_model(model, run_dir / "model.pt", config_toml, cfg.train.epochs)
-    log.info("final test error %.2f%%; model saved to %s", te["error"], run_dir / "model.pt")
-    return RunResult(run_dir, digest, te["error"], tr["error"], cfg.train.epochs)
+        if k == 0:
+            until = cfg.data.classes_per_batch_until_epoch
+            if cfg.data.classes_per_batch > 0 and 0 < until < epoch and \
+                    isinstance(train_dl.sampler, NClassRandomSampler):
+                log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
+                         epoch)
+                train_dl = train_loader(train_dl.dataset, cfg.data, cfg.train.seed, False,
+                                        env.device.type == "cuda")
+            if hasattr(train_dl.sampler, "set_epoch"):
+                train_dl.sampler.set_epoch(epoch)
+        tr = runner.train_epoch(epoch, train_dl, sizes[2])
+        te = runner.eval_epoch(epoch, test_dl, sizes[3])
+        summary = _stage_summary(k, names[a:b], has_decoder, tr, te, with_stats,
+                                 backprop=mode == "backprop")
+        gathered = gather_to(env, summary, writer)
+        if k == writer:
+            rec = merge_stage_summaries(epoch, lr, gathered, time.perf_counter() - start)
+            _log_epoch(rec, cfg.train.epochs, S)
+            append_jsonl(run_dir / "metrics.jsonl", rec)
+        if cfg.train.print_stats:
+            _log_blocks(summary)  # every stage logs its own blocks
+    runner.stop()
+    mine = [(u.index, unit_digest(u), s) for u, s in zip(runner.units, unit_states(runner.units))]
+    everything = gather_to(env, mine, writer)
+    if k != writer:
+        return None
+    units = sorted((u for part_units in everything for u in part_units), key=lambda u: u[0])
+    digest = combine_digests([u[1] for u in units])
+    save_model(run_dir / "model.pt", model.name, [u[2] for u in units], config_toml,
+               cfg.train.epochs, digest)
+    log.info("final test error %.2f%%; model saved to %s", rec["test"]["error"],
+             run_dir / "model.pt")
+    return RunResult(run_dir, digest, rec["test"]["error"], rec["train"]["error"],
+                     cfg.train.epochs)

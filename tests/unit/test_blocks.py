@@ -12,6 +12,7 @@ CPU = torch.device("cpu")
 def linear_block(dropout=0.0, loss=None, seed=0):
     b = LocalLinearBlock(6, 5, index=0, seed=seed, num_classes=3, loss=loss or LossConfig(),
                          dropout=dropout, nonlin="leakyrelu", first_layer=True)
+    b.materialize()
     b.setup(CPU, OptimConfig())
     b.set_lr(1e-3)
     return b
@@ -103,6 +104,7 @@ def test_bio_conv_block_keeps_its_fixed_matrices():
     block = LocalConvBlock(3, 8, kernel_size=3, stride=1, padding=1, dim_out=8,
                            dim_in_decoder=64, index=2, seed=1, num_classes=4, loss=loss,
                            dropout=0.1, nonlin="relu", first_layer=False)
+    block.materialize()
     block.setup(CPU, OptimConfig())
     block.set_lr(1e-2)
     fb, proj = block.decoder_y.feedback.clone(), block.proj_y.clone()
@@ -138,7 +140,7 @@ def test_run_of_blocks_equals_block_by_block_reference_order():
 
 
 def test_backprop_and_nodetach_steps_reach_earlier_blocks():
-    from localloss_pp.stage import _global_step, local_forward_update
+    from localloss_pp.globalmode import _global_step
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
     Y = onehot(y, 10)
     cfg = ModelConfig(name="mlp", num_layers=2, num_hidden=32)

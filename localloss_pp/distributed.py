@@ -1,0 +1,123 @@
+"""Process-group setup and teardown from the torchrun environment; device and backend choice.
+
+Rank r runs pipeline stage r (stage_index = rank); a run without torchrun is the one-stage run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+
+__all__ = ["DistEnv", "init_distributed", "shutdown", "torchrun_world", "all_agree",
+           "gather_to", "broadcast_from"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None
+    threads: int
+    meta_group: object = None  # gloo group for headers, handshakes and metrics
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def torchrun_world() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from torchrun's environment."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    return rank, world, local_rank, local_world
+
+
+def _pick_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec} asks for CUDA, but no CUDA device is available; "
+                             "use --device cpu")
+        if spec == "cuda":
+            count = torch.cuda.device_count()
+            spec = f"cuda:{local_rank % count}"
+        dev = torch.device(spec)
+        torch.cuda.set_device(dev)  # before any NCCL call
+        return dev
+    return torch.device(spec)
+
+
+def init_distributed(train: TrainConfig) -> DistEnv:
+    """Choose device, backend and threads; join the process group when launched by torchrun."""
+    rank, world, local_rank, local_world = torchrun_world()
+    device = _pick_device(train.device, local_rank)
+    backend = train.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("--backend nccl needs CUDA devices; use --backend gloo on CPU")
+    cores = os.cpu_count() or 1
+    threads = train.threads_per_rank or max(1, cores // max(1, local_world))
+    torch.set_num_threads(threads)
+    env = DistEnv(rank, world, local_rank, local_world, device, None, threads)
+    if world > 1:
+        timeout = timedelta(seconds=train.timeout_s)
+        dist.init_process_group(backend, timeout=timeout)
+        env.backend = backend
+        env.meta_group = dist.new_group(backend="gloo", timeout=timeout) \
+            if backend != "gloo" else dist.group.WORLD
+    return env
+
+
+def shutdown(env: DistEnv) -> None:
+    """Leave the process group together (a barrier first, so no rank tears its links down while
+    a neighbour still uses them)."""
+    if env.distributed and dist.is_initialized():
+        dist.barrier(group=env.meta_group)
+        dist.destroy_process_group()
+
+
+def all_agree(env: DistEnv, error: str | None) -> None:
+    """Collective check after a setup step: if any rank failed, every rank raises its message."""
+    if not env.distributed:
+        if error:
+            raise ValueError(error)
+        return
+    errors = [None] * env.world_size
+    dist.all_gather_object(errors, error, group=env.meta_group)
+    for rank, err in enumerate(errors):
+        if err:
+            raise ValueError(err if rank == env.rank else f"(rank {rank}) {err}")
+
+
+def gather_to(env: DistEnv, obj, dst: int) -> list | None:
+    """Gather a picklable object from every rank to rank `dst` (None elsewhere)."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size if env.rank == dst else None
+    dist.gather_object(obj, out, dst=dst, group=env.meta_group)
+    return out
+
+
+def broadcast_from(env: DistEnv, obj, src: int):
+    """Rank `src`'s object on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=env.meta_group)
+    return box[0]

@@ -1,0 +1,155 @@
+"""Cutting the block list into contiguous pipeline stages.
+
+`params`: balance the parameter count of the blocks (local heads included; the output layer
+counts on the last stage). `auto`: profile each block's whole train step (forward, local losses,
+backward, optimizer step) on the real device for a few batches, then minimise the slowest
+stage. Explicit: block counts per stage, e.g. "3,3,2".
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Config
+from .losses import onehot
+from .models import LocalModel, build_model
+
+__all__ = ["Partition", "balanced_split", "parse_counts", "choose_partition",
+           "profile_unit_times"]
+
+
+@dataclass
+class Partition:
+    counts: list[int]             # blocks per stage
+    costs: list[float]            # per block (the output layer's cost added to the last block)
+    how: str                      # "params", "auto" or "manual"
+    unit: str                     # unit of the costs: "params" or "ms"
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for c in self.counts:
+            out.append((start, start + c))
+            start += c
+        return out
+
+    def stage_costs(self) -> list[float]:
+        return [sum(self.costs[a:b]) for a, b in self.bounds]
+
+    def describe(self) -> list[str]:
+        lines = [f"partition ({self.how}): {','.join(map(str, self.counts))}"]
+        total = sum(self.costs) or 1.0
+        for k, ((a, b), cost) in enumerate(zip(self.bounds, self.stage_costs())):
+            blocks = ", ".join(f"{i}:{self.names[i]}" for i in range(a, b)) if self.names else \
+                f"{a}..{b - 1}"
+            value = f"{cost:,.0f} params" if self.unit == "params" else f"{cost:.2f} ms/batch"
+            tail = " + output layer" if k == len(self.counts) - 1 else ""
+            lines.append(f"  stage {k + 1}: blocks {blocks}{tail} | {value} "
+                         f"({100 * cost / total:.0f}%)")
+        return lines
+
+    def to_dict(self) -> dict:
+        return {"how": self.how, "counts": self.counts, "unit": self.unit,
+                "block_costs": self.costs, "stage_costs": self.stage_costs(),
+                "stages": [list(range(a, b)) for a, b in self.bounds], "names": self.names}
+
+
+def balanced_split(costs: list[float], num_stages: int) -> list[int]:
+    """Contiguous split of `costs` into `num_stages` non-empty parts minimising the largest
+    part (dynamic programming; ties go to the split with earlier, larger stages)."""
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"cannot split {n} blocks into {num_stages} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: minimal max-part cost of the first i blocks in s parts; cut[s][i]: last cut
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    counts, i = [], n
+    for s in range(num_stages, 0, -1):
+        j = cut[s][i]
+        counts.append(i - j)
+        i = j
+    return counts[::-1]
+
+
+def parse_counts(spec: str, num_blocks: int, num_stages: int) -> list[int]:
+    counts = [int(p) for p in spec.split(",")]
+    if len(counts) != num_stages:
+        raise ValueError(f"--partition {spec} has {len(counts)} stages, but the run has "
+                         f"{num_stages} processes; give one block count per stage")
+    if sum(counts) != num_blocks:
+        raise ValueError(f"--partition {spec} covers {sum(counts)} blocks, but the model has "
+                         f"{num_blocks}; the counts must add up to {num_blocks}")
+    return counts
+
+
+def _time_unit(unit, x, y, y1h, steps: int, device) -> float:
+    def step():
+        if hasattr(unit, "train_forward"):
+            _, ctx = unit.train_forward(x)
+            unit.train_update(ctx, y, y1h)
+        else:
+            unit.train_update(x, y)
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000.0 * (time.perf_counter() - start) / steps
+
+
+def profile_unit_times(cfg: Config, input_shape, num_classes: int, device,
+                       steps: int = 3) -> list[float]:
+    """ms per train step of every unit (blocks, then output layer) at the configured batch size,
+    measured on throw-away copies with synthetic inputs (the run's state is not touched)."""
+    net = build_model(cfg.model, cfg.loss, input_shape, num_classes, seed=cfg.train.seed + 7919)
+    gen = torch.Generator().manual_seed(0)
+    bs = cfg.data.batch_size
+    y = torch.randint(num_classes, (bs,), generator=gen).to(device)
+    y1h = onehot(y, num_classes)
+    times = []
+    for unit in net.units():
+        unit.setup(device, cfg.optim)
+        unit.set_lr(1e-6)
+        shape = unit.in_shape if hasattr(unit, "in_shape") else net.blocks[-1].out_shape
+        x = torch.randn((bs, *shape), generator=gen).to(device)
+        times.append(_time_unit(unit, x, y, y1h, steps, device))
+        unit.to("cpu")
+    return times
+
+
+def choose_partition(cfg: Config, model: LocalModel, num_stages: int, input_shape,
+                     num_classes: int, device, names: list[str]) -> Partition:
+    """The partition that `cfg.train.partition` asks for, validated against the model."""
+    n = len(model.blocks)
+    if num_stages > n:
+        raise ValueError(f"{num_stages} stages but {cfg.model.name} has only {n} blocks; "
+                         f"launch at most {n} processes per pipeline")
+    spec = cfg.train.partition
+    param_costs = [float(sum(p.numel() for p in b.parameters())) for b in model.blocks]
+    param_costs[-1] += sum(p.numel() for p in model.output.parameters())
+    if spec == "params" or (spec == "auto" and num_stages == 1):  # nothing to balance
+        return Partition(balanced_split(param_costs, num_stages), param_costs, "params",
+                         "params", names)
+    if spec == "auto":
+        times = profile_unit_times(cfg, input_shape, num_classes, device)
+        costs = times[:-1]
+        costs[-1] += times[-1]
+        return Partition(balanced_split(costs, num_stages), costs, "auto", "ms", names)
+    return Partition(parse_counts(spec, n, num_stages), param_costs, "manual", "params", names)
