@@ -71,6 +71,13 @@ def init_distributed(train: TrainConfig) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise ValueError("--backend nccl needs CUDA devices; use --backend gloo on CPU")
+    if backend == "gloo" and device.type == "cuda" and world > 1:
+        raise ValueError("--backend gloo sends CPU tensors only; run CUDA stages with "
+                         "--backend nccl (one GPU per stage) or the whole run with --device cpu")
+    if backend == "nccl" and world > 1 and local_world > torch.cuda.device_count():
+        raise ValueError(f"{local_world} stages on this node but only "
+                         f"{torch.cuda.device_count()} GPU(s): NCCL needs one GPU per stage; "
+                         "launch at most that many processes per node, or use --device cpu")
     cores = os.cpu_count() or 1
     threads = train.threads_per_rank or max(1, cores // max(1, local_world))
     torch.set_num_threads(threads)
