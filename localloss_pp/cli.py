@@ -156,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"localloss-pp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a failure during training (StageFailure and the like)
+        if os.environ.get("LOCALLOSS_PP_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"localloss-pp {args.command}: error: {first} (set LOCALLOSS_PP_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"localloss-pp {args.command}: interrupted", file=sys.stderr)
         return 130

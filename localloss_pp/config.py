@@ -342,7 +342,7 @@ def validate(cfg: Config) -> None:
          f"--partition must be params, auto or block counts per stage like 3,3,2 "
          f"(each >= 1), got {t.partition!r}")
     dev = t.device.lower()
-    need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
+    need(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
          f"--device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     t.device = dev
 

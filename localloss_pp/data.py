@@ -235,8 +235,14 @@ def _extract_mnist_gz(folder: Path) -> None:
         target = gz.with_suffix("")
         if not target.exists():
             tmp = target.with_name(target.name + ".part")
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except PermissionError:
+                raise DatasetNotFoundError(
+                    f"{folder} holds only the compressed files and is read-only, so they "
+                    "cannot be decompressed there; copy the dataset folder somewhere writable "
+                    "and pass that as --data-dir") from None
             tmp.replace(target)
 
 
@@ -285,8 +291,13 @@ def build_datasets(cfg: DataConfig):
                                     _transforms(info, cfg, False))
     except DatasetNotFoundError:
         raise
+    except OSError as exc:  # no network for --download, unreadable or read-only folders
+        raise DatasetNotFoundError(
+            f"dataset {cfg.dataset} could not be read or fetched under {root} (--data-dir): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; put the files "
+            "there by hand or run with --download on a machine with internet access") from None
     except RuntimeError as exc:
-        if "not found" in str(exc).lower() or "corrupted" in str(exc).lower():
+        if any(w in str(exc).lower() for w in ("not found", "corrupted", "error downloading")):
             hint = ("pass --download to fetch it (needs the internet)" if not cfg.download else
                     "the download failed or the files are damaged; check the network or put the "
                     "files there by hand")

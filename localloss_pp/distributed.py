@@ -53,10 +53,13 @@ def _pick_device(spec: str, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {spec} asks for CUDA, but no CUDA device is available; "
                              "use --device cpu")
+        count = torch.cuda.device_count()
         if spec == "cuda":
-            count = torch.cuda.device_count()
             spec = f"cuda:{local_rank % count}"
         dev = torch.device(spec)
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s), "
+                             f"numbered 0 to {count - 1}")
         torch.cuda.set_device(dev)  # before any NCCL call
         return dev
     return torch.device(spec)
@@ -99,6 +102,15 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+def _collective(what: str, fn, *args, **kw):
+    """Run a collective; a vanished rank becomes a PeerLostError instead of a backend trace."""
+    from .transport import PeerLostError, _reason
+    try:
+        return fn(*args, **kw)
+    except (RuntimeError, OSError) as exc:
+        raise PeerLostError(f"another stage stopped during {what}: {_reason(exc)}") from None
+
+
 def all_agree(env: DistEnv, error: str | None) -> None:
     """Collective check after a setup step: if any rank failed, every rank raises its message."""
     if not env.distributed:
@@ -106,7 +118,7 @@ def all_agree(env: DistEnv, error: str | None) -> None:
             raise ValueError(error)
         return
     errors = [None] * env.world_size
-    dist.all_gather_object(errors, error, group=env.meta_group)
+    _collective("setup", dist.all_gather_object, errors, error, group=env.meta_group)
     for rank, err in enumerate(errors):
         if err:
             raise ValueError(err if rank == env.rank else f"(rank {rank}) {err}")
@@ -117,7 +129,8 @@ def gather_to(env: DistEnv, obj, dst: int) -> list | None:
     if not env.distributed:
         return [obj]
     out = [None] * env.world_size if env.rank == dst else None
-    dist.gather_object(obj, out, dst=dst, group=env.meta_group)
+    _collective("the gathering of results", dist.gather_object, obj, out, dst=dst,
+                group=env.meta_group)
     return out
 
 
@@ -126,5 +139,5 @@ def broadcast_from(env: DistEnv, obj, src: int):
     if not env.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=env.meta_group)
+    _collective("setup", dist.broadcast_object_list, box, src=src, group=env.meta_group)
     return box[0]

@@ -119,6 +119,10 @@ def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
             scale_factor *= 2 if item in ("M", "A", "M3", "A3") else 4
             continue
         ch_out = int(item * model.feat_mult)
+        if ch_out < 1:
+            raise ValueError(f"--feat-mult {model.feat_mult} gives a {model.name} conv layer "
+                             f"{item} x {model.feat_mult} < 1 channel; use --feat-mult >= "
+                             f"{1 / min(i for i in VGG_CFGS[model.name] if isinstance(i, int))}")
         first = not blocks
         if first and input_dim > 64:
             kernel, stride, padding = 7, 2, 3

@@ -75,7 +75,8 @@ class StageRunner:
 
     def __init__(self, *, blocks, output, stage_index: int, num_stages: int, device,
                  num_classes: int, sender: Sender | None, receiver: Receiver | None,
-                 with_stats: bool, show_progress: bool = False, check_every: int = 1):
+                 with_stats: bool, show_progress: bool = False, check_every: int = 1,
+                 on_batch=None):
         self.blocks = list(blocks)
         self.output = output
         self.stage_index, self.num_stages = stage_index, num_stages
@@ -85,6 +86,7 @@ class StageRunner:
         self.show_progress = show_progress and output is not None
         self.check_every = check_every
         self.sync = device.type == "cuda"  # honest busy times on an asynchronous device
+        self.on_batch = on_batch  # called with the sequence number after every batch
 
     @property
     def units(self):
@@ -147,6 +149,7 @@ class StageRunner:
         result = StageEpoch(EpochStats([b.index for b in self.blocks], self.device))
         times = result.times
         start = time.perf_counter()
+        bytes_before = self.sender.bytes if self.sender is not None else 0
         bar = progress(None, total=total or 0, enabled=self.show_progress,
                        desc=f"{'train' if kind == TRAIN else 'test'} {epoch}") \
             if self.show_progress else None
@@ -154,6 +157,8 @@ class StageRunner:
         try:
             for seq, x, y in self._batches(loader, kind, epoch, times):
                 step_fn(result, times, epoch, seq, x, y)
+                if self.on_batch is not None:
+                    self.on_batch(seq)
                 times.batches += 1
                 times.samples += y.size(0)
                 if bar is not None and hasattr(bar, "update"):
@@ -169,13 +174,15 @@ class StageRunner:
                 bar.close()
         times.wall_s = time.perf_counter() - start
         if self.sender is not None:
-            times.bytes_sent = self.sender.bytes
+            times.bytes_sent = self.sender.bytes - bytes_before
         return result
 
     # --- train and eval ----------------------------------------------------------------------
     def _settle(self) -> None:
+        """Wait for this stage's compute stream only (not for NCCL's streams, which hold the
+        pre-posted receive of the next batch)."""
         if self.sync:
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _train_step(self, result, times, epoch, seq, x, y) -> None:
         mark = [time.perf_counter()]
@@ -215,6 +222,7 @@ class StageRunner:
         if stats:
             result.stats.add_blocks(stats, y.size(0))
         result.stats.add_count(y.size(0))
+        self._settle()
         times.busy_s += time.perf_counter() - t0
         self._send(times, EVAL, epoch, seq, x, y)
 

@@ -27,7 +27,8 @@ from .partition import choose_partition
 from .stage import StageEpoch, StageRunner, StageTimes
 from .transport import Receiver, Sender, config_fingerprint
 
-__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "merge_stage_summaries"]
+__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "merge_stage_summaries",
+           "build_links"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,16 @@ def _check_run_dir(path: Path) -> None:
     if (path / "metrics.jsonl").exists() or (path / "model.pt").exists():
         raise ValueError(f"run directory {path} already holds a run; choose another --run-dir "
                          "(nothing is ever deleted)")
+
+
+def _check_last_batch(cfg: Config, num_train: int) -> None:
+    """BatchNorm1d cannot normalise a training batch of one example: refuse it up front."""
+    has_fc_bn = cfg.model.batch_norm and (cfg.model.name == "mlp" or cfg.model.num_layers > 0)
+    bs = cfg.data.batch_size
+    if has_fc_bn and (bs == 1 or num_train % bs == 1):
+        raise ValueError(f"with --batch-size {bs} a training batch of {num_train} examples "
+                         "holds a single example, which BatchNorm1d cannot normalise; choose a "
+                         f"batch size that does not leave one example over ({num_train} % B != 1)")
 
 
 def _mode(cfg: Config) -> str:
@@ -179,7 +190,8 @@ def run_training(cfg: Config) -> RunResult | None:
     return result
 
 
-def _links(cfg, env, model, part, k, S, fingerprint):
+def build_links(cfg, env, model, part, k, S, fingerprint):
+    """Sender and receiver of stage k (None at the ends), handshaken with the neighbours."""
     (a, b) = part.bounds[k]
     common = dict(stage_index=k, num_stages=S, dtype=torch.float32,
                   max_batch=cfg.data.batch_size, device=env.device,
@@ -210,10 +222,11 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
     try:
         if k == 0:
             loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda")
+            _check_last_batch(cfg, len(loaders[0].dataset))
         if k == writer:
             _check_run_dir(run_dir)
-    except ValueError as exc:
-        err = str(exc)
+    except Exception as exc:  # every rank must hear of it, not only this one
+        err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     all_agree(env, err)
     sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
                                  len(loaders[0]), len(loaders[1])] if k == 0 else None, 0)
@@ -226,8 +239,8 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         try:
             part = choose_partition(cfg, model, S, info.input_shape, info.num_classes,
                                     env.device, names)
-        except ValueError as exc:
-            err = str(exc)
+        except Exception as exc:
+            err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     all_agree(env, err)
     part = broadcast_from(env, part, 0)
     a, b = part.bounds[k]
@@ -250,7 +263,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         log.info("resumed %s after epoch %d (fresh optimizers)", cfg.train.resume, start_epoch - 1)
 
     config_toml = to_toml(cfg)
-    sender, receiver = _links(cfg, env, model, part, k, S, config_fingerprint(config_toml))
+    sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint(config_toml))
     if k == 0:
         n_params = count_params(cfg.model, info.input_shape, info.num_classes)
         log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s), device %s, "

@@ -111,7 +111,7 @@ class Sender(_Link):
     def __init__(self, *, queue_depth: int, **kw):
         super().__init__(**kw)
         self.queue_depth = queue_depth
-        self._inflight: list[tuple[list, tuple]] = []
+        self._inflight: list[tuple[list, tuple, tuple]] = []
         self._blank = torch.zeros((self.max_batch, *self.shape), dtype=self.dtype,
                                   device=self.device)
 
@@ -148,20 +148,29 @@ class Sender(_Link):
             payload = payload.contiguous()
         works = [dist.isend(meta, self.peer_rank, group=self.meta_group),
                  dist.isend(payload, self.peer_rank, group=self.group)]
-        self._inflight.append((works, (meta, payload)))  # keep both alive until waited
+        # keep the Work objects and both tensors alive until the send has been waited for
+        self._inflight.append((works, (meta, payload), (kind, epoch, seq)))
         self.bytes += meta.numel() * 8 + payload.numel() * payload.element_size()
         while len(self._inflight) > self.queue_depth:
-            self._retire(kind, epoch, seq)
+            self._retire()
 
-    def _retire(self, kind, epoch, seq) -> None:
-        works, _ = self._inflight.pop(0)
+    def _retire(self) -> None:
+        works, _, (kind, epoch, seq) = self._inflight.pop(0)
+        what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
+        if self.device.type == "cuda":
+            # NCCL's wait() only orders streams; poll completion so that at most queue_depth
+            # sends (and their buffers) are really in flight
+            start = time.perf_counter()
+            while not all(w.is_completed() for w in works):
+                time.sleep(1e-4)
+            self.wait_s += time.perf_counter() - start
         for work in works:
-            self._wait(work, f"sending ({KIND_NAMES[kind]} {seq} of epoch {epoch} queued)")
+            self._wait(work, what)
 
     def drain(self) -> None:
         """Wait until every queued message has been delivered."""
         while self._inflight:
-            self._retire(STOP, -1, -1)
+            self._retire()
 
 
 class Receiver(_Link):

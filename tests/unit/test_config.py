@@ -95,6 +95,11 @@ def test_bad_toml_files(tmp_path, text, message):
     (["--momentum", "0.9"], "only applies to --optim sgd"),
     (["--backprop", "--no-detach"], "cannot be combined"),
     (["--device", "tpu"], "--device must be"),
+    (["--device", "cuda:abc"], "--device must be"),
+    (["--queue-depth", "0"], "--queue-depth must be >= 1"),
+    (["--partition", "3,x"], "--partition must be"),
+    (["--backend", "mpi"], "--backend must be"),
+    (["--timeout-s", "0"], "--timeout-s must be > 0"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ValueError) as err:

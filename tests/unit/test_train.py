@@ -105,6 +105,9 @@ def test_backprop_and_sampler_modes_run(tmp_path):
     (["train", "--dataset", "CIFAR10", "--data-dir", "{tmp}"], "pass --download"),
     (["train", "--config", "{tmp}/missing.toml"], "does not exist"),
     (["plot", "{tmp}"], "has no metrics.jsonl"),
+    (["train", "--batch-size", "3", "--run-dir", "{tmp}/r"], "holds a single example"),
+    (["train", "--model", "vgg8b", "--dataset", "mnist5k", "--feat-mult", "0.001"],
+     "< 1 channel"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
     result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in argv])

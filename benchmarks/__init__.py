@@ -1,0 +1,1 @@
+"""Throughput and time-to-accuracy benchmarks of localloss-pp against global backprop."""

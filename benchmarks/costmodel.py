@@ -1,0 +1,180 @@
+"""Cost model of the local-loss pipeline, and a projection to many GPUs.
+
+`profile_blocks` measures, for every unit (blocks, then the output layer), the time of one
+local-mode train step (forward, local losses, backward, optimizer step) and of the backbone
+alone (forward + backward of the layer, as global backprop runs it), and counts their FLOPs
+(matmuls and convolutions, torch.utils.flop_counter).
+
+`predict` turns per-block times and a link bandwidth into the throughput of any partition:
+every stage works in parallel, so a batch takes as long as the slowest stage (its blocks'
+times) or the slowest link (bytes / bandwidth + latency); when the stages share fewer cores
+than they have threads, the total work divided by the cores bounds it too.
+
+`project` is a projection, not a measurement: a network of S blocks like the model's average
+block, one GPU per stage, for the local pipeline, GPipe/1F1B and DDP.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
+from localloss_pp.losses import onehot
+from localloss_pp.models import build_model
+
+__all__ = ["BlockCost", "profile_blocks", "predict", "project", "stage_bytes"]
+
+
+@dataclass
+class BlockCost:
+    index: int
+    name: str
+    local_ms: float           # one local train step (layer + heads + update)
+    backbone_ms: float        # forward + backward of the layer alone
+    local_flops: float        # per batch, matmul/conv FLOPs of the local train step
+    backbone_flops: float     # per batch, forward + backward of the layer alone
+    params: int               # backprop-mode parameters of the unit
+    out_bytes_per_sample: int  # activation this unit sends downstream (float32)
+
+
+def _timed(fn, steps: int, device, rounds: int = 5) -> float:
+    """Median over `rounds` of the mean ms of `steps` calls (after two warm-up calls)."""
+    fn()
+    fn()
+    per_round = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_round.append(1000.0 * (time.perf_counter() - start) / steps)
+    return statistics.median(per_round)
+
+
+def _flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def profile_blocks(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
+                   batch_size: int, device, steps: int = 3) -> list[BlockCost]:
+    """Per-unit costs at `batch_size` on `device` (synthetic inputs, throw-away weights)."""
+    local = build_model(model, loss, input_shape, num_classes, seed=11)
+    bp = build_model(model, LossConfig(backprop=True), input_shape, num_classes, seed=11)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(num_classes, (batch_size,), generator=gen).to(device)
+    y1h = onehot(y, num_classes)
+    out = []
+    for lu, bu in zip(local.units(), bp.units()):
+        for u in (lu, bu):
+            u.setup(device, OptimConfig())
+            u.set_lr(1e-6)
+        shape = lu.in_shape if hasattr(lu, "in_shape") else local.blocks[-1].out_shape
+        x = torch.randn((batch_size, *shape), generator=gen).to(device)
+        if hasattr(lu, "train_forward"):
+            def local_step():
+                _, ctx = lu.train_forward(x)
+                lu.train_update(ctx, y, y1h)
+            out_shape = lu.out_shape
+            name = lu.describe()
+        else:
+            def local_step():
+                lu.train_update(x, y)
+            out_shape = (num_classes,)
+            name = "output " + lu.describe()
+        xg = x.clone().requires_grad_(lu.index > 0)
+
+        def backbone_step():
+            bu(xg).float().sum().backward()
+            bu.zero_grad(set_to_none=True)
+        out.append(BlockCost(
+            index=lu.index, name=name, local_ms=_timed(local_step, steps, device),
+            backbone_ms=_timed(backbone_step, steps, device),
+            local_flops=_flops(local_step), backbone_flops=_flops(backbone_step),
+            params=sum(p.numel() for p in bu.parameters()),
+            out_bytes_per_sample=4 * torch.Size(out_shape).numel()))
+        for u in (lu, bu):
+            u.to("cpu")
+    return out
+
+
+def stage_bytes(costs: list[BlockCost], counts: list[int], batch_size: int) -> list[int]:
+    """Bytes sent downstream per batch by each stage but the last."""
+    out, end = [], 0
+    for c in counts[:-1]:
+        end += c
+        out.append(costs[end - 1].out_bytes_per_sample * batch_size)
+    return out
+
+
+def predict(costs: list[BlockCost], counts: list[int], batch_size: int, *,
+            link_bytes_per_s: float, link_latency_s: float = 3e-4, cores: int | None = None,
+            threads_per_stage: int = 1) -> dict:
+    """Predicted steady-state samples/s of the local pipeline with this partition."""
+    if sum(counts) != len(costs) - 1:
+        raise ValueError(f"partition {counts} does not cover the {len(costs) - 1} blocks")
+    stage_ms, start = [], 0
+    for k, c in enumerate(counts):
+        ms = sum(b.local_ms for b in costs[start:start + c])
+        if k == len(counts) - 1:
+            ms += costs[-1].local_ms  # the output layer
+        stage_ms.append(ms)
+        start += c
+    link_ms = [1000.0 * (nbytes / link_bytes_per_s + link_latency_s)
+               for nbytes in stage_bytes(costs, counts, batch_size)]
+    bound = max(stage_ms + link_ms)
+    shared = None
+    if cores and len(counts) * threads_per_stage > cores:
+        shared = sum(stage_ms) * threads_per_stage / cores
+        bound = max(bound, shared)
+    return {"counts": counts, "stage_ms": stage_ms, "link_ms": link_ms,
+            "shared_core_ms": shared, "batch_ms": bound,
+            "samples_per_s": 1000.0 * batch_size / bound}
+
+
+def project(costs: list[BlockCost], batch_size: int, *, stages=range(2, 17),
+            microbatches: int = 4, gpu_tflops: float = 60.0, links=None) -> list[dict]:
+    """Projection for a network of S blocks like the model's average block, one GPU per stage.
+
+    Per-block GPU time = FLOPs / (gpu_tflops x efficiency), where the efficiency of local and
+    backbone work is taken relative to the best block measured on this machine (small, head-
+    heavy work runs less efficiently). Returns rows of samples/s and ratios to one-GPU
+    backprop for: the local pipeline, GPipe and 1F1B (bubble (S-1)/(M+S-1), activation and
+    gradient transfers per micro-batch), DDP (ring all-reduce overlapped with backward)."""
+    links = links or {"NVLink-class (300 GB/s)": 300e9, "PCIe-class (25 GB/s)": 25e9}
+    blocks = costs[:-1]
+    rate = [b.local_flops / b.local_ms for b in blocks] + [b.backbone_flops / b.backbone_ms
+                                                          for b in blocks]
+    best = max(rate)
+    eff_local = sum(b.local_flops / b.local_ms for b in blocks) / len(blocks) / best
+    eff_bb = sum(b.backbone_flops / b.backbone_ms for b in blocks) / len(blocks) / best
+    local_flops = sum(b.local_flops for b in blocks) / len(blocks)
+    bb_flops = sum(b.backbone_flops for b in blocks) / len(blocks)
+    params = sum(b.params for b in blocks) / len(blocks)
+    act = sum(b.out_bytes_per_sample for b in blocks) / len(blocks) * batch_size
+    peak = gpu_tflops * 1e12
+    t_local = local_flops / (peak * eff_local)   # s per batch per block
+    t_bb = bb_flops / (peak * eff_bb)
+    rows = []
+    for link_name, bw in links.items():
+        for S in stages:
+            one_gpu = batch_size / (S * t_bb)
+            local = batch_size / max(t_local, act / bw)
+            bubble = (S - 1) / (microbatches + S - 1)
+            pp_step = (t_bb + 2 * act / bw) * (microbatches + S - 1) / microbatches
+            pp = batch_size / pp_step
+            allreduce = 2 * (S - 1) / S * 4 * params * S / bw
+            ddp = batch_size / max(S * t_bb / S, allreduce)
+            rows.append({"link": link_name, "stages": S, "one_gpu_backprop": one_gpu,
+                         "local_pipeline": local, "gpipe_1f1b": pp, "ddp": ddp,
+                         "bubble": bubble, "local_vs_one_gpu": local / one_gpu,
+                         "pp_vs_one_gpu": pp / one_gpu, "ddp_vs_one_gpu": ddp / one_gpu})
+    return rows

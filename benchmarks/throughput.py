@@ -1,0 +1,367 @@
+"""Throughput of the local-loss pipeline against global backprop, on this machine, in one run.
+
+    python -m benchmarks.throughput [--quick] [--stages S] [--microbatches M] [--json PATH]
+                                    [--plot PATH] [--time-to-accuracy --data-dir DIR]
+
+For each model (mlp 3x1024 and vgg8b at MNIST size, --feat-mult shrinks it) and local loss
+(predsim, pred) it runs, with the same global batch and the same synthetic in-memory batches:
+(a) local pipeline on S stages, (b) the local algorithm in one process on every core, (c) global
+backprop in one process, (d) global backprop with DDP on S ranks, (e) GPipe and (f) 1F1B from
+torch.distributed.pipelining over the same S-stage split with M micro-batches. Every multi-rank
+variant is a real torchrun launch. Speed is the median samples/s over windows of the measured
+batches (warm-up excluded); ratios are between numbers measured in this run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from localloss_pp.config import LossConfig, ModelConfig
+from localloss_pp.partition import balanced_split
+
+from .costmodel import predict, profile_blocks, project
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
+VARIANTS = ["local", "local1", "backprop1", "ddp", "gpipe", "1f1b"]
+LABELS = {"local": "(a) local pipeline", "local1": "(b) local, 1 process",
+          "backprop1": "(c) backprop, 1 process", "ddp": "(d) backprop DDP",
+          "gpipe": "(e) backprop GPipe", "1f1b": "(f) backprop 1F1B"}
+
+
+def environment() -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        rev = None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "cuda": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None, "git_revision": rev}
+
+
+def models(args) -> list[tuple[str, dict]]:
+    out = [("mlp3x1024", {"name": "mlp", "num_layers": 3, "num_hidden": 1024,
+                          "nonlin": "leakyrelu"})]
+    if not args.mlp_only:
+        out.append((f"vgg8b x{args.feat_mult:g}", {"name": "vgg8b", "feat_mult": args.feat_mult,
+                                                   "dim_in_decoder": 1024,
+                                                   "nonlin": "leakyrelu"}))
+    return out
+
+
+def run_variant(variant: str, spec: dict, ranks: int, timeout: float) -> list[dict]:
+    """Launch one variant (torchrun for several ranks) and return every rank's JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(dict(spec, variant=variant)))
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]),
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if ranks > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(ranks), "-m", "benchmarks.worker", str(spec_path), tmp]
+        else:
+            cmd = [sys.executable, "-m", "benchmarks.worker", str(spec_path), tmp]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"variant {variant} failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-3000:]}")
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def summarise(variant: str, ranks: list[dict], spec: dict, windows: int) -> dict:
+    rep = next(r for r in ranks if r.get("report"))
+    stamps = rep["timestamps"]
+    per = max(1, (len(stamps) - 1) // windows)
+    rates = [per * spec["batch_size"] / (stamps[i + per] - stamps[i])
+             for i in range(0, len(stamps) - per, per)]
+    out = {"variant": variant, "label": LABELS[variant], "ranks": len(ranks),
+           "threads_per_rank": ranks[0]["threads"], "samples_per_s": statistics.median(rates),
+           "window_samples_per_s": rates,
+           "peak_memory_mb": [round(r["peak_memory_bytes"] / 2 ** 20, 1) for r in ranks]}
+    total_bytes = sum(r.get("bytes_sent", 0) or 0 for r in ranks)
+    batches = spec["batches"] + (spec["warmup"] if variant in ("ddp", "gpipe", "1f1b") else 0)
+    out["bytes_per_sample"] = total_bytes / (batches * spec["batch_size"])
+    out["bytes_how"] = "measured" if variant.startswith("local") else "analytic"
+    if variant in ("local", "local1"):
+        stages = [r["times"] for r in sorted(ranks, key=lambda r: r["rank"])]
+        batch_rate = out["samples_per_s"] / spec["batch_size"]
+        slowest = max(s["busy_s"] / max(s["batches"], 1) for s in stages)
+        out["pipeline_efficiency"] = batch_rate * slowest
+        out["bubble_fraction"] = 1 - statistics.mean(s["busy_fraction"] for s in stages)
+        out["stages"] = [{k: s[k] for k in ("busy_fraction", "wait_recv_s", "wait_send_s",
+                                             "busy_s", "wall_s", "batches")} for s in stages]
+        out["link_bytes_per_s"] = next((r["link_bytes_per_s"] for r in ranks
+                                        if r.get("link_bytes_per_s")), None)
+    elif variant in ("gpipe", "1f1b"):
+        S, M = len(ranks), spec["microbatches"]
+        out["bubble_fraction"] = (S - 1) / (M + S - 1)  # the schedule's ideal bubble
+    return out
+
+
+def combine(reps: list[dict]) -> dict:
+    """One row from the summaries of several repeats of the same variant."""
+    out = dict(reps[-1])
+    windows = [w for r in reps for w in r["window_samples_per_s"]]
+    out["window_samples_per_s"] = windows
+    out["samples_per_s"] = statistics.median(windows)
+    out["repeat_samples_per_s"] = [r["samples_per_s"] for r in reps]
+    out["peak_memory_mb"] = [max(v) for v in zip(*(r["peak_memory_mb"] for r in reps))]
+    for key in ("pipeline_efficiency", "bubble_fraction"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in reps)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | loss | variant | ranks x threads | samples/s | windows min-max | vs (a) "
+             "| pipeline efficiency | idle/bubble | peak MB/rank | bytes/sample |",
+             "|" + "---|" * 11]
+    for r in rows:
+        eff = f"{r['pipeline_efficiency']:.3f}" if r["variant"] == "local" else "-"
+        bub = f"{r['bubble_fraction']:.2f}" if "bubble_fraction" in r and \
+            r["variant"] != "local1" else "-"
+        w = r["window_samples_per_s"]
+        lines.append(f"| {r['model']} | {r['loss']} | {r['label']} | {r['ranks']}x"
+                     f"{r['threads_per_rank']} | {r['samples_per_s']:.0f} | "
+                     f"{min(w):.0f}-{max(w):.0f} | {r['samples_per_s'] / r['vs_local']:.2f} | "
+                     f"{eff} | {bub} | {max(r['peak_memory_mb']):.0f} | "
+                     f"{r['bytes_per_sample']:.0f} |")
+    return "\n".join(lines)
+
+
+def ratio_matrix(rows: list[dict]) -> str:
+    names = [f"{r['label'].split()[0]}" for r in rows]
+    lines = ["| row / column | " + " | ".join(names) + " |", "|" + "---|" * (len(rows) + 1)]
+    for r, n in zip(rows, names):
+        lines.append(f"| {n} | " + " | ".join(f"{r['samples_per_s'] / c['samples_per_s']:.2f}"
+                                              for c in rows) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = sorted({(r["model"], r["loss"]) for r in results})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (model, loss) in zip(axes[0], groups):
+        rows = [r for r in results if r["model"] == model and r["loss"] == loss]
+        ax.bar([r["label"].split(" ", 1)[0] for r in rows], [r["samples_per_s"] for r in rows],
+               color=["tab:green" if r["variant"].startswith("local") else "tab:gray"
+                      for r in rows])
+        ax.set_title(f"{model}, local loss {loss}")
+        ax.set_ylabel("samples/s")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", type=int, default=2, help="pipeline stages / DDP ranks (2)")
+    p.add_argument("--microbatches", type=int, default=4, help="GPipe/1F1B micro-batches (4)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--feat-mult", type=float, default=0.25, help="vgg8b width (0.25)")
+    p.add_argument("--losses", default="predsim,pred")
+    p.add_argument("--batches", type=int, default=60, help="measured batches per variant")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--windows", type=int, default=5, help="windows per measured run (5)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of every variant, interleaved")
+    p.add_argument("--quick", action="store_true", help="mlp only, predsim only, fewer batches")
+    p.add_argument("--mlp-only", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--no-costmodel", action="store_true")
+    p.add_argument("--validate-stages", default=None,
+                   help="stage counts to validate the cost model on (default 1,2 and every "
+                   "count up to the cores)")
+    p.add_argument("--json", type=Path, default=None, help="write every number here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG chart here")
+    p.add_argument("--time-to-accuracy", action="store_true",
+                   help="instead: wall time to a target test error on real data")
+    p.add_argument("--data-dir", default=None, help="with --time-to-accuracy: MNIST or "
+                   "FashionMNIST under this folder")
+    p.add_argument("--timeout", type=float, default=600, help="per variant, seconds")
+    args, rest = p.parse_known_args(argv)
+    if args.time_to_accuracy:
+        from .tta import main as tta_main
+        return tta_main(rest + (["--data-dir", args.data_dir] if args.data_dir else []) +
+                        (["--json", str(args.json)] if args.json else []) +
+                        (["--plot", str(args.plot)] if args.plot else []))
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.quick:
+        args.mlp_only, args.losses, args.batches, args.warmup = True, "predsim", 30, 5
+        args.repeats = 1
+    if args.batch_size % args.microbatches or args.batch_size % args.stages:
+        p.error("--batch-size must be divisible by --microbatches and by --stages")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    cores = os.cpu_count() or 1
+    env_info = environment()
+    print("# localloss-pp throughput benchmark")
+    print(json.dumps({"environment": env_info, "config": {k: (str(v) if isinstance(v, Path)
+                                                             else v)
+                                                         for k, v in vars(args).items()}},
+                     indent=1))
+    S = args.stages
+    torch.set_num_threads(1)  # per-block costs at one thread, as each validated stage runs
+    results, costmodel_rows, projection = [], [], []
+    for model_name, mcfg in models(args):
+        mcfg = dict(mcfg, dropout=0.0)
+        base = {"model": mcfg, "batch_size": args.batch_size, "warmup": args.warmup,
+                "batches": args.batches, "microbatches": args.microbatches, "device": device}
+        costs = profile_blocks(ModelConfig(**mcfg), LossConfig(), INPUT_SHAPE, NUM_CLASSES,
+                               args.batch_size, torch.device(device)) \
+            if not args.no_costmodel else None
+        if costs is None:
+            counts = None
+        else:
+            block_ms = [c.local_ms for c in costs[:-1]]
+            block_ms[-1] += costs[-1].local_ms
+            counts = balanced_split(block_ms, S)
+        jobs = []
+        for i, loss in enumerate(args.losses.split(",")):
+            for variant in VARIANTS:
+                if variant in ("backprop1", "ddp", "gpipe", "1f1b") and i > 0:
+                    continue  # global backprop does not use the local loss: measured once
+                ranks = 1 if variant in ("local1", "backprop1") else S
+                threads = cores if ranks == 1 else max(1, cores // S)
+                jobs.append((loss, variant, ranks, dict(
+                    base, loss={"loss_sup": loss}, threads=threads,
+                    counts=counts or balanced_split([1.0] * _num_blocks(mcfg), S))))
+        summaries = {j[:2]: [] for j in jobs}
+        for rep in range(args.repeats):  # repeats interleaved: slow phases hit every variant
+            for loss, variant, ranks, spec in jobs:
+                print(f"- {model_name} {loss} {LABELS[variant]} (repeat {rep + 1}) ...",
+                      flush=True)
+                summaries[(loss, variant)].append(summarise(
+                    variant, run_variant(variant, spec, ranks, args.timeout), spec,
+                    args.windows))
+        for loss in args.losses.split(","):
+            for variant in VARIANTS:
+                key = (loss, variant) if (loss, variant) in summaries else \
+                    (args.losses.split(",")[0], variant)
+                row = combine(summaries[key])
+                row.update(model=model_name, loss=loss, counts=jobs[0][3]["counts"])
+                results.append(row)
+        if costs is not None:
+            costmodel_rows += validate(model_name, args.losses.split(",")[0], mcfg, costs,
+                                       base, args, cores)
+        if costs is not None:
+            flops = {"model": model_name, "backbone_flops_per_sample":
+                     sum(c.backbone_flops for c in costs) / args.batch_size,
+                     "local_train_flops_per_sample":
+                     sum(c.local_flops for c in costs) / args.batch_size,
+                     "blocks": [vars(c) for c in costs]}
+            flops["heads_flops_per_sample"] = (flops["local_train_flops_per_sample"]
+                                               - flops["backbone_flops_per_sample"])
+            projection.append({"model": model_name, "flops": flops,
+                               "rows": project(costs, args.batch_size,
+                                               microbatches=args.microbatches)})
+    for group in sorted({(r["model"], r["loss"]) for r in results}):
+        rows = [r for r in results if (r["model"], r["loss"]) == group]
+        ref = next(r for r in rows if r["variant"] == "local")["samples_per_s"]
+        for r in rows:
+            r["vs_local"] = ref
+    print("\n## Throughput (samples/s: median over windows; 'vs (a)': this / local pipeline)\n")
+    print(markdown(results))
+    for group in sorted({(r["model"], r["loss"]) for r in results}):
+        rows = [r for r in results if (r["model"], r["loss"]) == group]
+        print(f"\n### Ratios, {group[0]} {group[1]} (row samples/s / column samples/s)\n")
+        print(ratio_matrix(rows))
+        for r in rows:
+            if "stages" in r:
+                print(f"\n{r['label']}: " + "; ".join(
+                    f"stage {i + 1} busy {100 * s['busy_fraction']:.0f}% recv-wait "
+                    f"{s['wait_recv_s']:.2f}s send-wait {s['wait_send_s']:.2f}s"
+                    for i, s in enumerate(r["stages"])))
+    if projection:
+        print("\n## FLOPs per sample (matmul/conv, training step)\n")
+        print("| model | backbone (fwd+bwd) | local heads (extra) | heads / backbone |")
+        print("|---|---|---|---|")
+        for pj in projection:
+            f = pj["flops"]
+            print(f"| {pj['model']} | {f['backbone_flops_per_sample'] / 1e6:.1f} MFLOP | "
+                  f"{f['heads_flops_per_sample'] / 1e6:.1f} MFLOP | "
+                  f"{f['heads_flops_per_sample'] / f['backbone_flops_per_sample']:.2f} |")
+    if costmodel_rows:
+        print("\n## Cost model vs measurement (local pipeline, 1 thread per stage)\n")
+        print("| model | loss | stages | partition | predicted | measured | error |")
+        print("|---|---|---|---|---|---|---|")
+        for c in costmodel_rows:
+            print(f"| {c['model']} | {c['loss']} | {c['stages']} | {c['counts']} | "
+                  f"{c['predicted']:.0f} | {c['measured']:.0f} | {100 * c['error']:+.1f}% |")
+    if projection:
+        print("\n## PROJECTION (not measured): S GPUs, a network of S blocks like the model's "
+              "average block\n")
+        print("| model | link | S | local / 1 GPU | GPipe,1F1B / 1 GPU | DDP / 1 GPU | bubble |")
+        print("|---|---|---|---|---|---|---|")
+        for pj in projection:
+            for r in pj["rows"]:
+                if r["stages"] in (2, 4, 8, 16):
+                    print(f"| {pj['model']} | {r['link']} | {r['stages']} | "
+                          f"{r['local_vs_one_gpu']:.2f} | {r['pp_vs_one_gpu']:.2f} | "
+                          f"{r['ddp_vs_one_gpu']:.2f} | {r['bubble']:.2f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env_info, "config": vars(args) | {
+            "json": str(args.json), "plot": str(args.plot)}, "results": results,
+            "costmodel": costmodel_rows, "projection": projection}, indent=1, default=str))
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _num_blocks(mcfg: dict) -> int:
+    from localloss_pp.models import build_model
+    return len(build_model(ModelConfig(**mcfg), LossConfig(), INPUT_SHAPE, NUM_CLASSES, 0,
+                           materialize=()).blocks)
+
+
+def validate(model_name, loss, mcfg, costs, base, args, cores) -> list[dict]:
+    """Measured local-pipeline throughput at 1 thread per stage against the cost model."""
+    if args.validate_stages:
+        counts_list = [int(s) for s in args.validate_stages.split(",")]
+    else:
+        counts_list = [s for s in (1, 2, 3, 4) if s <= max(2, cores)]
+    local_costs = costs if loss == "predsim" else profile_blocks(
+        ModelConfig(**mcfg), LossConfig(loss_sup=loss), INPUT_SHAPE, NUM_CLASSES,
+        args.batch_size, torch.device(base["device"]))
+    rows, link = [], None
+    for S in counts_list:
+        if S > len(costs) - 1:
+            continue
+        block_ms = [c.local_ms for c in local_costs[:-1]]
+        block_ms[-1] += local_costs[-1].local_ms
+        counts = balanced_split(block_ms, S)
+        spec = dict(base, loss={"loss_sup": loss}, threads=1, counts=counts)
+        print(f"- {model_name} {loss} cost-model check, {S} stage(s) ...", flush=True)
+        measured = summarise("local", run_variant("local", spec, S, args.timeout), spec,
+                             args.windows)
+        link = measured.get("link_bytes_per_s") or link or 1e9
+        pred = predict(local_costs, counts, args.batch_size, link_bytes_per_s=link, cores=cores)
+        rows.append({"model": model_name, "loss": loss, "stages": S, "counts": counts,
+                     "predicted": pred["samples_per_s"], "measured": measured["samples_per_s"],
+                     "error": pred["samples_per_s"] / measured["samples_per_s"] - 1,
+                     "prediction": pred, "link_bytes_per_s": link})
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

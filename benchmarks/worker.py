@@ -1,0 +1,236 @@
+"""One benchmark variant in one process (or one rank of it, under torchrun).
+
+    python -m benchmarks.worker SPEC.json OUT_DIR
+
+Variants:
+  local       the local-loss pipeline of localloss_pp (StageRunner over P2P links), S ranks
+  local1      the same local algorithm in one process (every core)
+  backprop1   global backprop in one process (every core)
+  ddp         global backprop, DistributedDataParallel on S ranks (global batch split)
+  gpipe, 1f1b global backprop pipelined with torch.distributed.pipelining over the same split
+
+Every variant trains on the same in-memory synthetic batches (MNIST-sized), so data loading is
+excluded. It runs `warmup` batches, then `batches` measured ones; the reporting rank records the
+time at which every measured batch finished. Each rank writes OUT_DIR/rank<k>.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from localloss_pp.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, \
+    TrainConfig
+from localloss_pp.distributed import init_distributed
+from localloss_pp.losses import onehot
+from localloss_pp.models import build_model
+from localloss_pp.partition import Partition
+from localloss_pp.stage import StageRunner
+from localloss_pp.train import build_links
+from localloss_pp.transport import config_fingerprint
+
+INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
+
+
+def _config(spec: dict) -> Config:
+    return Config(model=ModelConfig(**spec["model"]), loss=LossConfig(**spec["loss"]),
+                  data=DataConfig(dataset="MNIST", batch_size=spec["batch_size"]),
+                  optim=OptimConfig(lr=1e-4, lr_decay_milestones=[]),
+                  train=TrainConfig(device=spec.get("device", "cpu"),
+                                    threads_per_rank=spec.get("threads", 0)))
+
+
+def _batches(spec: dict, n: int, device, batch_size=None):
+    gen = torch.Generator().manual_seed(1234)
+    bs = batch_size or spec["batch_size"]
+    pool = [(torch.randn((bs, *INPUT_SHAPE), generator=gen),
+             torch.randint(NUM_CLASSES, (bs,), generator=gen)) for _ in range(4)]
+    return [(x.to(device), y.to(device)) for x, y in (pool[i % 4] for i in range(n))]
+
+
+def _peak_memory(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_link(env, sample_shape, bs, repeats=10) -> float | None:
+    """Bytes/s of one activation message from rank 0 to rank 1 (blocking send/recv)."""
+    if env.world_size < 2 or env.rank > 1:
+        return None
+    t = torch.zeros((bs, *sample_shape), device=env.device)
+    start = None
+    for i in range(repeats + 1):
+        if i == 1:
+            _sync(env.device)
+            start = time.perf_counter()
+        if env.rank == 0:
+            dist.send(t, 1)
+        else:
+            dist.recv(t, 0)
+    _sync(env.device)
+    return t.numel() * t.element_size() * repeats / (time.perf_counter() - start)
+
+
+def run_local(spec: dict, env) -> dict:
+    cfg = _config(spec)
+    S, k = env.world_size, env.rank
+    model = build_model(cfg.model, cfg.loss, INPUT_SHAPE, NUM_CLASSES, seed=1, materialize=())
+    counts = spec["counts"] if S > 1 else [len(model.blocks)]
+    if len(counts) != S or sum(counts) != len(model.blocks):
+        raise ValueError(f"partition {counts} does not fit {S} stages x {len(model.blocks)} blocks")
+    part = Partition(counts, [0.0] * len(model.blocks), "manual", "params")
+    a, b = part.bounds[k]
+    keep = set(range(a, b)) | ({len(model.blocks)} if k == S - 1 else set())
+    for unit in model.units():
+        if unit.index in keep:
+            unit.materialize()
+            unit.setup(env.device, cfg.optim)
+    link = None
+    if S > 1:
+        dist.barrier()
+        link = _measure_link(env, model.blocks[part.bounds[0][1] - 1].out_shape,
+                             cfg.data.batch_size)
+    sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint("bench"))
+    stamps: list[float] = []
+    runner = StageRunner(blocks=model.blocks[a:b], output=model.output if k == S - 1 else None,
+                         stage_index=k, num_stages=S, device=env.device,
+                         num_classes=NUM_CLASSES, sender=sender, receiver=receiver,
+                         with_stats=False, check_every=10 ** 9,
+                         on_batch=lambda seq: stamps.append(time.perf_counter()))
+    runner.set_lr(1e-4)
+    loader_w = _batches(spec, spec["warmup"], env.device) if k == 0 else None
+    loader_m = _batches(spec, spec["batches"], env.device) if k == 0 else None
+    runner.train_epoch(1, loader_w)
+    stamps.clear()
+    measured = runner.train_epoch(2, loader_m)
+    runner.stop()
+    return {"timestamps": stamps if k == S - 1 else None, "times": measured.times.as_dict(),
+            "bytes_sent": sender.bytes if sender else 0, "link_bytes_per_s": link,
+            "report": k == S - 1}
+
+
+def run_backprop1(spec: dict, env) -> dict:
+    from localloss_pp.globalmode import _global_step
+    cfg = _config(spec)
+    model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1)
+    for unit in model.units():
+        unit.setup(env.device, cfg.optim)
+        unit.set_lr(1e-4)
+    model.train()
+    stamps = []
+    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
+        _global_step(model, x, y, onehot(y, NUM_CLASSES), "backprop")
+        if i >= spec["warmup"]:
+            _sync(env.device)
+            stamps.append(time.perf_counter())
+    return {"timestamps": stamps, "report": True}
+
+
+def run_ddp(spec: dict, env) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    cfg = _config(spec)
+    S = env.world_size
+    model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1)
+    for unit in model.units():
+        unit.setup(env.device, cfg.optim)
+        unit.set_lr(1e-4)
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    local_bs = spec["batch_size"] // S
+    stamps = []
+    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device,
+                                        batch_size=local_bs)):
+        loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        for unit in model.units():
+            unit.optimizer.step()
+            unit.optimizer.zero_grad(set_to_none=True)
+        if i >= spec["warmup"]:
+            _sync(env.device)
+            stamps.append(time.perf_counter())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    # ring all-reduce: each rank sends 2 (S-1)/S of the gradient bytes per step
+    return {"timestamps": stamps if env.rank == 0 else None, "report": env.rank == 0,
+            "bytes_sent": 2 * (S - 1) / S * params * (spec["warmup"] + spec["batches"])}
+
+
+def run_pipelining(spec: dict, env, schedule: str) -> dict:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    cfg = _config(spec)
+    S, k = env.world_size, env.rank
+    model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1)
+    part = Partition(spec["counts"], [0.0] * len(model.blocks), "manual", "params")
+    a, b = part.bounds[k]
+    units = list(model.blocks[a:b]) + ([model.output] if k == S - 1 else [])
+    for unit in units:
+        unit.setup(env.device, cfg.optim)
+        unit.set_lr(1e-4)
+    stage = PipelineStage(nn.Sequential(*units), k, S, env.device)
+    cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    sched = cls(stage, n_microbatches=spec["microbatches"],
+                loss_fn=lambda out, target: F.cross_entropy(out, target))
+    stamps = []
+    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
+        if k == 0:
+            sched.step(x)
+        elif k == S - 1:
+            sched.step(target=y, losses=[])
+        else:
+            sched.step()
+        for unit in units:
+            unit.optimizer.step()
+            unit.optimizer.zero_grad(set_to_none=True)
+        if i >= spec["warmup"]:
+            _sync(env.device)
+            stamps.append(time.perf_counter())
+    # every boundary carries each sample's activation forward and its gradient backward
+    act = sum(4 * torch.Size(model.blocks[bnd - 1].out_shape).numel()
+              for _, bnd in part.bounds[:-1])
+    return {"timestamps": stamps if k == 0 else None, "report": k == 0,
+            "bytes_sent": 2 * act * spec["batch_size"] * (spec["warmup"] + spec["batches"])
+            if k == 0 else 0}
+
+
+def main(argv=None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    spec = json.loads(Path(argv[0]).read_text())
+    out_dir = Path(argv[1])
+    cfg = _config(spec)
+    env = init_distributed(cfg.train)
+    variant = spec["variant"]
+    if variant in ("local", "local1"):
+        result = run_local(spec, env)
+    elif variant == "backprop1":
+        result = run_backprop1(spec, env)
+    elif variant == "ddp":
+        result = run_ddp(spec, env)
+    elif variant in ("gpipe", "1f1b"):
+        result = run_pipelining(spec, env, variant)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    result.update(rank=env.rank, world_size=env.world_size, variant=variant,
+                  threads=env.threads, peak_memory_bytes=_peak_memory(env.device),
+                  device=str(env.device))
+    (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
+    if env.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip the backend's thread teardown at interpreter exit
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The benchmark suite runs end to end (no speed is asserted: these machines are noisy)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_every_variant(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--quick", "--batches",
+                           "12", "--warmup", "3", "--windows", "3", "--json", str(out),
+                           "--plot", str(tmp_path / "bench.png")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["environment"]["cores"] and "torch" in data["environment"]
+    variants = {r["variant"] for r in data["results"]}
+    assert variants == {"local", "local1", "backprop1", "ddp", "gpipe", "1f1b"}
+    for r in data["results"]:
+        assert r["samples_per_s"] > 0 and all(m > 0 for m in r["peak_memory_mb"])
+    local = next(r for r in data["results"] if r["variant"] == "local")
+    assert 0 < local["pipeline_efficiency"] and len(local["stages"]) == 2
+    assert [c["stages"] for c in data["costmodel"]] == [1, 2]
+    assert data["projection"][0]["rows"]
+    assert "## Cost model vs measurement" in proc.stdout and "PROJECTION" in proc.stdout
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
