@@ -1,8 +1,14 @@
 """Saving and loading model state: atomic writes, safe loads (weights_only=True)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -10,6 +16,9 @@ import torch
 from .models import LocalModel
 
 __all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "load_model_state", "unit_states",
+           "semantic_config", "checkpoint_name", "unit_checkpoint", "restore_unit",
+           "save_stage_checkpoint", "write_manifest", "read_manifest", "list_checkpoints",
+           "latest_checkpoint", "load_units", "prune_checkpoints", "MANIFEST",
            "CheckpointError", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "localloss-pp/model/1"
@@ -84,3 +93,164 @@ def load_model_state(model: LocalModel, path: Path, only=None) -> dict:
             raise CheckpointError(f"{path} does not fit unit {unit.index}: "
                                   f"{str(exc).splitlines()[0]}") from None
     return state
+
+
+# --- training checkpoints: one file per stage plus a manifest --------------------------------
+CKPT_FORMAT = "localloss-pp/checkpoint/1"
+MANIFEST = "manifest.json"
+# config fields that change the computed numbers; everything else may differ on resume
+SEMANTIC = {"model": None, "loss": None, "optim": None,
+            "data": ("dataset", "batch_size", "classes_per_batch",
+                     "classes_per_batch_until_epoch", "cutout", "n_holes", "length"),
+            "train": ("seed",)}
+
+
+def semantic_config(cfg) -> dict:
+    """The part of a config that a checkpoint must agree with to be resumed exactly."""
+    out = {}
+    for section, keep in SEMANTIC.items():
+        values = dataclasses.asdict(getattr(cfg, section))
+        out[section] = {k: v for k, v in values.items() if keep is None or k in keep}
+    return out
+
+
+def checkpoint_name(epoch: int, step: int | None) -> str:
+    """Folder name; `step` = batches done in `epoch`, None at the end of the epoch."""
+    return f"e{epoch:05d}-end" if step is None else f"e{epoch:05d}-s{step:07d}"
+
+
+def unit_checkpoint(unit) -> dict:
+    """Everything a unit needs to continue exactly: weights, buffers, optimizer, generator."""
+    out = {"state": {k: v.detach().cpu() for k, v in unit.state_dict().items()},
+           "optim": unit.optimizer.state_dict()}
+    gen = getattr(unit, "_drop_gen", None)
+    if gen is not None:
+        out["generator"] = gen.get_state()
+    return out
+
+
+def restore_unit(unit, saved: dict) -> None:
+    unit.load_state_dict(saved["state"])
+    unit.optimizer.load_state_dict(saved["optim"])
+    if "generator" in saved and getattr(unit, "_drop_gen", None) is not None:
+        unit._drop_gen.set_state(saved["generator"])
+
+
+def save_stage_checkpoint(folder: Path, stage_index: int, payload: dict) -> None:
+    """Atomically write stage{k}.pt, then its sidecar stage{k}.json with the sha256."""
+    buf = io.BytesIO()
+    torch.save(dict(payload, format=CKPT_FORMAT, stage=stage_index), buf)
+    data = buf.getvalue()
+    name = f"stage{stage_index}.pt"
+    atomic_write_bytes(folder / name, data)
+    side = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            "units": sorted(int(u) for u in payload.get("units", {}))}
+    atomic_write_bytes(folder / f"stage{stage_index}.json", json.dumps(side).encode())
+
+
+def write_manifest(folder: Path, num_stages: int, info: dict, timeout_s: float) -> dict:
+    """Wait until every stage's sidecar is there, then write the manifest (last, atomically)."""
+    deadline = time.monotonic() + timeout_s
+    sides = []
+    for k in range(num_stages):
+        path = folder / f"stage{k}.json"
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"stage {k + 1}/{num_stages} did not write its part of "
+                                      f"checkpoint {folder} within {timeout_s:.0f}s")
+            time.sleep(0.01)
+        sides.append(json.loads(path.read_text()))
+    manifest = dict(info, format=CKPT_FORMAT, num_stages=num_stages,
+                    files={s["file"]: s["sha256"] for s in sides},
+                    units={str(u): s["file"] for s in sides for u in s["units"]},
+                    versions={"torch": torch.__version__, "localloss_pp": _version()})
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def read_manifest(folder: Path, verify: bool = True) -> dict:
+    """The manifest of a checkpoint folder; CheckpointError if missing, foreign or damaged."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not a localloss-pp checkpoint manifest")
+    if verify:
+        for name, digest in manifest["files"].items():
+            try:
+                data = (Path(folder) / name).read_bytes()
+            except OSError:
+                raise CheckpointError(f"checkpoint {folder} misses {name}") from None
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise CheckpointError(f"checkpoint file {Path(folder) / name} is damaged "
+                                      "(checksum mismatch)")
+    return manifest
+
+
+def _order(name: str) -> tuple:
+    epoch, _, rest = name[1:].partition("-")
+    return (int(epoch), 10 ** 9 if rest == "end" else int(rest[1:]))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    names = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("e")]
+    return sorted(names, key=lambda p: _order(p.name))
+
+
+def latest_checkpoint(run_dir: Path, log=None) -> tuple[Path, dict] | None:
+    """The newest checkpoint of a run that is complete and intact (damaged ones are skipped)."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            return folder, read_manifest(folder)
+        except CheckpointError as exc:
+            if log is not None:
+                log.warning("skipping checkpoint %s: %s", folder.name, exc)
+    return None
+
+
+def load_units(folder: Path, manifest: dict, wanted) -> tuple[dict, dict]:
+    """(unit index -> saved unit dict, extra entries of the files read) for `wanted` units."""
+    files = sorted({manifest["units"][str(i)] for i in wanted if str(i) in manifest["units"]})
+    missing = [i for i in wanted if str(i) not in manifest["units"]]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} has no state for units {missing}")
+    units, extra = {}, {}
+    for name in files:
+        try:
+            payload = torch.load(Path(folder) / name, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{Path(folder) / name} cannot be read ({exc})") from None
+        if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
+            raise CheckpointError(f"{Path(folder) / name} is not a localloss-pp checkpoint file")
+        for key, value in payload["units"].items():
+            if int(key) in wanted:
+                units[int(key)] = value
+        for key in ("data", "global_stats"):
+            if key in payload:
+                extra[key] = payload[key]
+    return units, extra
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and older incomplete ones)."""
+    folders = list_checkpoints(run_dir)
+    complete = [f for f in folders if (f / MANIFEST).exists()]
+    if len(complete) <= keep:
+        return
+    cutoff = _order(complete[-keep].name)
+    for folder in folders:
+        if _order(folder.name) < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -97,6 +97,8 @@ class TrainConfig:
     run_dir: str = ""
     save_dir: str = ""
     resume: str = ""
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
 
 
 @dataclass(kw_only=True)
@@ -173,6 +175,8 @@ REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
     ("--partition", "train", "partition", str),
     ("--queue-depth", "train", "queue_depth", int),
     ("--timeout-s", "train", "timeout_s", float),
+    ("--checkpoint-every", "train", "checkpoint_every", int),
+    ("--keep-checkpoints", "train", "keep_checkpoints", int),
     ("--run-dir", "train", "run_dir", str),
     ("--no-progress", "train", "progress", "false"),
 ]
@@ -336,6 +340,9 @@ def validate(cfg: Config) -> None:
          f"--backend must be auto, gloo or nccl, got {t.backend!r}")
     need(t.queue_depth >= 1, f"--queue-depth must be >= 1, got {t.queue_depth}")
     need(finite(t.timeout_s) and t.timeout_s > 0, f"--timeout-s must be > 0, got {t.timeout_s}")
+    need(t.checkpoint_every >= 0,
+         f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")
+    need(t.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {t.keep_checkpoints}")
     t.partition = t.partition.replace(" ", "").lower()
     need(t.partition in ("params", "auto") or all(p.isdigit() and int(p) >= 1
                                                   for p in t.partition.split(",")),

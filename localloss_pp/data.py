@@ -20,7 +20,7 @@ from .blocks import derive_seed
 from .config import DataConfig
 
 __all__ = ["DatasetInfo", "DATASETS", "DatasetNotFoundError", "Cutout", "NClassRandomSampler",
-           "Mnist5k", "build_datasets", "build_loaders", "dataset_labels", "train_loader",
+           "Mnist5k", "build_datasets", "build_loaders", "dataset_labels", "train_loader", "EpochBatches",
            "MNIST5K_TRAIN_PER_CLASS"]
 
 
@@ -322,22 +322,56 @@ def dataset_labels(ds) -> np.ndarray:
     raise ValueError(f"cannot read the labels of {type(ds).__name__}")
 
 
-def train_loader(train_set, cfg: DataConfig, seed: int, class_sampler: bool, pin_memory=False):
-    """Training loader: ordinary seeded shuffling, or the N-class sampler."""
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  pin_memory=pin_memory, drop_last=False)
-    if class_sampler:
-        sampler = NClassRandomSampler(dataset_labels(train_set), cfg.classes_per_batch,
-                                      cfg.batch_size, seed)
-        return DataLoader(train_set, sampler=sampler, **common)
-    gen = torch.Generator().manual_seed(derive_seed(seed, 0, "shuffle"))
-    return DataLoader(train_set, shuffle=True, generator=gen, **common)
+class EpochBatches(Sampler[list[int]]):
+    """Batches of one epoch: an index order that is a function of (seed, epoch) only, cut into
+    batches of `batch_size` (the last one may be short), optionally skipping the first ones.
+
+    Ordinary shuffling draws a permutation from a generator seeded by (seed, epoch); with
+    `classes_per_batch` > 0 (and the epoch within `classes_per_batch_until_epoch`) the order
+    comes from the N-classes-per-batch sampler. So a run resumed at batch n of epoch e sees
+    exactly the batches an uninterrupted run sees."""
+
+    def __init__(self, labels, cfg: DataConfig, seed: int):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.cfg, self.seed = cfg, seed
+        self.epoch, self.skip = 1, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def class_sampler_active(self) -> bool:
+        until = self.cfg.classes_per_batch_until_epoch
+        return self.cfg.classes_per_batch > 0 and (until == 0 or self.epoch <= until)
+
+    def order(self) -> list[int]:
+        if self.class_sampler_active():
+            sampler = NClassRandomSampler(self.labels, self.cfg.classes_per_batch,
+                                          self.cfg.batch_size, self.seed)
+            sampler.set_epoch(self.epoch)
+            return list(sampler)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "shuffle"))
+        return torch.randperm(len(self.labels), generator=gen).tolist()
+
+    def __len__(self) -> int:
+        return max(0, -(-len(self.labels) // self.cfg.batch_size) - self.skip)
+
+    def __iter__(self):
+        order, bs = self.order(), self.cfg.batch_size
+        for start in range(self.skip * bs, len(order), bs):
+            yield order[start:start + bs]
+
+
+def train_loader(train_set, cfg: DataConfig, seed: int, pin_memory=False) -> DataLoader:
+    """Training loader whose batches are set per epoch with `loader.batch_sampler.set_epoch`."""
+    return DataLoader(train_set, batch_sampler=EpochBatches(dataset_labels(train_set), cfg, seed),
+                      num_workers=cfg.num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(derive_seed(seed, 0, "workers")))
 
 
 def build_loaders(cfg: DataConfig, seed: int, pin_memory: bool = False):
     """(train loader, test loader, DatasetInfo) as the reference builds them."""
     train_set, test_set, info = build_datasets(cfg)
-    train = train_loader(train_set, cfg, seed, cfg.classes_per_batch > 0, pin_memory)
+    train = train_loader(train_set, cfg, seed, pin_memory)
     test = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False,
                       num_workers=cfg.num_workers, pin_memory=pin_memory)
     return train, test, info

@@ -87,11 +87,28 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     env = DistEnv(rank, world, local_rank, local_world, device, None, threads)
     if world > 1:
         timeout = timedelta(seconds=train.timeout_s)
-        dist.init_process_group(backend, timeout=timeout)
+        store = _attempt_store(world, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout, store=store, rank=rank,
+                                    world_size=world)
         env.backend = backend
         env.meta_group = dist.new_group(backend="gloo", timeout=timeout) \
             if backend != "gloo" else dist.group.WORLD
     return env
+
+
+def _attempt_store(world: int, timeout: timedelta):
+    """Under torchrun, the agent's store with a per-attempt prefix: after a restart
+    (--max-restarts) a plain env:// init can trip over keys of the failed attempt."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in env:
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"localloss-pp/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                            store)
 
 
 def shutdown(env: DistEnv) -> None:

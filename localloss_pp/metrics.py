@@ -63,6 +63,15 @@ class EpochStats:
         self.glob = torch.zeros(2, dtype=torch.float64, device=device)  # loss*B, correct
         self.count = 0
 
+    def state(self) -> dict:
+        """The running sums, for a checkpoint taken in the middle of an epoch."""
+        return {"blocks": self.blocks.cpu(), "glob": self.glob.cpu(), "count": self.count}
+
+    def load(self, state: dict) -> None:
+        self.blocks.copy_(state["blocks"])
+        self.glob.copy_(state["glob"])
+        self.count = int(state["count"])
+
     def add_blocks(self, stats: list[torch.Tensor], batch_size: int) -> None:
         s = torch.stack(stats).to(torch.float64)
         scale = torch.tensor([batch_size, batch_size, batch_size, 1], dtype=torch.float64,

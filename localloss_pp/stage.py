@@ -100,11 +100,11 @@ class StageRunner:
         return f"stage {self.stage_index + 1}/{self.num_stages}"
 
     # --- the message stream ------------------------------------------------------------------
-    def _batches(self, loader, kind: int, epoch: int, times: StageTimes):
+    def _batches(self, loader, kind: int, epoch: int, times: StageTimes, start_seq: int = 0):
         """(seq, x, y) of this stage's input stream, until the end-of-stream marker."""
         if self.receiver is None:
             it = iter(loader)
-            seq = 0
+            seq = start_seq
             while True:
                 start = time.perf_counter()
                 try:
@@ -145,8 +145,12 @@ class StageRunner:
             raise NonFiniteLossError(f"non-finite loss in the output layer on {self._name()} at "
                                      f"step {seq} of epoch {epoch}; lower --lr or check the data")
 
-    def _stream(self, loader, kind: int, epoch: int, total: int | None, step_fn) -> StageEpoch:
+    def _stream(self, loader, kind: int, epoch: int, total: int | None, step_fn,
+                start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
+                on_checkpoint=None) -> StageEpoch:
         result = StageEpoch(EpochStats([b.index for b in self.blocks], self.device))
+        if initial is not None:
+            result.stats.load(initial)
         times = result.times
         start = time.perf_counter()
         bytes_before = self.sender.bytes if self.sender is not None else 0
@@ -155,15 +159,18 @@ class StageRunner:
             if self.show_progress else None
         seq = -1
         try:
-            for seq, x, y in self._batches(loader, kind, epoch, times):
+            for seq, x, y in self._batches(loader, kind, epoch, times, start_seq):
                 step_fn(result, times, epoch, seq, x, y)
                 if self.on_batch is not None:
                     self.on_batch(seq)
+                done = seq + 1
+                if checkpoint_every and done % checkpoint_every == 0 and done < (total or 0):
+                    on_checkpoint(epoch, done, result.stats)
                 times.batches += 1
                 times.samples += y.size(0)
                 if bar is not None and hasattr(bar, "update"):
                     bar.update(1)
-            self._send(times, END_TRAIN if kind == TRAIN else END_EVAL, epoch, seq + 1)
+            self._send(times, END_TRAIN if kind == TRAIN else END_EVAL, epoch, max(seq + 1, start_seq))
         except (StageFailure, NonFiniteLossError, PeerLostError, ShapeMismatchError):
             raise
         except Exception as exc:
@@ -226,10 +233,16 @@ class StageRunner:
         times.busy_s += time.perf_counter() - t0
         self._send(times, EVAL, epoch, seq, x, y)
 
-    def train_epoch(self, epoch: int, loader=None, total: int | None = None) -> StageEpoch:
+    def train_epoch(self, epoch: int, loader=None, total: int | None = None, *,
+                    start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
+                    on_checkpoint=None) -> StageEpoch:
+        """Train on one epoch's stream. A resumed epoch starts at batch `start_seq` with the
+        statistics `initial`; every `checkpoint_every` batches `on_checkpoint(epoch, batches
+        done, stats)` runs right after this stage's update of that batch."""
         for unit in self.units:
             unit.train()
-        return self._stream(loader, TRAIN, epoch, total, self._train_step)
+        return self._stream(loader, TRAIN, epoch, total, self._train_step, start_seq, initial,
+                            checkpoint_every, on_checkpoint)
 
     def eval_epoch(self, epoch: int, loader=None, total: int | None = None) -> StageEpoch:
         for unit in self.units:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,12 +19,14 @@ import torch
 from . import globalmode
 from .checkpoint import atomic_write_bytes, load_model_state, save_model, unit_states
 from .config import Config, lr_at_epoch, to_toml
-from .data import DATASETS, NClassRandomSampler, build_loaders, train_loader
+from .blocks import derive_seed
+from .data import DATASETS, build_loaders
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
     shutdown
 from .metrics import append_jsonl
 from .models import build_model, combine_digests, count_params, unit_digest
 from .partition import choose_partition
+from .resume import StageCheckpointer, plan_resume, reconcile_metrics
 from .stage import StageEpoch, StageRunner, StageTimes
 from .transport import Receiver, Sender, config_fingerprint
 
@@ -62,14 +65,10 @@ def resolve_run_dir(cfg: Config) -> Path:
     if t.save_dir:
         return (Path(t.save_dir) / cfg.data.dataset /
                 f"{cfg.model.name}_mult{cfg.model.feat_mult:.1f}" / run_tag(cfg))
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    # under torchrun the run id names it, so that a restarted attempt finds the same folder
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID", "")[:8] or \
+        datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.data.dataset}-{cfg.model.name}-{stamp}"
-
-
-def _check_run_dir(path: Path) -> None:
-    if (path / "metrics.jsonl").exists() or (path / "model.pt").exists():
-        raise ValueError(f"run directory {path} already holds a run; choose another --run-dir "
-                         "(nothing is ever deleted)")
 
 
 def _check_last_batch(cfg: Config, num_train: int) -> None:
@@ -215,19 +214,19 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         flag = "--backprop" if mode == "backprop" else "--no-detach"
         raise ValueError(f"{flag} trains end to end and cannot be pipelined across {S} "
                          "processes; run it in one process (without torchrun)")
-    torch.manual_seed(cfg.train.seed)  # only the data pipeline draws from the global generator
     info = DATASETS[cfg.data.dataset]
-    run_dir = resolve_run_dir(cfg) if k == writer else None
-    err, loaders = None, None
-    try:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    run_dir = broadcast_from(env, resolve_run_dir(cfg) if k == 0 else None, 0)
+    err, loaders, plan = None, None, None
+    try:  # every file-system decision is taken on rank 0 and shared
         if k == 0:
+            plan = plan_resume(cfg, run_dir, restarted)
             loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda")
             _check_last_batch(cfg, len(loaders[0].dataset))
-        if k == writer:
-            _check_run_dir(run_dir)
     except Exception as exc:  # every rank must hear of it, not only this one
         err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     all_agree(env, err)
+    plan = broadcast_from(env, plan, 0)
     sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
                                  len(loaders[0]), len(loaders[1])] if k == 0 else None, 0)
 
@@ -249,18 +248,28 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         if unit.index in keep:
             unit.materialize()
             unit.setup(env.device, cfg.optim)
-    start_epoch, err = 1, None
-    if cfg.train.resume:
-        try:
-            state = load_model_state(model, cfg.train.resume, only=keep)
+    if mode != "local":
+        a, b = 0, len(model.blocks)  # one process owns every unit
+    ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
+                             model.output if k == S - 1 else None, part.counts, model.name)
+    start_epoch, start_seq = plan.start
+    initial = data_state = None
+    err = None
+    try:
+        if plan.kind == "checkpoint":
+            initial, data_state = ckpt.restore(plan)
+        elif plan.kind == "model":
+            state = load_model_state(model, plan.path, only=keep)
             start_epoch = state["epoch"] + 1
             if start_epoch > cfg.train.epochs:
-                raise ValueError(f"{cfg.train.resume} was trained for {state['epoch']} epochs, "
+                raise ValueError(f"{plan.path} was trained for {state['epoch']} epochs, "
                                  f"--epochs is {cfg.train.epochs}: raise --epochs to go on")
-        except ValueError as exc:
-            err = str(exc)
-        all_agree(env, err)
-        log.info("resumed %s after epoch %d (fresh optimizers)", cfg.train.resume, start_epoch - 1)
+    except Exception as exc:
+        err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    all_agree(env, err)
+    if plan.kind != "fresh" and k == 0:
+        log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
+                 f", after batch {start_seq}" if start_seq else "")
 
     config_toml = to_toml(cfg)
     sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint(config_toml))
@@ -274,6 +283,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
             log.info("%s", line)
     if k == writer:
         run_dir.mkdir(parents=True, exist_ok=True)
+        reconcile_metrics(run_dir, start_epoch)
         atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
         atomic_write_bytes(run_dir / "partition.json",
                            json.dumps(part.to_dict(), indent=2).encode())
@@ -297,17 +307,25 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         lr = lr_at_epoch(cfg.optim, epoch)
         runner.set_lr(lr)
         start = time.perf_counter()
+        skip = start_seq if epoch == start_epoch else 0
         if k == 0:
-            until = cfg.data.classes_per_batch_until_epoch
-            if cfg.data.classes_per_batch > 0 and 0 < until < epoch and \
-                    isinstance(train_dl.sampler, NClassRandomSampler):
+            batches = train_dl.batch_sampler
+            was_nclass = batches.class_sampler_active()
+            batches.set_epoch(epoch, skip)
+            if was_nclass and not batches.class_sampler_active():
                 log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
                          epoch)
-                train_dl = train_loader(train_dl.dataset, cfg.data, cfg.train.seed, False,
-                                        env.device.type == "cuda")
-            if hasattr(train_dl.sampler, "set_epoch"):
-                train_dl.sampler.set_epoch(epoch)
-        tr = runner.train_epoch(epoch, train_dl, sizes[2])
+            if skip:  # mid-epoch resume: the augmentation stream goes on where it stopped
+                torch.set_rng_state(data_state["torch_rng"])
+            else:  # the augmentation stream of every epoch is a function of (seed, epoch)
+                torch.manual_seed(derive_seed(cfg.train.seed, epoch, "augment"))
+        if mode == "local":
+            tr = runner.train_epoch(epoch, train_dl, sizes[2], start_seq=skip,
+                                    initial=initial if skip else None,
+                                    checkpoint_every=cfg.train.checkpoint_every,
+                                    on_checkpoint=lambda e, n, st: ckpt.save(e, n, st))
+        else:
+            tr = runner.train_epoch(epoch, train_dl, sizes[2])
         te = runner.eval_epoch(epoch, test_dl, sizes[3])
         summary = _stage_summary(k, names[a:b], has_decoder, tr, te, with_stats,
                                  backprop=mode == "backprop")
@@ -318,6 +336,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
             append_jsonl(run_dir / "metrics.jsonl", rec)
         if cfg.train.print_stats:
             _log_blocks(summary)  # every stage logs its own blocks
+        ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one
     runner.stop()
     mine = [(u.index, unit_digest(u), s) for u, s in zip(runner.units, unit_states(runner.units))]
     everything = gather_to(env, mine, writer)

@@ -94,6 +94,14 @@ class _Link:
     def _name(self, stage: int) -> str:
         return f"stage {stage + 1}/{self.num_stages}"
 
+    def _issue(self, op, tensor, group, what: str):
+        """isend/irecv to the peer; a broken connection becomes a PeerLostError."""
+        try:
+            return op(tensor, self.peer_rank, group=group)
+        except Exception as exc:
+            raise PeerLostError(f"lost {self._name(self.peer_stage)} (rank {self.peer_rank}) "
+                                f"while {what}: {_reason(exc)}") from None
+
     def _wait(self, work, what: str) -> None:
         start = time.perf_counter()
         try:
@@ -146,8 +154,9 @@ class Sender(_Link):
             if bs < self.max_batch:
                 payload = torch.cat([payload, self._blank[: self.max_batch - bs]])
             payload = payload.contiguous()
-        works = [dist.isend(meta, self.peer_rank, group=self.meta_group),
-                 dist.isend(payload, self.peer_rank, group=self.group)]
+        what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
+        works = [self._issue(dist.isend, meta, self.meta_group, what),
+                 self._issue(dist.isend, payload, self.group, what)]
         # keep the Work objects and both tensors alive until the send has been waited for
         self._inflight.append((works, (meta, payload), (kind, epoch, seq)))
         self.bytes += meta.numel() * 8 + payload.numel() * payload.element_size()
@@ -210,8 +219,9 @@ class Receiver(_Link):
 
     def _post(self) -> None:
         s = self._slot
-        self._pending = (s, [dist.irecv(self._meta[s], self.peer_rank, group=self.meta_group),
-                             dist.irecv(self._payload[s], self.peer_rank, group=self.group)])
+        what = "posting the next receive"
+        self._pending = (s, [self._issue(dist.irecv, self._meta[s], self.meta_group, what),
+                             self._issue(dist.irecv, self._payload[s], self.group, what)])
 
     def recv(self) -> Message:
         """The next message. Its tensors stay valid until the next call of recv()."""

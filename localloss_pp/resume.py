@@ -1,0 +1,169 @@
+"""Where a run starts (fresh, a checkpoint, a model file) and the checkpoints it writes.
+
+Checkpoints live in RUN_DIR/checkpoints/e<epoch>-end (after an epoch: its training,
+evaluation and metrics record) or e<epoch>-s<batches> (within an epoch, every
+--checkpoint-every batches). Every stage writes the state of its own units there, stage 0 also
+the data position, the last stage also the output layer's running statistics; the last stage
+writes the manifest when every part is there. A checkpoint without its manifest does not count.
+Units are stored by their global index, so a run can resume with another number of stages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes, checkpoint_name,
+                         latest_checkpoint, load_units, prune_checkpoints, read_manifest,
+                         restore_unit, save_stage_checkpoint, semantic_config, unit_checkpoint,
+                         write_manifest)
+from .metrics import read_jsonl
+
+__all__ = ["ResumePlan", "plan_resume", "StageCheckpointer", "reconcile_metrics"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResumePlan:
+    kind: str = "fresh"          # "fresh", "checkpoint" or "model" (a model.pt, reference style)
+    path: str = ""
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def start(self) -> tuple[int, int]:
+        """(first epoch to run, batches of it already done)."""
+        if self.kind != "checkpoint":
+            return 1, 0
+        m = self.manifest
+        return (m["epoch"] + 1, 0) if m["step"] is None else (m["epoch"], m["step"])
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or (run_dir / "model.pt").exists()
+
+
+def _check_config(manifest: dict, cfg, where) -> None:
+    saved, now = manifest["config"], semantic_config(cfg)
+    diffs = [f"{s}.{k}: checkpoint {saved[s].get(k)!r}, now {v!r}" for s in now
+             for k, v in now[s].items() if saved.get(s, {}).get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{where} was written with another config ({'; '.join(diffs[:4])}"
+                              f"{'; ...' if len(diffs) > 4 else ''}); resume with the same "
+                              "model, loss, data, optimizer and seed settings")
+
+
+def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
+    """Decide where the run starts; raise a clear error when the request cannot be honoured."""
+    spec = cfg.train.resume or ("auto" if restarted else "")
+    if not spec:
+        if _holds_run(run_dir):
+            raise ValueError(f"run directory {run_dir} already holds a run; choose another "
+                             "--run-dir or continue it with --resume auto (nothing is deleted)")
+        return ResumePlan()
+    if spec == "auto":
+        found = latest_checkpoint(run_dir, log)
+        if found is None:
+            if _holds_run(run_dir):
+                raise CheckpointError(f"run directory {run_dir} holds a run but no complete, "
+                                      "intact checkpoint to resume from; choose another --run-dir")
+            return ResumePlan()  # nothing to resume yet: start from scratch
+        folder, manifest = found
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise CheckpointError(f"--resume {spec} does not exist (nothing was started); pass a "
+                                  "run directory, a checkpoint folder, or a model.pt")
+        if path.is_file() and path.suffix == ".pt":
+            if _holds_run(run_dir):
+                raise ValueError(f"run directory {run_dir} already holds a run; choose another "
+                                 "--run-dir for the continued run")
+            return ResumePlan("model", str(path))
+        if path.is_file() and path.name == MANIFEST:
+            path = path.parent
+        if (path / MANIFEST).exists():
+            folder, manifest = path, read_manifest(path)
+        else:
+            found = latest_checkpoint(path, log)
+            if found is None:
+                raise CheckpointError(f"--resume {spec}: no complete, intact checkpoint there")
+            folder, manifest = found
+        if folder.parent.parent.resolve() != run_dir.resolve() and _holds_run(run_dir):
+            raise ValueError(f"run directory {run_dir} already holds a run; choose another "
+                             "--run-dir for the continued run")
+    _check_config(manifest, cfg, folder)
+    if manifest["complete_epochs"] >= cfg.train.epochs:
+        raise ValueError(f"{folder} already completed {manifest['complete_epochs']} epochs and "
+                         f"--epochs is {cfg.train.epochs}; raise --epochs to train further")
+    return ResumePlan("checkpoint", str(folder), manifest)
+
+
+def reconcile_metrics(run_dir: Path, first_epoch: int) -> None:
+    """Keep only the records of epochs before `first_epoch` (they are recomputed identically)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if r["epoch"] < first_epoch]
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                      for r in keep).encode())
+
+
+class StageCheckpointer:
+    """Writes this stage's part of every checkpoint; the last stage adds the manifest."""
+
+    def __init__(self, cfg, run_dir: Path, stage_index: int, num_stages: int, blocks, output,
+                 counts: list[int], model_name: str):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.k, self.S = stage_index, num_stages
+        self.blocks, self.output = list(blocks), output
+        self.counts, self.model_name = counts, model_name
+
+    def save(self, epoch: int, step: int | None, stats=None) -> None:
+        """This stage's state after `step` batches of `epoch` (None: after the whole epoch)."""
+        folder = self.run_dir / "checkpoints" / checkpoint_name(epoch, step)
+        folder.mkdir(parents=True, exist_ok=True)
+        units = {}
+        for i, block in enumerate(self.blocks):
+            units[str(block.index)] = unit_checkpoint(block)
+            if stats is not None:
+                units[str(block.index)]["stats_row"] = stats.blocks[i].cpu()
+                units[str(block.index)]["count"] = stats.count
+        payload = {"units": units}
+        if self.output is not None:
+            units[str(self.output.index)] = unit_checkpoint(self.output)
+            if stats is not None:
+                payload["global_stats"] = {"glob": stats.glob.cpu(), "count": stats.count}
+        if self.k == 0 and step is not None:
+            payload["data"] = {"torch_rng": torch.get_rng_state(), "count": stats.count}
+        save_stage_checkpoint(folder, self.k, payload)
+        if self.output is not None:  # the last stage completes the checkpoint
+            write_manifest(folder, self.S, {
+                "epoch": epoch, "step": step,
+                "complete_epochs": epoch if step is None else epoch - 1,
+                "config": semantic_config(self.cfg), "model": self.model_name,
+                "partition": self.counts}, self.cfg.train.timeout_s)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+            log.info("checkpoint %s written", folder.name)
+
+    def restore(self, plan: ResumePlan) -> tuple[dict | None, dict | None]:
+        """Load this stage's units from the plan's checkpoint. Returns (initial statistics of a
+        resumed epoch or None, data state for stage 0 or None)."""
+        folder = Path(plan.path)
+        wanted = [b.index for b in self.blocks] + ([self.output.index] if self.output else [])
+        units, extra = load_units(folder, plan.manifest, wanted)
+        for unit in self.blocks + ([self.output] if self.output else []):
+            try:
+                restore_unit(unit, units[unit.index])
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise CheckpointError(f"{folder}: unit {unit.index} does not fit this model "
+                                      f"({str(exc).splitlines()[0]})") from None
+        if plan.manifest["step"] is None:
+            return None, None
+        rows = [units[b.index]["stats_row"] for b in self.blocks]
+        glob = extra.get("global_stats") if self.output is not None else None
+        initial = {"blocks": torch.stack(rows), "count": int(units[self.blocks[0].index]["count"]),
+                   "glob": glob["glob"] if glob else torch.zeros(2, dtype=torch.float64)}
+        return initial, extra.get("data") if self.k == 0 else None

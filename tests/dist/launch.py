@@ -1,0 +1,138 @@
+"""Helpers that start real multi-process runs of the command line (one process per stage)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(num_stages: int, args: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start `num_stages` processes of `python -m localloss_pp ...` wired as torchrun would
+    (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...); kill them all if they outlive `timeout`."""
+    port = free_port()
+    procs = []
+    for rank in range(num_stages):
+        env = _env(RANK=rank, WORLD_SIZE=num_stages, LOCAL_RANK=rank,
+                   LOCAL_WORLD_SIZE=num_stages, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        if num_stages == 1:
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+                env.pop(key)
+        procs.append(subprocess.Popen([sys.executable, "-m", "localloss_pp", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=ROOT))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+class Streamed:
+    """A process whose merged output is collected line by line while it runs."""
+
+    def __init__(self, cmd: list[str], **env):
+        self.proc = subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} did not appear within {timeout}s:\n{self.text}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.kill()
+            self._reader.join(timeout=5)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def digest(run_dir: Path) -> str:
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)["digest"]
+
+
+class Ranks:
+    """`num_stages` processes started like `launch`, left running; stderr goes to files."""
+
+    def __init__(self, num_stages: int, args: list[str], log_dir: Path):
+        port = free_port()
+        self.logs = [Path(log_dir) / f"rank{r}.log" for r in range(num_stages)]
+        self.procs = []
+        for rank in range(num_stages):
+            env = _env(RANK=rank, WORLD_SIZE=num_stages, LOCAL_RANK=rank,
+                       LOCAL_WORLD_SIZE=num_stages, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            with open(self.logs[rank], "w") as fh:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "localloss_pp", *args], env=env, cwd=ROOT,
+                    stdout=fh, stderr=subprocess.STDOUT))
+
+    def text(self, rank: int) -> str:
+        return self.logs[rank].read_text()
+
+    def wait_for(self, rank: int, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.text(rank))
+            if m:
+                return m
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in rank {rank}'s output:\n{self.text(rank)}")
+
+    def kill_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()

@@ -1,0 +1,141 @@
+"""Multi-process pipeline runs on CPU/gloo: equivalence with the one-process run, failures."""
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from launch import ROOT, Streamed, digest, launch
+
+MLP = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4", "--num-hidden", "64",
+       "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "2"]
+CONV = ["--model", "vgg8b", "--dataset", "mnist5k", "--feat-mult", "0.0625",
+        "--dim-in-decoder", "128", "--num-hidden", "64", "--dropout", "0.1", "--epochs", "2",
+        "--batch-size", "100"]
+TIMING = {"train_time_s", "epoch_time_s", "train_samples_per_s", "stages"}
+
+
+def comparable(run_dir):
+    with open(run_dir / "metrics.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def run_stages(tmp_path, name, num_stages, args, extra=()):
+    run_dir = tmp_path / f"{name}-{num_stages}"
+    results = launch(num_stages, ["train", *args, "--run-dir", str(run_dir),
+                                  "--threads-per-rank", "1", "--no-progress", *extra])
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir, results
+
+
+@pytest.mark.parametrize("name,args,stage_counts", [("mlp", MLP, [1, 2, 3, 4]),
+                                                    ("conv", CONV, [1, 2, 3, 4])])
+def test_pipeline_equals_one_process(tmp_path, name, args, stage_counts):
+    runs = {s: run_stages(tmp_path, name, s, args)[0] for s in stage_counts}
+    ref_digest, ref_metrics = digest(runs[1]), comparable(runs[1])
+    assert len(ref_metrics) == 2 and all(r["blocks"] for r in ref_metrics)
+    for s in stage_counts[1:]:
+        assert digest(runs[s]) == ref_digest, f"{s} stages"
+        assert comparable(runs[s]) == ref_metrics, f"{s} stages"
+        part = json.loads((runs[s] / "partition.json").read_text())
+        assert len(part["counts"]) == s
+        with open(runs[s] / "metrics.jsonl") as fh:
+            stages = json.loads(fh.readline())["stages"]
+        assert [st["stage"] for st in stages] == list(range(s))
+        for st in stages:
+            assert 0 < st["train"]["busy_fraction"] <= 1.0
+            assert st["train"]["wait_recv_s"] >= 0 and st["train"]["wait_send_s"] >= 0
+
+
+def test_explicit_and_auto_partitions_keep_the_result(tmp_path):
+    ref, _ = run_stages(tmp_path, "ref", 1, CONV)
+    manual, _ = run_stages(tmp_path, "manual", 3, CONV, ["--partition", "1,1,5"])
+    assert json.loads((manual / "partition.json").read_text())["counts"] == [1, 1, 5]
+    auto, res = run_stages(tmp_path, "auto", 2, CONV, ["--partition", "auto"])
+    part = json.loads((auto / "partition.json").read_text())
+    assert part["how"] == "auto" and part["unit"] == "ms" and len(part["block_costs"]) == 7
+    assert "ms/batch" in res[0].stderr
+    assert digest(ref) == digest(manual) == digest(auto)
+
+
+def test_real_torchrun_launch(tmp_path):
+    run_dir = tmp_path / "torchrun"
+    s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc-per-node", "2", "-m", "localloss_pp", "train", *MLP, "--run-dir",
+                  str(run_dir), "--threads-per-rank", "1"])
+    assert s.wait(240) == 0, s.text[-3000:]
+    ref, _ = run_stages(tmp_path, "single", 1, MLP)
+    assert f"model-digest: {digest(ref)}" in s.text
+    assert "[stage 1/2]" in s.text and "[stage 2/2] epoch 2/2" in s.text
+
+
+@pytest.mark.parametrize("num_stages,args,message", [
+    (2, ["--backprop"], "--backprop trains end to end and cannot be pipelined"),
+    (2, ["--no-detach"], "--no-detach trains end to end and cannot be pipelined"),
+    (3, ["--num-layers", "2"], "3 stages but mlp has only 2 blocks"),
+    (2, ["--partition", "2,1,1"], "has 3 stages, but the run has 2 processes"),
+    (2, ["--partition", "2,1"], "covers 3 blocks, but the model has 4"),
+    (2, ["--dataset", "CIFAR10", "--data-dir", "/nonexistent"], "pass --download"),
+])
+def test_bad_pipeline_setups_fail_cleanly_on_every_stage(tmp_path, num_stages, args, message):
+    argv = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4",
+            "--num-hidden", "32", "--epochs", "1", "--run-dir", str(tmp_path / "r"), *args]
+    results = launch(num_stages, argv, timeout=120)
+    for r in results:
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_stages_with_different_configs_are_refused(tmp_path):
+    from launch import _env, free_port
+    import subprocess
+    port = free_port()
+    procs = []
+    for rank, hidden in ((0, "32"), (1, "48")):
+        env = _env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=2,
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "localloss_pp", "train", "--model", "mlp", "--dataset",
+             "mnist5k", "--num-hidden", hidden, "--num-layers", "2", "--epochs", "1",
+             "--run-dir", str(tmp_path / "r")], env=env, cwd=ROOT, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    text = outs[0][1] + outs[1][1]
+    assert "different configs" in text or "disagree" in text
+
+
+def test_failing_stage_names_itself_and_brings_the_others_down(tmp_path):
+    # an absurd learning rate makes a local loss non-finite within a few steps
+    start = time.monotonic()
+    results = launch(2, ["train", *MLP, "--lr", "1e30", "--run-dir", str(tmp_path / "r")],
+                     timeout=120)
+    assert time.monotonic() - start < 60
+    assert all(r.returncode == 1 for r in results)
+    text = results[0].stderr + results[1].stderr
+    assert "non-finite loss" in text and "of epoch 1" in text and "[stage " in text
+
+
+def test_sigkill_of_a_stage_ends_the_torchrun_run(tmp_path):
+    s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc-per-node", "3", "-m", "localloss_pp", "train", "--model", "mlp",
+                  "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden", "256",
+                  "--epochs", "20",
+                  "--run-dir", str(tmp_path / "r"), "--threads-per-rank", "1"])
+    try:
+        pid = int(s.wait_for(r"\[stage 2/3\] pid (\d+)", 90).group(1))
+        s.wait_for(r"\[stage 3/3\] epoch 1/20", 120)  # now in epoch 2
+        time.sleep(0.5)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        rc = s.wait(60)
+    finally:
+        s.kill()
+    assert rc != 0
+    assert time.monotonic() - killed < 60
+    assert "lost stage 2/3" in s.text or "rank      : 1" in s.text, s.text[-3000:]
