@@ -343,6 +343,9 @@ def validate(cfg: Config) -> None:
     need(t.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")
     need(t.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {t.keep_checkpoints}")
+    need(not (t.checkpoint_every and (lo.backprop or not lo.detach)),
+         "--checkpoint-every needs local training; --backprop and --no-detach runs are "
+         "checkpointed at the end of every epoch")
     t.partition = t.partition.replace(" ", "").lower()
     need(t.partition in ("params", "auto") or all(p.isdigit() and int(p) >= 1
                                                   for p in t.partition.split(",")),

@@ -100,6 +100,8 @@ def test_bad_toml_files(tmp_path, text, message):
     (["--partition", "3,x"], "--partition must be"),
     (["--backend", "mpi"], "--backend must be"),
     (["--timeout-s", "0"], "--timeout-s must be > 0"),
+    (["--checkpoint-every", "5", "--backprop"], "--checkpoint-every needs local training"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ValueError) as err:
