@@ -15,8 +15,6 @@ block, one GPU per stage, for the local pipeline, GPipe/1F1B and DDP.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
 from localloss_pp.losses import onehot
 from localloss_pp.models import build_model
+from localloss_pp.partition import time_ms
 
 __all__ = ["BlockCost", "profile_blocks", "predict", "project", "stage_bytes"]
 
@@ -39,23 +38,6 @@ class BlockCost:
     backbone_flops: float     # per batch, forward + backward of the layer alone
     params: int               # backprop-mode parameters of the unit
     out_bytes_per_sample: int  # activation this unit sends downstream (float32)
-
-
-def _timed(fn, steps: int, device, rounds: int = 5) -> float:
-    """Median over `rounds` of the mean ms of `steps` calls (after two warm-up calls)."""
-    fn()
-    fn()
-    per_round = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        per_round.append(1000.0 * (time.perf_counter() - start) / steps)
-    return statistics.median(per_round)
 
 
 def _flops(fn) -> float:
@@ -96,8 +78,8 @@ def profile_blocks(model: ModelConfig, loss: LossConfig, input_shape, num_classe
             bu(xg).float().sum().backward()
             bu.zero_grad(set_to_none=True)
         out.append(BlockCost(
-            index=lu.index, name=name, local_ms=_timed(local_step, steps, device),
-            backbone_ms=_timed(backbone_step, steps, device),
+            index=lu.index, name=name, local_ms=time_ms(local_step, steps, device, rounds=5),
+            backbone_ms=time_ms(backbone_step, steps, device, rounds=5),
             local_flops=_flops(local_step), backbone_flops=_flops(backbone_step),
             params=sum(p.numel() for p in bu.parameters()),
             out_bytes_per_sample=4 * torch.Size(out_shape).numel()))

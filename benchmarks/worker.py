@@ -94,11 +94,7 @@ def run_local(spec: dict, env) -> dict:
         raise ValueError(f"partition {counts} does not fit {S} stages x {len(model.blocks)} blocks")
     part = Partition(counts, [0.0] * len(model.blocks), "manual", "params")
     a, b = part.bounds[k]
-    keep = set(range(a, b)) | ({len(model.blocks)} if k == S - 1 else set())
-    for unit in model.units():
-        if unit.index in keep:
-            unit.materialize()
-            unit.setup(env.device, cfg.optim)
+    model.setup_units(part.units_of(k), env.device, cfg.optim)
     link = None
     if S > 1:
         dist.barrier()

@@ -7,6 +7,7 @@ stage. Explicit: block counts per stage, e.g. "3,3,2".
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from .losses import onehot
 from .models import LocalModel, build_model
 
 __all__ = ["Partition", "balanced_split", "parse_counts", "choose_partition",
-           "profile_unit_times"]
+           "profile_unit_times", "time_ms"]
 
 
 @dataclass
@@ -35,6 +36,11 @@ class Partition:
             out.append((start, start + c))
             start += c
         return out
+
+    def units_of(self, stage: int) -> set[int]:
+        """Indices of the units a stage owns: its blocks, and the output layer on the last."""
+        a, b = self.bounds[stage]
+        return set(range(a, b)) | ({len(self.costs)} if stage == len(self.counts) - 1 else set())
 
     def stage_costs(self) -> list[float]:
         return [sum(self.costs[a:b]) for a, b in self.bounds]
@@ -96,22 +102,32 @@ def parse_counts(spec: str, num_blocks: int, num_stages: int) -> list[int]:
     return counts
 
 
-def _time_unit(unit, x, y, y1h, steps: int, device) -> float:
+def time_ms(fn, steps: int, device, rounds: int = 3) -> float:
+    """Median over `rounds` of the mean milliseconds of `steps` calls of `fn` (after two warm-up
+    calls), synchronising CUDA around each round."""
+    fn()
+    fn()
+    per_round = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_round.append(1000.0 * (time.perf_counter() - start) / steps)
+    return statistics.median(per_round)
+
+
+def _unit_step(unit, x, y, y1h):
     def step():
         if hasattr(unit, "train_forward"):
             _, ctx = unit.train_forward(x)
             unit.train_update(ctx, y, y1h)
         else:
             unit.train_update(x, y)
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 1000.0 * (time.perf_counter() - start) / steps
+    return step
 
 
 def profile_unit_times(cfg: Config, input_shape, num_classes: int, device,
@@ -129,7 +145,7 @@ def profile_unit_times(cfg: Config, input_shape, num_classes: int, device,
         unit.set_lr(1e-6)
         shape = unit.in_shape if hasattr(unit, "in_shape") else net.blocks[-1].out_shape
         x = torch.randn((bs, *shape), generator=gen).to(device)
-        times.append(_time_unit(unit, x, y, y1h, steps, device))
+        times.append(time_ms(_unit_step(unit, x, y, y1h), steps, device))
         unit.to("cpu")
     return times
 

@@ -243,11 +243,8 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
     all_agree(env, err)
     part = broadcast_from(env, part, 0)
     a, b = part.bounds[k]
-    keep = set(range(a, b)) | ({len(model.blocks)} if k == S - 1 else set())
-    for unit in model.units():
-        if unit.index in keep:
-            unit.materialize()
-            unit.setup(env.device, cfg.optim)
+    keep = part.units_of(k)
+    model.setup_units(keep, env.device, cfg.optim)
     if mode != "local":
         a, b = 0, len(model.blocks)  # one process owns every unit
     ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
