@@ -59,6 +59,8 @@ def _check_config(manifest: dict, cfg, where) -> None:
 def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
     """Decide where the run starts; raise a clear error when the request cannot be honoured."""
     spec = cfg.train.resume or ("auto" if restarted else "")
+    if restarted and spec != "auto" and latest_checkpoint(run_dir) is not None:
+        spec = "auto"  # a restarted attempt continues this run, not the original --resume source
     if not spec:
         if _holds_run(run_dir):
             raise ValueError(f"run directory {run_dir} already holds a run; choose another "
