@@ -19,7 +19,7 @@ from typing import Any
 __all__ = [
     "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
     "QUICKSTART", "REFERENCE_FLAGS", "add_config_arguments", "config_from_args", "load_toml",
-    "build_config", "validate", "to_toml", "lr_at_epoch", "SECTIONS",
+    "build_config", "validate", "to_toml", "lr_at_epoch",
 ]
 
 MODEL_NAMES = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
@@ -110,7 +110,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-SECTIONS = {f.name: f.type for f in fields(Config)}
 _SECTION_CLASSES = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig,
                     "optim": OptimConfig, "train": TrainConfig}
 
