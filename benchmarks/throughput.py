@@ -183,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs of every variant, interleaved")
     p.add_argument("--quick", action="store_true", help="mlp only, predsim only, fewer batches")
     p.add_argument("--mlp-only", action="store_true")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"which variants to run, comma-separated; 'local' is always run "
+                   f"(default: all of {','.join(VARIANTS)})")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--no-costmodel", action="store_true")
     p.add_argument("--validate-stages", default=None,
@@ -206,6 +209,14 @@ def main(argv=None) -> int:
     if args.quick:
         args.mlp_only, args.losses, args.batches, args.warmup = True, "predsim", 30, 5
         args.repeats = 1
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.stages == 1 and any(v in chosen for v in ("ddp", "gpipe", "1f1b")):
+        p.error("--stages 1: the ddp, gpipe and 1f1b variants need 2 or more ranks; leave them "
+                "out with --variants local,local1,backprop1")
+    variants = [v for v in VARIANTS if v in chosen or v == "local"]
     if args.batch_size % args.microbatches or args.batch_size % args.stages:
         p.error("--batch-size must be divisible by --microbatches and by --stages")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
@@ -235,7 +246,7 @@ def main(argv=None) -> int:
             counts = balanced_split(block_ms, S)
         jobs = []
         for i, loss in enumerate(args.losses.split(",")):
-            for variant in VARIANTS:
+            for variant in variants:
                 if variant in ("backprop1", "ddp", "gpipe", "1f1b") and i > 0:
                     continue  # global backprop does not use the local loss: measured once
                 ranks = 1 if variant in ("local1", "backprop1") else S
@@ -252,7 +263,7 @@ def main(argv=None) -> int:
                     variant, run_variant(variant, spec, ranks, args.timeout), spec,
                     args.windows))
         for loss in args.losses.split(","):
-            for variant in VARIANTS:
+            for variant in variants:
                 key = (loss, variant) if (loss, variant) in summaries else \
                     (args.losses.split(",")[0], variant)
                 row = combine(summaries[key])

@@ -71,7 +71,7 @@ def _measure_link(env, sample_shape, bs, repeats=10) -> float | None:
     """Bytes/s of one activation message from rank 0 to rank 1 (blocking send/recv)."""
     if env.world_size < 2 or env.rank > 1:
         return None
-    t = torch.zeros((bs, *sample_shape), device=env.device)
+    t = torch.zeros((bs, *sample_shape), device="cpu" if env.staging else env.device)
     start = None
     for i in range(repeats + 1):
         if i == 1:

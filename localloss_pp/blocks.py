@@ -12,6 +12,7 @@ pre-dropout activation, backpropagates it into this block only, and steps the bl
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
@@ -47,6 +48,17 @@ def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
                                weight_decay=optim.weight_decay, fused=True)
     return torch.optim.Adam(params, lr=0.0, weight_decay=optim.weight_decay,
                             amsgrad=optim.optim == "amsgrad", fused=True)
+
+
+def _amp_settings(device: torch.device, precision: str) -> tuple | None:
+    return (device.type, torch.bfloat16) if precision == "bf16" else None
+
+
+def _autocast(amp: tuple | None):
+    """torch.autocast for the block's precision (a no-op context under fp32)."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(amp[0], dtype=amp[1])
 
 
 class LinearFA(nn.Module):
@@ -128,6 +140,11 @@ class LocalBlock(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self._seed = seed
         self._drop_gen: torch.Generator | None = None
+        self._amp: tuple | None = None  # (device type, dtype) of autocast, None: fp32
+        self.act_dtype = torch.float32
+        self._channels_last = False
+
+    channels_last_capable = False
 
     # --- construction -------------------------------------------------------------------------
     @property
@@ -169,12 +186,27 @@ class LocalBlock(nn.Module):
             self.register_buffer("proj_y", torch.empty(self.cfg.target_proj_size,
                                                        self.num_classes))
 
-    def setup(self, device: torch.device, optim: OptimConfig) -> None:
-        """Move to `device`, create the dropout generator there and the block's optimizer."""
+    def setup(self, device: torch.device, optim: OptimConfig, *, replica: int = 0,
+              precision: str = "fp32", channels_last: bool = False,
+              compile: bool = False) -> None:
+        """Move to `device`, create the dropout generator there and the block's optimizer.
+
+        Replica r > 0 of a data-parallel run draws its own dropout masks. Under bf16 precision
+        the forward passes and local losses run under autocast and the block's output (what
+        travels to the next block) is bf16; weights and optimizer state stay fp32."""
         self.to(device)
+        if channels_last and self.channels_last_capable:
+            self.to(memory_format=torch.channels_last)
+            self._channels_last = True
         self._drop_gen = torch.Generator(device=device)
-        self._drop_gen.manual_seed(derive_seed(self._seed, self.index, "dropout"))
+        self._drop_gen.manual_seed(derive_seed(self._seed, self.index, "dropout" if replica == 0
+                                               else f"dropout/replica{replica}"))
         self.optimizer = make_optimizer(self.parameters(), optim)
+        self._amp = _amp_settings(device, precision)
+        self.act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if compile:
+            self.encode = torch.compile(self.encode)
+            self.local_loss = torch.compile(self.local_loss)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -212,9 +244,11 @@ class LocalBlock(nn.Module):
     def train_forward(self, x: torch.Tensor, detach: bool = True):
         """Output for the next block (pooled; detached unless `detach` is False) and the context
         that train_update/local_loss need."""
-        h = self.encode(x)
-        out = self._dropout(h)
-        return self.post(out.detach() if detach else out), (x, h)
+        with _autocast(self._amp):
+            h = self.encode(x)
+            out = self._dropout(h)
+            out = self.post(out.detach() if detach else out)
+        return (out.to(self.act_dtype) if detach else out), (x, h)
 
     # --- local losses ---------------------------------------------------------------------------
     def sim_input(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -260,18 +294,30 @@ class LocalBlock(nn.Module):
 
     def train_update(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
         """Local loss, backward into this block only, optimizer step; returns the stats."""
-        loss, stats = self.local_loss(ctx, y, y_onehot)
+        stats = self.local_backward(ctx, y, y_onehot)
+        self.step()
+        return stats
+
+    def local_backward(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
+        """Local loss and its backward into this block only (gradients left in .grad)."""
+        with _autocast(self._amp):
+            loss, stats = self.local_loss(ctx, y, y_onehot)
         loss.backward()
+        return stats
+
+    def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return stats
 
     @torch.no_grad()
     def evaluate(self, x, y, y_onehot, with_stats: bool = True):
         """Eval-mode output for the next block and, if asked, the local stats on this batch."""
-        h = self.encode(x)
-        stats = self.local_loss((x, h), y, y_onehot)[1] if with_stats and self.local else None
-        return self.post(h), stats
+        with _autocast(self._amp):
+            h = self.encode(x)
+            stats = self.local_loss((x, h), y, y_onehot)[1] if with_stats and self.local \
+                else None
+            out = self.post(h)
+        return out.to(self.act_dtype), stats
 
 
 class LocalLinearBlock(LocalBlock):
@@ -324,7 +370,11 @@ class LocalConvBlock(LocalBlock):
             if self.use_recon:
                 self.decoder_x = nn.ConvTranspose2d(ch_out, ch_in, kernel_size, stride, padding)
 
+    channels_last_capable = True
+
     def encode(self, x):
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.encoder(x)
         if self.bn is not None:
             h = self.bn(h)
@@ -351,6 +401,7 @@ class OutputLayer(nn.Module):
         with torch.device("meta"):
             self.linear = nn.Linear(num_in, num_classes)
         self.optimizer: torch.optim.Optimizer | None = None
+        self._amp: tuple | None = None
 
     @property
     def materialized(self) -> bool:
@@ -367,9 +418,12 @@ class OutputLayer(nn.Module):
     def describe(self) -> str:
         return f"Linear({self.linear.in_features}->{self.linear.out_features})"
 
-    def setup(self, device: torch.device, optim: OptimConfig) -> None:
+    def setup(self, device: torch.device, optim: OptimConfig, *, replica: int = 0,
+              precision: str = "fp32", channels_last: bool = False,
+              compile: bool = False) -> None:
         self.to(device)
         self.optimizer = make_optimizer(self.parameters(), optim)
+        self._amp = _amp_settings(device, precision)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -384,9 +438,24 @@ class OutputLayer(nn.Module):
 
     def train_update(self, x, y):
         """Local-mode step of the output layer on a detached input: (logits, scaled loss)."""
-        logits = self(x)
-        loss = self.loss(logits, y)
+        out = self.train_backward(x, y)
+        self.step()
+        return out
+
+    def train_backward(self, x, y):
+        """Forward and backward of the global loss on a detached input (grads left in .grad)."""
+        with _autocast(self._amp):
+            logits = self(x)
+            loss = self.loss(logits, y)
         loss.backward()
+        return logits.detach(), loss.detach()
+
+    def predict(self, x, y):
+        """Eval-mode (logits, scaled loss)."""
+        with _autocast(self._amp):
+            logits = self(x)
+            return logits, self.loss(logits, y)
+
+    def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return logits.detach(), loss.detach()

@@ -91,6 +91,10 @@ class TrainConfig:
     threads_per_rank: int = 0
     partition: str = "params"
     queue_depth: int = 2
+    num_replicas: int = 1
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
     timeout_s: float = 600.0
     print_stats: bool = True
     progress: bool = True
@@ -173,6 +177,10 @@ REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
     ("--threads-per-rank", "train", "threads_per_rank", int),
     ("--partition", "train", "partition", str),
     ("--queue-depth", "train", "queue_depth", int),
+    ("--replicas", "train", "num_replicas", int),
+    ("--precision", "train", "precision", str),
+    ("--channels-last", "train", "channels_last", "true"),
+    ("--compile", "train", "compile", "true"),
     ("--timeout-s", "train", "timeout_s", float),
     ("--checkpoint-every", "train", "checkpoint_every", int),
     ("--keep-checkpoints", "train", "keep_checkpoints", int),
@@ -338,6 +346,13 @@ def validate(cfg: Config) -> None:
     need(t.backend in ("auto", "gloo", "nccl"),
          f"--backend must be auto, gloo or nccl, got {t.backend!r}")
     need(t.queue_depth >= 1, f"--queue-depth must be >= 1, got {t.queue_depth}")
+    need(t.num_replicas >= 1, f"--replicas must be >= 1, got {t.num_replicas}")
+    t.precision = t.precision.lower()
+    need(t.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {t.precision!r}")
+    need(not ((lo.backprop or not lo.detach) and (t.precision != "fp32" or t.compile
+                                                    or t.channels_last)),
+         "--precision bf16, --channels-last and --compile apply to local training; drop them "
+         "for --backprop and --no-detach runs")
     need(finite(t.timeout_s) and t.timeout_s > 0, f"--timeout-s must be > 0, got {t.timeout_s}")
     need(t.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")

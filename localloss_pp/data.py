@@ -18,9 +18,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from .blocks import derive_seed
 from .config import DataConfig
+from .replicas import shard_bounds
 
 __all__ = ["DatasetInfo", "DATASETS", "DatasetNotFoundError", "Cutout", "NClassRandomSampler",
            "Mnist5k", "build_datasets", "build_loaders", "dataset_labels", "train_loader", "EpochBatches",
+           "ShardedBatches",
            "MNIST5K_TRAIN_PER_CLASS"]
 
 
@@ -331,9 +333,11 @@ class EpochBatches(Sampler[list[int]]):
     comes from the N-classes-per-batch sampler. So a run resumed at batch n of epoch e sees
     exactly the batches an uninterrupted run sees."""
 
-    def __init__(self, labels, cfg: DataConfig, seed: int):
+    def __init__(self, labels, cfg: DataConfig, seed: int, replica: int = 0,
+                 num_replicas: int = 1):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.cfg, self.seed = cfg, seed
+        self.replica, self.num_replicas = replica, num_replicas
         self.epoch, self.skip = 1, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -358,20 +362,48 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self):
         order, bs = self.order(), self.cfg.batch_size
         for start in range(self.skip * bs, len(order), bs):
-            yield order[start:start + bs]
+            batch = order[start:start + bs]
+            lo, hi = shard_bounds(len(batch), self.replica, self.num_replicas)
+            yield batch[lo:hi]
 
 
-def train_loader(train_set, cfg: DataConfig, seed: int, pin_memory=False) -> DataLoader:
-    """Training loader whose batches are set per epoch with `loader.batch_sampler.set_epoch`."""
-    return DataLoader(train_set, batch_sampler=EpochBatches(dataset_labels(train_set), cfg, seed),
+class ShardedBatches(Sampler[list[int]]):
+    """The test set in order, cut into batches of `batch_size`; each replica takes its share
+    of every batch (all of it with one replica)."""
+
+    def __init__(self, num_examples: int, batch_size: int, replica: int = 0,
+                 num_replicas: int = 1):
+        self.n, self.bs = num_examples, batch_size
+        self.replica, self.num_replicas = replica, num_replicas
+
+    def __len__(self) -> int:
+        return -(-self.n // self.bs)
+
+    def __iter__(self):
+        for start in range(0, self.n, self.bs):
+            stop = min(start + self.bs, self.n)
+            lo, hi = shard_bounds(stop - start, self.replica, self.num_replicas)
+            yield list(range(start + lo, start + hi))
+
+
+def train_loader(train_set, cfg: DataConfig, seed: int, pin_memory=False, replica: int = 0,
+                 num_replicas: int = 1) -> DataLoader:
+    """Training loader whose batches are set per epoch with `loader.batch_sampler.set_epoch`;
+    with replicas, this replica's shard of every global batch."""
+    batches = EpochBatches(dataset_labels(train_set), cfg, seed, replica, num_replicas)
+    return DataLoader(train_set, batch_sampler=batches,
                       num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(derive_seed(seed, 0, "workers")))
+                      generator=torch.Generator().manual_seed(derive_seed(seed, replica,
+                                                                          "workers")))
 
 
-def build_loaders(cfg: DataConfig, seed: int, pin_memory: bool = False):
-    """(train loader, test loader, DatasetInfo) as the reference builds them."""
+def build_loaders(cfg: DataConfig, seed: int, pin_memory: bool = False, replica: int = 0,
+                  num_replicas: int = 1):
+    """(train loader, test loader, DatasetInfo) as the reference builds them; with replicas,
+    this replica's shards. `pin_memory` for CUDA runs (asynchronous host-to-device copies)."""
     train_set, test_set, info = build_datasets(cfg)
-    train = train_loader(train_set, cfg, seed, pin_memory)
-    test = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False,
+    train = train_loader(train_set, cfg, seed, pin_memory, replica, num_replicas)
+    test = DataLoader(test_set, batch_sampler=ShardedBatches(len(test_set), cfg.batch_size,
+                                                             replica, num_replicas),
                       num_workers=cfg.num_workers, pin_memory=pin_memory)
     return train, test, info

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 
 __all__ = ["DistEnv", "init_distributed", "shutdown", "torchrun_world", "all_agree",
-           "gather_to", "broadcast_from"]
+           "gather_to", "broadcast_from", "replica_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,13 @@ class DistEnv:
     backend: str | None
     threads: int
     meta_group: object = None  # gloo group for headers, handshakes and metrics
+    timeout: timedelta = timedelta(minutes=10)
+    node_rank: int = 0  # torchrun's GROUP_RANK: which node (agent) this process runs on
+
+    @property
+    def staging(self) -> bool:
+        """CUDA stages linked through gloo: activations travel through CPU memory."""
+        return self.device.type == "cuda" and self.backend == "gloo"
 
     @property
     def distributed(self) -> bool:
@@ -70,21 +77,24 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     rank, world, local_rank, local_world = torchrun_world()
     device = _pick_device(train.device, local_rank)
     backend = train.backend
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" and local_world <= gpus else "gloo"
+        if device.type == "cuda" and world > 1 and backend == "gloo" and local_rank == 0:
+            log.warning("%d processes share %d GPU(s) on this node: stages are linked through "
+                        "gloo with CPU staging (for testing; NCCL needs one GPU per process)",
+                        local_world, gpus)
     if backend == "nccl" and device.type != "cuda":
         raise ValueError("--backend nccl needs CUDA devices; use --backend gloo on CPU")
-    if backend == "gloo" and device.type == "cuda" and world > 1:
-        raise ValueError("--backend gloo sends CPU tensors only; run CUDA stages with "
-                         "--backend nccl (one GPU per stage) or the whole run with --device cpu")
-    if backend == "nccl" and world > 1 and local_world > torch.cuda.device_count():
-        raise ValueError(f"{local_world} stages on this node but only "
-                         f"{torch.cuda.device_count()} GPU(s): NCCL needs one GPU per stage; "
-                         "launch at most that many processes per node, or use --device cpu")
+    if backend == "nccl" and world > 1 and local_world > gpus:
+        raise ValueError(f"{local_world} processes on this node but only {gpus} GPU(s): NCCL "
+                         "needs one GPU per process; launch at most that many processes per "
+                         "node, or let stages share GPUs with --backend gloo (CPU staging)")
     cores = os.cpu_count() or 1
     threads = train.threads_per_rank or max(1, cores // max(1, local_world))
     torch.set_num_threads(threads)
-    env = DistEnv(rank, world, local_rank, local_world, device, None, threads)
+    env = DistEnv(rank, world, local_rank, local_world, device, None, threads,
+                  node_rank=int(os.environ.get("GROUP_RANK", "0")))
     if world > 1:
         timeout = timedelta(seconds=train.timeout_s)
         store = _attempt_store(world, timeout)
@@ -94,9 +104,25 @@ def init_distributed(train: TrainConfig) -> DistEnv:
             dist.init_process_group(backend, timeout=timeout, store=store, rank=rank,
                                     world_size=world)
         env.backend = backend
+        env.timeout = timeout
         env.meta_group = dist.new_group(backend="gloo", timeout=timeout) \
             if backend != "gloo" else dist.group.WORLD
     return env
+
+
+def replica_groups(env: DistEnv, layout) -> tuple:
+    """(group, object group) of this rank's stage: the ranks that run the same stage in the
+    other replicas. Every rank creates every group, in the same order. The object group is a
+    gloo group (the main one when the backend is gloo)."""
+    mine = (None, None)
+    for k in range(layout.num_stages):
+        ranks = layout.stage_ranks(k)
+        group = dist.new_group(ranks, backend=env.backend, timeout=env.timeout)
+        objects = group if env.backend == "gloo" else \
+            dist.new_group(ranks, backend="gloo", timeout=env.timeout)
+        if env.rank in ranks:
+            mine = (group, objects)
+    return mine
 
 
 def _attempt_store(world: int, timeout: timedelta):

@@ -1,7 +1,8 @@
 """Training modes that need gradients across blocks: `--backprop` and `--no-detach`.
 
 They cannot be pipelined (a block's update waits for the backward pass of later blocks), so
-they run here, in one process, with the whole model.
+they run here with the whole model: in one process, or data-parallel (`--replicas` = the
+number of processes), the gradients averaged across the replicas before every step.
 """
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ __all__ = ["train_epoch", "evaluate"]
 log = logging.getLogger(__name__)
 
 
-def _step_all(model: LocalModel) -> None:
-    for unit in model.units():
+def _step_all(model: LocalModel, sync=None, batch_size: int = 0) -> None:
+    units = model.units()
+    pending = [sync.start(u, batch_size) for u in units] if sync is not None else []
+    for i, unit in enumerate(units):
+        if sync is not None:
+            sync.finish(pending[i])
         unit.optimizer.step()
         unit.optimizer.zero_grad(set_to_none=True)
 
 
-def _global_step(model: LocalModel, x, y, y1h, detach_mode: str):
+def _global_step(model: LocalModel, x, y, y1h, detach_mode: str, sync=None):
     """--backprop (no local losses) or --no-detach (local + global losses through the net)."""
     stats, losses = [], []
     for block in model.blocks:
@@ -39,7 +44,7 @@ def _global_step(model: LocalModel, x, y, y1h, detach_mode: str):
     gloss = model.output.loss(logits, y)
     total = gloss + sum(losses) if losses else gloss
     total.backward()
-    _step_all(model)
+    _step_all(model, sync, y.size(0))
     return logits.detach(), gloss.detach(), stats
 
 
@@ -52,7 +57,8 @@ def _check(stats, glob_loss, model, step):
 
 
 def train_epoch(model: LocalModel, loader, device, *, mode: str, num_classes: int,
-                epoch: int, show_progress: bool = False, check_every: int = 1) -> EpochStats:
+                epoch: int, show_progress: bool = False, check_every: int = 1,
+                sync=None) -> EpochStats:
     """One training epoch; `mode` is "backprop" or "nodetach"."""
     model.train()
     acc = EpochStats([b.index for b in model.blocks], device)
@@ -61,7 +67,7 @@ def train_epoch(model: LocalModel, loader, device, *, mode: str, num_classes: in
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         y1h = onehot(y, num_classes)
-        logits, gloss, stats = _global_step(model, x, y, y1h, mode)
+        logits, gloss, stats = _global_step(model, x, y, y1h, mode, sync)
         if stats:
             acc.add_blocks(stats, y.size(0))
         acc.add_global(gloss, logits, y)

@@ -30,13 +30,16 @@ class _StagePrefix(logging.Filter):
         return True
 
 
-def setup_logging(stage_index: int = 0, num_stages: int = 1, level=logging.INFO) -> None:
-    """Send this package's log lines to stderr, each prefixed with `[stage k/S]` (1-based)."""
+def setup_logging(stage_index: int = 0, num_stages: int = 1, level=logging.INFO,
+                  replica: int = 0, num_replicas: int = 1) -> None:
+    """Send this package's log lines to stderr, each prefixed with `[stage k/S]` (1-based),
+    `[stage k/S, replica r/R]` in a data-parallel run."""
     logger = logging.getLogger("localloss_pp")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_StagePrefix(f"[stage {stage_index + 1}/{num_stages}]"))
+    rep = f", replica {replica + 1}/{num_replicas}" if num_replicas > 1 else ""
+    handler.addFilter(_StagePrefix(f"[stage {stage_index + 1}/{num_stages}{rep}]"))
     handler.setFormatter(logging.Formatter("%(stage)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)

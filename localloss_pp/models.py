@@ -51,12 +51,13 @@ class LocalModel(nn.Module):
         """Every unit that owns an optimizer, in order: the blocks, then the output layer."""
         return [*self.blocks, self.output]
 
-    def setup_units(self, keep: set[int], device, optim) -> None:
-        """Allocate, initialise and move the units in `keep` and create their optimizers."""
+    def setup_units(self, keep: set[int], device, optim, **options) -> None:
+        """Allocate, initialise and move the units in `keep` and create their optimizers
+        (`options`: replica, precision, channels_last, compile; see LocalBlock.setup)."""
         for unit in self.units():
             if unit.index in keep:
                 unit.materialize()
-                unit.setup(device, optim)
+                unit.setup(device, optim, **options)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from .checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes, checkpoi
                          latest_checkpoint, load_units, prune_checkpoints, read_manifest,
                          restore_unit, save_stage_checkpoint, semantic_config, unit_checkpoint,
                          write_manifest)
+from .blocks import derive_seed
 from .metrics import read_jsonl
 
 __all__ = ["ResumePlan", "plan_resume", "StageCheckpointer", "reconcile_metrics"]
@@ -117,19 +118,37 @@ class StageCheckpointer:
     """Writes this stage's part of every checkpoint; the last stage adds the manifest."""
 
     def __init__(self, cfg, run_dir: Path, stage_index: int, num_stages: int, blocks, output,
-                 counts: list[int], model_name: str):
+                 counts: list[int], model_name: str, sync=None, replica: int = 0):
         self.cfg, self.run_dir = cfg, run_dir
         self.k, self.S = stage_index, num_stages
         self.blocks, self.output = list(blocks), output
         self.counts, self.model_name = counts, model_name
+        self.sync, self.replica = sync, replica  # data-parallel replicas of this stage
+        self.num_replicas = sync.num_replicas if sync is not None else 1
 
     def save(self, epoch: int, step: int | None, stats=None) -> None:
-        """This stage's state after `step` batches of `epoch` (None: after the whole epoch)."""
+        """This stage's state after `step` batches of `epoch` (None: after the whole epoch).
+
+        With replicas, every replica takes part (statistics summed, dropout and augmentation
+        generator states gathered) and replica 1 writes."""
+        gens = data_states = None
+        if self.sync is not None:
+            gens = self.sync.gather([b._drop_gen.get_state() for b in self.blocks])
+            if stats is not None:
+                totals = self.sync.sum_stats(stats)
+                stats = type(stats)(stats.block_indices, "cpu")
+                stats.load(totals)
+            if self.k == 0 and step is not None:
+                data_states = self.sync.gather(torch.get_rng_state())
+            if self.replica != 0:
+                return
         folder = self.run_dir / "checkpoints" / checkpoint_name(epoch, step)
         folder.mkdir(parents=True, exist_ok=True)
         units = {}
         for i, block in enumerate(self.blocks):
             units[str(block.index)] = unit_checkpoint(block)
+            if gens is not None:
+                units[str(block.index)]["replica_generators"] = [g[i] for g in gens]
             if stats is not None:
                 units[str(block.index)]["stats_row"] = stats.blocks[i].cpu()
                 units[str(block.index)]["count"] = stats.count
@@ -140,13 +159,16 @@ class StageCheckpointer:
                 payload["global_stats"] = {"glob": stats.glob.cpu(), "count": stats.count}
         if self.k == 0 and step is not None:
             payload["data"] = {"torch_rng": torch.get_rng_state(), "count": stats.count}
+            if data_states is not None:
+                payload["data"]["replica_rng"] = data_states
         save_stage_checkpoint(folder, self.k, payload)
         if self.output is not None:  # the last stage completes the checkpoint
             write_manifest(folder, self.S, {
                 "epoch": epoch, "step": step,
                 "complete_epochs": epoch if step is None else epoch - 1,
                 "config": semantic_config(self.cfg), "model": self.model_name,
-                "partition": self.counts}, self.cfg.train.timeout_s)
+                "partition": self.counts, "num_replicas": self.num_replicas},
+                self.cfg.train.timeout_s)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
             log.info("checkpoint %s written", folder.name)
 
@@ -154,18 +176,40 @@ class StageCheckpointer:
         """Load this stage's units from the plan's checkpoint. Returns (initial statistics of a
         resumed epoch or None, data state for stage 0 or None)."""
         folder = Path(plan.path)
+        saved_replicas = plan.manifest.get("num_replicas", 1)
+        mid_epoch = plan.manifest["step"] is not None
+        if mid_epoch and saved_replicas != self.num_replicas:
+            raise CheckpointError(f"{folder} was taken within an epoch by a run of "
+                                  f"{saved_replicas} replica(s); resume it with --replicas "
+                                  f"{saved_replicas}, or resume an epoch-end checkpoint "
+                                  f"(e*-end) with any number of replicas")
         wanted = [b.index for b in self.blocks] + ([self.output.index] if self.output else [])
         units, extra = load_units(folder, plan.manifest, wanted)
         for unit in self.blocks + ([self.output] if self.output else []):
+            saved = units[unit.index]
+            gens = saved.get("replica_generators")
             try:
-                restore_unit(unit, units[unit.index])
+                restore_unit(unit, saved)
+                if self.replica > 0 and getattr(unit, "_drop_gen", None) is not None:
+                    # replica 1's generator came with restore_unit
+                    if gens is not None and len(gens) == self.num_replicas:
+                        unit._drop_gen.set_state(gens[self.replica])
+                    else:  # another replica count: this replica's own fresh stream
+                        unit._drop_gen.manual_seed(derive_seed(
+                            self.cfg.train.seed, unit.index,
+                            f"dropout/replica{self.replica}/resume{plan.manifest['epoch']}"))
             except (RuntimeError, KeyError, ValueError) as exc:
                 raise CheckpointError(f"{folder}: unit {unit.index} does not fit this model "
                                       f"({str(exc).splitlines()[0]})") from None
-        if plan.manifest["step"] is None:
+        if not mid_epoch:
             return None, None
+        data = extra.get("data") if self.k == 0 else None
+        if data is not None and self.replica > 0:
+            data = dict(data, torch_rng=data["replica_rng"][self.replica])
+        if self.replica > 0:  # replica 1 carries the epoch's statistics so far (summed)
+            return None, data
         rows = [units[b.index]["stats_row"] for b in self.blocks]
         glob = extra.get("global_stats") if self.output is not None else None
         initial = {"blocks": torch.stack(rows), "count": int(units[self.blocks[0].index]["count"]),
                    "glob": glob["glob"] if glob else torch.zeros(2, dtype=torch.float64)}
-        return initial, extra.get("data") if self.k == 0 else None
+        return initial, data

@@ -31,18 +31,71 @@ class StageFailure(RuntimeError):
     """An error inside a stage, re-raised with the stage index, epoch and batch number."""
 
 
-def local_forward_update(blocks, x, y, y1h, on_output=None):
-    """Local-mode step of a run of blocks: all forwards, the hand-off of the output, the updates.
+def local_forward_update(blocks, x, y, y1h, on_output=None, output=None, sync=None):
+    """Local-mode step of a run of blocks (and the output layer, if given): all forwards, the
+    hand-off of the output, the updates.
 
-    Returns (output of the last block, list of per-block stats tensors)."""
+    With `sync` (data-parallel replicas) every unit's gradients are averaged across the replicas
+    before its step: each unit's all-reduce is launched right after its backward and waited for
+    only after the backward passes of the units after it. The order of the backward passes and
+    steps does not change the numbers: every forward has run already and every unit's loss
+    depends only on its own weights.
+
+    Returns (output of the last block, list of per-block stats tensors, (logits, loss) of the
+    output layer or None)."""
     ctxs = []
     for block in blocks:
         x, ctx = block.train_forward(x)
         ctxs.append(ctx)
     if on_output is not None:
         on_output(x)
-    stats = [block.train_update(ctx, y, y1h) for block, ctx in zip(blocks, ctxs)]
-    return x, stats
+    if sync is None:
+        stats = [block.train_update(ctx, y, y1h) for block, ctx in zip(blocks, ctxs)]
+        return x, stats, (output.train_update(x, y) if output is not None else None)
+    stats, pending = [], []
+    for block, ctx in zip(blocks, ctxs):
+        stats.append(block.local_backward(ctx, y, y1h))
+        pending.append(sync.start(block, y.size(0)))
+    out = None
+    if output is not None:
+        out = output.train_backward(x, y)
+        pending.append(sync.start(output, y.size(0)))
+    units = list(blocks) + ([output] if output is not None else [])
+    for unit, work in zip(units, pending):
+        sync.finish(work)
+        unit.step()
+    return x, stats, out
+
+
+class _BusyClock:
+    """Busy time of a stage. On the CPU the wall time of compute sections; on CUDA the GPU time
+    between events recorded around them, read once per epoch, so that timing never stalls the
+    CPU's run-ahead of the GPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self._pairs = []
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, token, times: "StageTimes") -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._pairs.append((token, ev))
+        else:
+            times.busy_s += time.perf_counter() - token
+
+    def flush(self, times: "StageTimes") -> None:
+        for a, b in self._pairs:
+            b.synchronize()
+            times.busy_s += a.elapsed_time(b) / 1000.0
+        self._pairs.clear()
 
 
 @dataclass
@@ -52,6 +105,7 @@ class StageTimes:
     data_s: float = 0.0
     wait_recv_s: float = 0.0
     wait_send_s: float = 0.0
+    wait_sync_s: float = 0.0  # waiting for the replicas' gradient averaging
     batches: int = 0
     samples: int = 0
     bytes_sent: int = 0
@@ -60,7 +114,8 @@ class StageTimes:
         wall = self.wall_s or float("nan")
         return {"wall_s": self.wall_s, "busy_s": self.busy_s, "busy_fraction": self.busy_s / wall,
                 "data_s": self.data_s, "wait_recv_s": self.wait_recv_s,
-                "wait_send_s": self.wait_send_s, "batches": self.batches,
+                "wait_send_s": self.wait_send_s, "wait_sync_s": self.wait_sync_s,
+                "batches": self.batches,
                 "samples_per_s": self.samples / wall, "bytes_sent": self.bytes_sent}
 
 
@@ -76,7 +131,7 @@ class StageRunner:
     def __init__(self, *, blocks, output, stage_index: int, num_stages: int, device,
                  num_classes: int, sender: Sender | None, receiver: Receiver | None,
                  with_stats: bool, show_progress: bool = False, check_every: int = 1,
-                 on_batch=None):
+                 on_batch=None, sync=None):
         self.blocks = list(blocks)
         self.output = output
         self.stage_index, self.num_stages = stage_index, num_stages
@@ -85,8 +140,9 @@ class StageRunner:
         self.with_stats = with_stats
         self.show_progress = show_progress and output is not None
         self.check_every = check_every
-        self.sync = device.type == "cuda"  # honest busy times on an asynchronous device
+        self.clock = _BusyClock(device)
         self.on_batch = on_batch  # called with the sequence number after every batch
+        self.replica_sync = sync  # averaging among this stage's data-parallel replicas
 
     @property
     def units(self):
@@ -132,10 +188,8 @@ class StageRunner:
         if self.sender is None:
             return
         before = self.sender.wait_s
-        start = time.perf_counter()
         self.sender.send(kind, epoch, seq, x, y)
         times.wait_send_s += self.sender.wait_s - before
-        times.busy_s += (time.perf_counter() - start) - (self.sender.wait_s - before)
 
     def _check(self, stats, gloss, epoch, seq) -> None:
         for block, s in zip(self.blocks, stats):
@@ -179,44 +233,46 @@ class StageRunner:
         finally:
             if bar is not None and hasattr(bar, "close"):
                 bar.close()
+        self.clock.flush(times)
         times.wall_s = time.perf_counter() - start
         if self.sender is not None:
             times.bytes_sent = self.sender.bytes - bytes_before
         return result
 
     # --- train and eval ----------------------------------------------------------------------
-    def _settle(self) -> None:
-        """Wait for this stage's compute stream only (not for NCCL's streams, which hold the
-        pre-posted receive of the next batch)."""
-        if self.sync:
-            torch.cuda.current_stream(self.device).synchronize()
-
     def _train_step(self, result, times, epoch, seq, x, y) -> None:
-        mark = [time.perf_counter()]
+        mark = [self.clock.start()]
         y1h = onehot(y, self.num_classes)
 
         def hand_off(h):  # runs between the forwards and the updates
-            self._settle()
-            times.busy_s += time.perf_counter() - mark[0]
+            self.clock.stop(mark[0], times)
             self._send(times, TRAIN, epoch, seq, h, y)
-            mark[0] = time.perf_counter()
+            mark[0] = self.clock.start()
 
-        h, stats = local_forward_update(self.blocks, x, y, y1h,
-                                        hand_off if self.sender is not None else None)
+        sync = self.replica_sync
+        if sync is not None:
+            before = sync.wait_s
+        h, stats, out = local_forward_update(self.blocks, x, y, y1h,
+                                             hand_off if self.sender is not None else None,
+                                             self.output, sync)
         gloss = None
-        if self.output is not None:
-            logits, gloss = self.output.train_update(h, y)
+        if out is not None:
+            logits, gloss = out
             result.stats.add_global(gloss, logits, y)
         result.stats.add_blocks(stats, y.size(0))
         result.stats.add_count(y.size(0))
         if seq % self.check_every == 0:
             self._check(stats, gloss, epoch, seq)
-        self._settle()
-        times.busy_s += time.perf_counter() - mark[0]
+        self.clock.stop(mark[0], times)
+        if sync is not None:
+            waited = sync.wait_s - before
+            times.wait_sync_s += waited
+            if not self.clock.cuda:
+                times.busy_s -= waited
 
     @torch.no_grad()
     def _eval_step(self, result, times, epoch, seq, x, y) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock.start()
         y1h = onehot(y, self.num_classes)
         stats = []
         for block in self.blocks:
@@ -224,13 +280,12 @@ class StageRunner:
             if s is not None:
                 stats.append(s)
         if self.output is not None:
-            logits = self.output(x)
-            result.stats.add_global(self.output.loss(logits, y), logits, y)
+            logits, loss = self.output.predict(x, y)
+            result.stats.add_global(loss, logits, y)
         if stats:
             result.stats.add_blocks(stats, y.size(0))
         result.stats.add_count(y.size(0))
-        self._settle()
-        times.busy_s += time.perf_counter() - t0
+        self.clock.stop(t0, times)
         self._send(times, EVAL, epoch, seq, x, y)
 
     def train_epoch(self, epoch: int, loader=None, total: int | None = None, *,

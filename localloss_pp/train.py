@@ -22,10 +22,11 @@ from .config import Config, lr_at_epoch, to_toml
 from .blocks import derive_seed
 from .data import DATASETS, build_loaders
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
-    shutdown
-from .metrics import append_jsonl
+    replica_groups, shutdown
+from .metrics import append_jsonl, setup_logging
 from .models import build_model, combine_digests, count_params, unit_digest
 from .partition import choose_partition
+from .replicas import ReplicaSync, layout_for, shard_bounds
 from .resume import StageCheckpointer, plan_resume, reconcile_metrics
 from .stage import StageEpoch, StageRunner, StageTimes
 from .transport import Receiver, Sender, config_fingerprint
@@ -71,14 +72,30 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.data.dataset}-{cfg.model.name}-{stamp}"
 
 
-def _check_last_batch(cfg: Config, num_train: int) -> None:
-    """BatchNorm1d cannot normalise a training batch of one example: refuse it up front."""
+def _check_last_batch(cfg: Config, num_train: int, num_test: int, num_replicas: int = 1) -> None:
+    """BatchNorm1d cannot normalise a training batch of one example, and every replica needs
+    at least one example of every batch: refuse such sizes up front."""
     has_fc_bn = cfg.model.batch_norm and (cfg.model.name == "mlp" or cfg.model.num_layers > 0)
-    bs = cfg.data.batch_size
-    if has_fc_bn and (bs == 1 or num_train % bs == 1):
-        raise ValueError(f"with --batch-size {bs} a training batch of {num_train} examples "
-                         "holds a single example, which BatchNorm1d cannot normalise; choose a "
-                         f"batch size that does not leave one example over ({num_train} % B != 1)")
+    bs, R = cfg.data.batch_size, num_replicas
+    if R == 1:
+        if has_fc_bn and (bs == 1 or num_train % bs == 1):
+            raise ValueError(f"with --batch-size {bs} a training batch of {num_train} examples "
+                             "holds a single example, which BatchNorm1d cannot normalise; choose "
+                             f"a batch size that does not leave one example over "
+                             f"({num_train} % B != 1)")
+        return
+    need = 2 if has_fc_bn else 1
+    for what, n in (("training", num_train), ("test", num_test)):
+        sizes = {min(bs, n), n % bs or bs}
+        smallest = min(sizes) // R
+        floor = need if what == "training" else 1
+        if smallest < floor:
+            raise ValueError(
+                f"--batch-size {bs} with --replicas {R}: a {what} batch of {min(sizes)} examples "
+                f"({n} examples in all) leaves a replica with {smallest} example(s), but each "
+                f"replica needs at least {floor}{' (BatchNorm1d)' if floor == 2 else ''} per "
+                "batch; --batch-size is the global batch of a step, split across the replicas: "
+                f"choose one of at least {floor * R} whose last batch is not smaller")
 
 
 def _mode(cfg: Config) -> str:
@@ -152,10 +169,11 @@ def _log_epoch(rec: dict, epochs: int, num_stages: int) -> None:
 class _GlobalRunner:
     """--backprop / --no-detach in one process, with the StageRunner's epoch interface."""
 
-    def __init__(self, model, device, mode, num_classes, with_stats, show):
+    def __init__(self, model, device, mode, num_classes, with_stats, show, sync=None):
         self.model, self.device, self.mode = model, device, mode
         self.num_classes, self.with_stats, self.show = num_classes, with_stats, show
         self.units = model.units()
+        self.sync = sync  # data-parallel replicas (one stage)
 
     def set_lr(self, lr):
         for unit in self.units:
@@ -171,7 +189,7 @@ class _GlobalRunner:
 
     def train_epoch(self, epoch, loader, total=None):
         return self._timed(globalmode.train_epoch, loader, mode=self.mode, epoch=epoch,
-                           check_every=1 if self.device.type == "cpu" else 50)
+                           check_every=1 if self.device.type == "cpu" else 50, sync=self.sync)
 
     def eval_epoch(self, epoch, loader, total=None):
         return self._timed(globalmode.evaluate, loader, with_stats=self.with_stats)
@@ -189,52 +207,69 @@ def run_training(cfg: Config) -> RunResult | None:
     return result
 
 
-def build_links(cfg, env, model, part, k, S, fingerprint):
-    """Sender and receiver of stage k (None at the ends), handshaken with the neighbours."""
+def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0):
+    """Sender and receiver of stage k of `replica` (None at the ends), handshaken with the
+    neighbours. Activations travel in bf16 under --precision bf16."""
     (a, b) = part.bounds[k]
-    common = dict(stage_index=k, num_stages=S, dtype=torch.float32,
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    common = dict(stage_index=k, num_stages=S, dtype=dtype,
                   max_batch=cfg.data.batch_size, device=env.device,
-                  group=None, meta_group=env.meta_group)
+                  group=None, meta_group=env.meta_group, staging=env.staging)
+    rank_of = layout.rank_of if layout is not None else (lambda stage, _r: stage)
     receiver = sender = None
     if k > 0:
-        receiver = Receiver(peer_rank=k - 1, peer_stage=k - 1,
+        receiver = Receiver(peer_rank=rank_of(k - 1, replica), peer_stage=k - 1,
                             sample_shape=model.blocks[a].in_shape, **common)
         receiver.handshake(fingerprint)
     if k < S - 1:
-        sender = Sender(peer_rank=k + 1, peer_stage=k + 1, queue_depth=cfg.train.queue_depth,
+        sender = Sender(peer_rank=rank_of(k + 1, replica), peer_stage=k + 1,
+                        queue_depth=cfg.train.queue_depth,
                         sample_shape=model.blocks[b - 1].out_shape, **common)
         sender.handshake(fingerprint)
     return sender, receiver
 
 
 def _run(cfg: Config, env: DistEnv) -> RunResult | None:
-    S, k = env.world_size, env.rank
-    writer, mode = S - 1, _mode(cfg)
+    R = cfg.train.num_replicas
+    layout = layout_for(env.world_size, R)
+    S, k, r = layout.num_stages, layout.stage_of(env.rank), layout.replica_of(env.rank)
+    writer, mode = layout.rank_of(S - 1, 0), _mode(cfg)
+    if R > 1:
+        logger = logging.getLogger("localloss_pp")
+        setup_logging(k, S, logger.level, r, R)
     if S > 1 and mode != "local":
         flag = "--backprop" if mode == "backprop" else "--no-detach"
         raise ValueError(f"{flag} trains end to end and cannot be pipelined across {S} "
-                         "processes; run it in one process (without torchrun)")
+                         "stages; run it in one process, or data-parallel with --replicas "
+                         f"{env.world_size} (one replica per process)")
     info = DATASETS[cfg.data.dataset]
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    run_dir = broadcast_from(env, resolve_run_dir(cfg) if k == 0 else None, 0)
+    run_dir = broadcast_from(env, resolve_run_dir(cfg) if env.rank == 0 else None, 0)
     err, loaders, plan = None, None, None
     try:  # every file-system decision is taken on rank 0 and shared
-        if k == 0:
+        if env.rank == 0:
             plan = plan_resume(cfg, run_dir, restarted)
-            loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda")
-            _check_last_batch(cfg, len(loaders[0].dataset))
+        if k == 0:  # the first stage of every replica reads its shard of the data
+            loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda", r, R)
+            _check_last_batch(cfg, len(loaders[0].dataset), len(loaders[1].dataset), R)
     except Exception as exc:  # every rank must hear of it, not only this one
         err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     all_agree(env, err)
     plan = broadcast_from(env, plan, 0)
     sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
-                                 len(loaders[0]), len(loaders[1])] if k == 0 else None, 0)
+                                 len(loaders[0]), len(loaders[1])] if env.rank == 0 else None, 0)
+    where = gather_to(env, (env.node_rank, str(env.device)), 0)
+    sync = None
+    if R > 1:
+        group, object_group = replica_groups(env, layout)
+        sync = ReplicaSync(group=group, object_group=object_group, replica=r, num_replicas=R,
+                           stage_index=k, num_stages=S)
 
     model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
                         materialize=())
     names = [b.describe() for b in model.blocks]
     part, err = None, None
-    if k == 0:
+    if env.rank == 0:
         try:
             part = choose_partition(cfg, model, S, info.input_shape, info.num_classes,
                                     env.device, names)
@@ -244,11 +279,14 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
     part = broadcast_from(env, part, 0)
     a, b = part.bounds[k]
     keep = part.units_of(k)
-    model.setup_units(keep, env.device, cfg.optim)
+    t = cfg.train
+    model.setup_units(keep, env.device, cfg.optim, replica=r, precision=t.precision,
+                      channels_last=t.channels_last, compile=t.compile)
     if mode != "local":
         a, b = 0, len(model.blocks)  # one process owns every unit
     ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
-                             model.output if k == S - 1 else None, part.counts, model.name)
+                             model.output if k == S - 1 else None, part.counts, model.name,
+                             sync, r)
     start_epoch, start_seq = plan.start
     initial = data_state = None
     err = None
@@ -264,21 +302,32 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
     except Exception as exc:
         err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     all_agree(env, err)
-    if plan.kind != "fresh" and k == 0:
+    if plan.kind != "fresh" and env.rank == 0:
         log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
                  f", after batch {start_seq}" if start_seq else "")
 
     config_toml = to_toml(cfg)
-    sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint(config_toml))
-    if k == 0:
+    sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint(config_toml),
+                                   layout, r)
+    if env.rank == 0:
         n_params = count_params(cfg.model, info.input_shape, info.num_classes)
-        log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s), device %s, "
-                 "%d thread(s) per process", cfg.model.name, cfg.data.dataset, sizes[0],
-                 sizes[1], mode, S, env.device, env.threads)
+        log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s) x %d replica(s), "
+                 "device %s, %d thread(s) per process, %s", cfg.model.name, cfg.data.dataset,
+                 sizes[0], sizes[1], mode, S, R, env.device, env.threads, t.precision +
+                 (", channels-last" if t.channels_last else "") +
+                 (", compiled" if t.compile else ""))
         log.info("%d blocks; %s parameters (paper count)", len(names), f"{n_params:,}")
         for line in part.describe():
             log.info("%s", line)
-    if k == writer:
+        if env.world_size > 1:
+            for line in layout.describe([w[0] for w in where], [w[1] for w in where]):
+                log.info("%s", line)
+        if R > 1:
+            log.info("global batch %d split across %d replicas (%s examples each)",
+                     cfg.data.batch_size, R, "/".join(
+                         str(hi - lo) for lo, hi in (shard_bounds(cfg.data.batch_size, i, R)
+                                                      for i in range(R))))
+    if env.rank == writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         reconcile_metrics(run_dir, start_epoch)
         atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
@@ -293,11 +342,11 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         runner = StageRunner(blocks=blocks, output=model.output if k == S - 1 else None,
                              stage_index=k, num_stages=S, device=env.device,
                              num_classes=info.num_classes, sender=sender, receiver=receiver,
-                             with_stats=with_stats, show_progress=cfg.train.progress,
-                             check_every=1 if env.device.type == "cpu" else 50)
+                             with_stats=with_stats, show_progress=t.progress and r == 0,
+                             check_every=1 if env.device.type == "cpu" else 50, sync=sync)
     else:
         runner = _GlobalRunner(model, env.device, mode, info.num_classes, with_stats,
-                               cfg.train.progress)
+                               t.progress and r == 0, sync)
     train_dl, test_dl = loaders[:2] if loaders else (None, None)
     rec = None
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -314,8 +363,9 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
                          epoch)
             if skip:  # mid-epoch resume: the augmentation stream goes on where it stopped
                 torch.set_rng_state(data_state["torch_rng"])
-            else:  # the augmentation stream of every epoch is a function of (seed, epoch)
-                torch.manual_seed(derive_seed(cfg.train.seed, epoch, "augment"))
+            else:  # the augmentation stream of every epoch: a function of (seed, epoch, replica)
+                torch.manual_seed(derive_seed(cfg.train.seed, epoch, "augment" if r == 0
+                                              else f"augment/replica{r}"))
         if mode == "local":
             tr = runner.train_epoch(epoch, train_dl, sizes[2], start_seq=skip,
                                     initial=initial if skip else None,
@@ -324,22 +374,36 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         else:
             tr = runner.train_epoch(epoch, train_dl, sizes[2])
         te = runner.eval_epoch(epoch, test_dl, sizes[3])
+        agreed = None
+        if sync is not None:  # statistics of the whole data; the replicas must agree
+            tr.stats.load(sync.sum_stats(tr.stats))
+            te.stats.load(sync.sum_stats(te.stats))
+            agreed = sync.check_identical(runner.units)
+            log.info("epoch %d: weights sha256 %s, identical on all %d replicas", epoch,
+                     agreed[:16], R)
         summary = _stage_summary(k, names[a:b], has_decoder, tr, te, with_stats,
                                  backprop=mode == "backprop")
-        gathered = gather_to(env, summary, writer)
-        if k == writer:
-            rec = merge_stage_summaries(epoch, lr, gathered, time.perf_counter() - start)
+        summary["replica_digest"] = agreed
+        gathered = gather_to(env, summary if r == 0 else None, writer)
+        if env.rank == writer:
+            rec = merge_stage_summaries(epoch, lr, gathered[:S], time.perf_counter() - start)
+            rec["num_replicas"] = R
+            if R > 1:
+                rec["replicas_identical"] = True  # check_identical raised otherwise
             _log_epoch(rec, cfg.train.epochs, S)
             append_jsonl(run_dir / "metrics.jsonl", rec)
-        if cfg.train.print_stats:
+        if cfg.train.print_stats and r == 0:
             _log_blocks(summary)  # every stage logs its own blocks
         ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one
     runner.stop()
-    mine = [(u.index, unit_digest(u), s) for u, s in zip(runner.units, unit_states(runner.units))]
+    mine = None
+    if r == 0:
+        mine = [(u.index, unit_digest(u), s)
+                for u, s in zip(runner.units, unit_states(runner.units))]
     everything = gather_to(env, mine, writer)
-    if k != writer:
+    if env.rank != writer:
         return None
-    units = sorted((u for part_units in everything for u in part_units), key=lambda u: u[0])
+    units = sorted((u for part_units in everything[:S] for u in part_units), key=lambda u: u[0])
     digest = combine_digests([u[1] for u in units])
     save_model(run_dir / "model.pt", model.name, [u[2] for u in units], config_toml,
                cfg.train.epochs, digest)

@@ -83,11 +83,15 @@ def _reason(exc: Exception) -> str:
 class _Link:
     def __init__(self, *, stage_index: int, num_stages: int, peer_rank: int, peer_stage: int,
                  sample_shape: tuple[int, ...], dtype: torch.dtype, max_batch: int,
-                 device: torch.device, group, meta_group):
+                 device: torch.device, group, meta_group, staging: bool = False):
         self.stage_index, self.num_stages = stage_index, num_stages
         self.peer_rank, self.peer_stage = peer_rank, peer_stage
         self.shape, self.dtype, self.max_batch = tuple(sample_shape), dtype, max_batch
         self.device, self.group, self.meta_group = device, group, meta_group
+        # staging: CUDA stages linked by gloo (several stages on one GPU): payloads travel
+        # through CPU memory, copied synchronously on both sides
+        self.staging = staging
+        self.wire_device = torch.device("cpu") if staging else device
         self.wait_s = 0.0
         self.bytes = 0
 
@@ -121,7 +125,7 @@ class Sender(_Link):
         self.queue_depth = queue_depth
         self._inflight: list[tuple[list, tuple, tuple]] = []
         self._blank = torch.zeros((self.max_batch, *self.shape), dtype=self.dtype,
-                                  device=self.device)
+                                  device=self.wire_device)
 
     def handshake(self, fingerprint: int) -> None:
         spec = _spec(self.stage_index, fingerprint, self.shape, self.dtype, self.max_batch)
@@ -150,7 +154,7 @@ class Sender(_Link):
                     f"{tuple(activation.shape)}, but the link to {self._name(self.peer_stage)} "
                     f"was agreed for (<= {self.max_batch}, {', '.join(map(str, self.shape))})")
             meta[HEADER_LEN:HEADER_LEN + bs] = labels.to("cpu", torch.int64)
-            payload = activation.to(self.dtype)
+            payload = activation.to(self.wire_device, self.dtype)
             if bs < self.max_batch:
                 payload = torch.cat([payload, self._blank[: self.max_batch - bs]])
             payload = payload.contiguous()
@@ -166,7 +170,7 @@ class Sender(_Link):
     def _retire(self) -> None:
         works, _, (kind, epoch, seq) = self._inflight.pop(0)
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
-        if self.device.type == "cuda":
+        if self.wire_device.type == "cuda":
             # NCCL's wait() only orders streams; poll completion so that at most queue_depth
             # sends (and their buffers) are really in flight
             start = time.perf_counter()
@@ -190,7 +194,7 @@ class Receiver(_Link):
         self._meta = [torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
                       for _ in range(2)]
         self._payload = [torch.empty((self.max_batch, *self.shape), dtype=self.dtype,
-                                     device=self.device) for _ in range(2)]
+                                     device=self.wire_device) for _ in range(2)]
         self._slot = 0
         self._pending = None
 
@@ -241,5 +245,8 @@ class Receiver(_Link):
             self._post()
         if kind not in (TRAIN, EVAL):
             return Message(kind, epoch, seq, 0)
+        activation = self._payload[slot][:bs]
+        if self.staging:  # a synchronous copy: the CPU buffer is free again when it returns
+            activation = activation.to(self.device)
         return Message(kind, epoch, seq, bs, labels=self._meta[slot][HEADER_LEN:HEADER_LEN + bs],
-                       activation=self._payload[slot][:bs])
+                       activation=activation)

@@ -32,8 +32,10 @@ def run_stages(tmp_path, name, num_stages, args, extra=()):
     return run_dir, results
 
 
-@pytest.mark.parametrize("name,args,stage_counts", [("mlp", MLP, [1, 2, 3, 4]),
-                                                    ("conv", CONV, [1, 2, 3, 4])])
+@pytest.mark.parametrize("name,args,stage_counts", [
+    ("mlp", MLP, [1, 2, 3, 4]), ("conv", CONV, [1, 2, 3, 4]),
+    # bf16 activations on the wire (and between the blocks of a stage), NHWC convolutions
+    ("conv-bf16", CONV + ["--precision", "bf16", "--channels-last"], [1, 3])])
 def test_pipeline_equals_one_process(tmp_path, name, args, stage_counts):
     runs = {s: run_stages(tmp_path, name, s, args)[0] for s in stage_counts}
     ref_digest, ref_metrics = digest(runs[1]), comparable(runs[1])

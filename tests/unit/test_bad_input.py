@@ -97,6 +97,12 @@ ROWS = [
     ("other-config", None, ["--num-hidden", "48", "--resume", "RUN/checkpoints/e00001-end"], 2,
      "written with another config (model.num_hidden: checkpoint 32, now 48)"),
     ("run-dir-taken", None, ["--run-dir", "RUN"], 2, "already holds a run"),
+    ("precision", None, ["--precision", "fp16"], 2, "--precision must be fp32 or bf16"),
+    ("bf16-backprop", None, ["--backprop", "--precision", "bf16"], 2,
+     "apply to local training"),
+    ("replicas-zero", None, ["--replicas", "0"], 2, "--replicas must be >= 1"),
+    ("replicas-world", None, ["--replicas", "2"], 2,
+     "needs a world size that is a multiple of 2"),
 ]
 
 

@@ -128,7 +128,7 @@ def test_run_of_blocks_equals_block_by_block_reference_order():
     x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
     Y = onehot(y, 10)
     for _ in range(2):
-        out_a, stats_a = local_forward_update(a.blocks, x, y, Y)  # all forwards, then updates
+        out_a, stats_a, _ = local_forward_update(a.blocks, x, y, Y)  # forwards, then updates
         h, stats_b = x, []
         for block in b.blocks:  # the reference: forward, update, next block
             h, ctx = block.train_forward(h)
@@ -152,7 +152,7 @@ def test_backprop_and_nodetach_steps_reach_earlier_blocks():
             unit.setup(CPU, OptimConfig())
             unit.set_lr(1e-3)
         if mode == "local":
-            h, _ = local_forward_update(m.blocks, x, y, Y)
+            h, _, _ = local_forward_update(m.blocks, x, y, Y)
             m.output.train_update(h, y)
         else:
             _global_step(m, x, y, Y, mode)

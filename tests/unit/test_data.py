@@ -186,3 +186,32 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, name):
     msg = str(err.value)
     assert name in msg and str(tmp_path) in msg
     assert "--download" in msg or "ImageNet" in msg
+
+
+@pytest.mark.parametrize("n,replicas", [(128, 2), (33, 2), (10, 3), (7, 7), (5, 1)])
+def test_replica_shards_cover_every_batch_once(n, replicas):
+    from localloss_pp.replicas import shard_bounds
+    bounds = [shard_bounds(n, r, replicas) for r in range(replicas)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_replica_loaders_split_the_global_batches():
+    from localloss_pp.config import DataConfig
+    from localloss_pp.data import EpochBatches, ShardedBatches
+    labels = np.arange(50) % 10
+    for cfg in (DataConfig(dataset="mnist5k", batch_size=8),
+                DataConfig(dataset="mnist5k", batch_size=8, classes_per_batch=2)):
+        whole = EpochBatches(labels, cfg, seed=3)
+        parts = [EpochBatches(labels, cfg, seed=3, replica=r, num_replicas=3) for r in range(3)]
+        for b in [whole, *parts]:
+            b.set_epoch(2, skip=1)
+        per_replica = [list(p) for p in parts]
+        assert all(len(p) == len(whole) for p in parts)
+        for i, batch in enumerate(whole):
+            assert sum((p[i] for p in per_replica), []) == batch
+    test = [list(ShardedBatches(21, 8, r, 2)) for r in range(2)]
+    assert [a + b for a, b in zip(*test)] == [list(range(0, 8)), list(range(8, 16)),
+                                              list(range(16, 21))]

@@ -1,0 +1,210 @@
+"""Data parallel x pipeline: the rank layout and the averaging among a stage's replicas.
+
+A run of S stages and R replicas has S x R ranks. Rank r runs stage ``r % S`` of replica
+``r // S``, so every replica chain holds consecutive ranks; torchrun numbers ranks node by node,
+so a chain stays on one node whenever a node runs a multiple of S processes (and otherwise
+crosses as few node boundaries as the counts allow).
+
+Every replica streams its own shard of every global batch (data.py). The replicas of stage k
+form a process group; after each local backward a block's gradients are averaged in it (one
+flat bucket per unit, all-reduced asynchronously while the next unit computes its backward),
+weighted by each replica's share of the batch, so that the average is the gradient of the loss
+over the whole global batch and the replicas' weights stay identical. The BatchNorm running
+statistics travel in the same bucket: after every step they are the running statistics of the
+global batch's mean (and the mean of the replicas' variances), identical on every replica.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Layout", "layout_for", "shard_bounds", "ReplicaSync", "units_digest"]
+
+log = logging.getLogger(__name__)
+
+
+def shard_bounds(n: int, replica: int, num_replicas: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a batch of n examples that `replica` trains on (shares differ by <= 1)."""
+    q, rem = divmod(n, num_replicas)
+    lo = replica * q + min(replica, rem)
+    return lo, lo + q + (1 if replica < rem else 0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which stage of which replica each rank runs."""
+    num_stages: int
+    num_replicas: int
+
+    @property
+    def world_size(self) -> int:
+        return self.num_stages * self.num_replicas
+
+    def stage_of(self, rank: int) -> int:
+        return rank % self.num_stages
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.num_stages
+
+    def rank_of(self, stage_index: int, replica: int) -> int:
+        return replica * self.num_stages + stage_index
+
+    def stage_ranks(self, stage_index: int) -> list[int]:
+        """The ranks that run `stage_index` (one per replica): its averaging group."""
+        return [self.rank_of(stage_index, r) for r in range(self.num_replicas)]
+
+    def cross_node_links(self, nodes: list) -> int:
+        """Stage-to-stage links whose two ends are on different nodes."""
+        return sum(nodes[self.rank_of(k, r)] != nodes[self.rank_of(k + 1, r)]
+                   for r in range(self.num_replicas) for k in range(self.num_stages - 1))
+
+    def describe(self, nodes: list | None = None, devices: list | None = None) -> list[str]:
+        """Lines of the rank table: one per replica, stage by stage (stages and replicas are
+        numbered from 1 in text, ranks from 0 as torchrun numbers them)."""
+        S = self.num_stages
+        lines = [f"layout: {S} stage(s) x {self.num_replicas} replica(s) = {self.world_size} "
+                 f"ranks; rank r runs stage r % {S} + 1 of replica r // {S} + 1"]
+        for r in range(self.num_replicas):
+            cells = []
+            for k in range(S):
+                rank = self.rank_of(k, r)
+                where = [f"rank {rank}"]
+                if nodes is not None:
+                    where.append(f"node {nodes[rank]}")
+                if devices is not None:
+                    where.append(str(devices[rank]))
+                cells.append(f"stage {k + 1} ({', '.join(where)})")
+            lines.append(f"  replica {r + 1}: " + " -> ".join(cells))
+        if nodes is not None and S > 1 and len(set(nodes)) > 1:
+            lines.append(f"  {self.cross_node_links(nodes)} of {(S - 1) * self.num_replicas} "
+                         "stage-to-stage links cross nodes")
+        return lines
+
+
+def layout_for(world_size: int, num_replicas: int) -> Layout:
+    """The layout of a world of `world_size` ranks with `num_replicas` replicas, or a clear
+    error when the world cannot be split that way."""
+    if world_size % num_replicas:
+        raise ValueError(f"--replicas {num_replicas} needs a world size that is a multiple of "
+                         f"{num_replicas} (stages x replicas), but {world_size} process(es) "
+                         f"were launched; launch {num_replicas} x S processes (e.g. torchrun "
+                         f"--nproc-per-node {2 * num_replicas} for 2 stages)")
+    return Layout(world_size // num_replicas, num_replicas)
+
+
+def units_digest(units) -> str:
+    """sha256 over the parameters and buffers of `units` (for the replica agreement check)."""
+    h = hashlib.sha256()
+    for unit in units:
+        for name, tensor in unit.state_dict().items():
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{unit.index}:{name}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Pending:
+    __slots__ = ("work", "flat", "grads")
+
+    def __init__(self, work, flat, grads):
+        self.work, self.flat, self.grads = work, flat, grads
+
+
+class ReplicaSync:
+    """Averaging among the replicas of one stage (`group`: those ranks, one per replica)."""
+
+    def __init__(self, *, group, object_group, replica: int, num_replicas: int,
+                 stage_index: int, num_stages: int):
+        self.group, self.object_group = group, object_group
+        self.replica, self.num_replicas = replica, num_replicas
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.wait_s = 0.0
+        self.bytes = 0
+
+    def _lost(self, what: str, exc: Exception):
+        from .transport import PeerLostError, _reason
+        return PeerLostError(f"lost a replica of stage {self.stage_index + 1}/{self.num_stages} "
+                             f"while {what}: {_reason(exc)}")
+
+    # --- gradients ------------------------------------------------------------------------------
+    def start(self, unit, batch_size: int) -> _Pending | None:
+        """Launch the all-reduce of `unit`'s gradients and BatchNorm running statistics,
+        weighted by this replica's share of the batch (one flat bucket per unit)."""
+        tensors = [p.grad for p in unit.parameters() if p.grad is not None]
+        tensors += [b for name, b in unit.named_buffers()
+                    if name.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
+        if not tensors:
+            return None
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]
+                         + [tensors[0].new_ones(1, dtype=torch.float32)])
+        flat.mul_(float(batch_size))  # sums over the examples; the last entry: the batch size
+        try:
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+        except Exception as exc:
+            raise self._lost("averaging gradients", exc) from None
+        self.bytes += flat.numel() * flat.element_size()
+        return _Pending(work, flat, tensors)
+
+    def finish(self, pending: _Pending | None) -> None:
+        """Wait for an all-reduce started by `start` and write the averages back."""
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            pending.work.wait()
+        except Exception as exc:
+            raise self._lost("averaging gradients", exc) from None
+        self.wait_s += time.perf_counter() - t0
+        flat = pending.flat
+        flat[:-1].div_(flat[-1])
+        offset = 0
+        for t in pending.grads:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+    # --- statistics, agreement ---------------------------------------------------------------
+    def _all_reduce(self, tensor, what: str) -> None:
+        try:
+            dist.all_reduce(tensor, group=self.group)
+        except Exception as exc:
+            raise self._lost(what, exc) from None
+
+    def sum_stats(self, stats) -> dict:
+        """EpochStats summed over the replicas (every replica gets the totals; `stats` itself
+        is left as it is). Returns a dict for EpochStats.load."""
+        flat = torch.cat([stats.blocks.reshape(-1), stats.glob,
+                          stats.glob.new_tensor([float(stats.count)])])
+        self._all_reduce(flat, "summing statistics")
+        nb = stats.blocks.numel()
+        return {"blocks": flat[:nb].view_as(stats.blocks).clone(),
+                "glob": flat[nb:nb + 2].clone(), "count": int(round(float(flat[-1])))}
+
+    def gather(self, obj) -> list | None:
+        """Every replica's `obj`, on replica 0 (None on the others)."""
+        out = [None] * self.num_replicas if self.replica == 0 else None
+        try:
+            dist.gather_object(obj, out, group_dst=0, group=self.object_group)
+        except Exception as exc:
+            raise self._lost("gathering replica state", exc) from None
+        return out
+
+    def check_identical(self, units) -> str:
+        """Raise if the replicas' weights (and buffers) differ; returns the common digest."""
+        mine = units_digest(units)
+        every = [None] * self.num_replicas
+        try:
+            dist.all_gather_object(every, mine, group=self.object_group)
+        except Exception as exc:
+            raise self._lost("comparing replicas", exc) from None
+        if len(set(every)) != 1:
+            bad = [r for r, d in enumerate(every) if d != every[0]]
+            raise RuntimeError(f"the replicas of stage {self.stage_index + 1}/{self.num_stages} "
+                               f"diverged: replica(s) {[b + 1 for b in bad]} differ from "
+                               "replica 1")
+        return mine
