@@ -157,20 +157,22 @@ class StageRunner:
 
     # --- the message stream ------------------------------------------------------------------
     def _batches(self, loader, kind: int, epoch: int, times: StageTimes, start_seq: int = 0):
-        """(seq, x, y) of this stage's input stream, until the end-of-stream marker."""
+        """(seq, x, y, y on the host) of this stage's input stream, until the end-of-stream
+        marker. The host copy of the labels goes into the next message's header without a
+        device-to-host synchronisation."""
         if self.receiver is None:
             it = iter(loader)
             seq = start_seq
             while True:
                 start = time.perf_counter()
                 try:
-                    x, y = next(it)
+                    x, y_host = next(it)
                 except StopIteration:
                     return
                 x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
+                y = y_host.to(self.device, non_blocking=True)
                 times.data_s += time.perf_counter() - start
-                yield seq, x, y
+                yield seq, x, y, y_host
                 seq += 1
         end = END_TRAIN if kind == TRAIN else END_EVAL
         while self.receiver is not None:
@@ -182,7 +184,8 @@ class StageRunner:
             if msg.kind != kind or msg.epoch != epoch:
                 raise StageFailure(f"{self._name()} expected a {KIND_NAMES[kind]} of epoch "
                                    f"{epoch}, got a {KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
-            yield msg.seq, msg.activation, msg.labels.to(self.device, non_blocking=True)
+            yield (msg.seq, msg.activation, msg.labels.to(self.device, non_blocking=True),
+                   msg.labels)
 
     def _send(self, times: StageTimes, kind: int, epoch: int, seq: int, x=None, y=None) -> None:
         if self.sender is None:
@@ -213,8 +216,8 @@ class StageRunner:
             if self.show_progress else None
         seq = -1
         try:
-            for seq, x, y in self._batches(loader, kind, epoch, times, start_seq):
-                step_fn(result, times, epoch, seq, x, y)
+            for seq, x, y, y_host in self._batches(loader, kind, epoch, times, start_seq):
+                step_fn(result, times, epoch, seq, x, y, y_host)
                 if self.on_batch is not None:
                     self.on_batch(seq)
                 done = seq + 1
@@ -240,13 +243,13 @@ class StageRunner:
         return result
 
     # --- train and eval ----------------------------------------------------------------------
-    def _train_step(self, result, times, epoch, seq, x, y) -> None:
+    def _train_step(self, result, times, epoch, seq, x, y, y_host) -> None:
         mark = [self.clock.start()]
         y1h = onehot(y, self.num_classes)
 
         def hand_off(h):  # runs between the forwards and the updates
             self.clock.stop(mark[0], times)
-            self._send(times, TRAIN, epoch, seq, h, y)
+            self._send(times, TRAIN, epoch, seq, h, y_host)
             mark[0] = self.clock.start()
 
         sync = self.replica_sync
@@ -271,7 +274,7 @@ class StageRunner:
                 times.busy_s -= waited
 
     @torch.no_grad()
-    def _eval_step(self, result, times, epoch, seq, x, y) -> None:
+    def _eval_step(self, result, times, epoch, seq, x, y, y_host) -> None:
         t0 = self.clock.start()
         y1h = onehot(y, self.num_classes)
         stats = []
@@ -286,7 +289,7 @@ class StageRunner:
             result.stats.add_blocks(stats, y.size(0))
         result.stats.add_count(y.size(0))
         self.clock.stop(t0, times)
-        self._send(times, EVAL, epoch, seq, x, y)
+        self._send(times, EVAL, epoch, seq, x, y_host)
 
     def train_epoch(self, epoch: int, loader=None, total: int | None = None, *,
                     start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One-GPU check of localloss-pp (about 6 minutes on one H100, at most 8: every step has a
+# time limit). Run from the repository root after `pip install -e ".[dev]"`:
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check
+#
+# 1. tests/gpu: CUDA vs CPU (losses within 2%, test errors within 1.5 points after one epoch),
+#    two stages sharing the GPU through gloo vs one process, bf16/channels-last vs fp32,
+#    bf16 on the wire, torch.compile (NCCL stage tests need 2 or 4 GPUs and skip otherwise).
+# 2. The throughput benchmark at S = 1 (local pipeline vs global backprop, one process).
+# 3. The throughput benchmark with two stages sharing the GPU (local pipeline, local in one
+#    process, backprop, DDP on 2 ranks).
+# 4. bf16 vs fp32 (and bf16 + channels-last): speed and final error of real training runs.
+# Everything is written under OUT_DIR (JSON, Markdown, logs); the summary is printed last.
+# DEVICE=cpu runs the same steps on the CPU (a dry run of this script; slow).
+set -uo pipefail
+out=${1:-gpu_check}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$out"
+declare -a summary
+status=0
+step() {  # step NAME LIMIT_S command...
+  local name=$1 limit=$2
+  shift 2
+  echo
+  echo "=== $name (limit ${limit}s, $(date +%T))"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  summary+=("$name: exit $rc after $((SECONDS - t0))s")
+  [[ $rc -eq 0 ]] || status=1
+}
+
+echo "=== environment"
+"$PY" - <<'PYEOF' | tee "$out/environment.txt"
+import platform, subprocess, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform.python_version())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i} {p.name} {p.total_memory / 2**30:.0f} GiB")
+try:
+    print(subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip())
+except OSError:
+    pass
+PYEOF
+
+if [[ $DEVICE == cuda ]]; then
+  step gpu-tests 220 "$PY" -m pytest tests/gpu -v -p no:cacheprovider
+fi
+step throughput-s1 60 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 1 \
+  --variants local,backprop1 --repeats 1 --batches 40 --warmup 5 --no-costmodel \
+  --json "$out/throughput_s1.json"
+step throughput-s2-shared 100 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 2 \
+  --variants local,local1,backprop1,ddp --losses predsim --repeats 1 --batches 40 --warmup 5 \
+  --no-costmodel --json "$out/throughput_s2_shared.json"
+
+precision_run() {  # NAME [extra flags]
+  local name=$1
+  shift
+  "$PY" -m localloss_pp train --model vgg8b --dataset mnist5k --feat-mult 0.5 --epochs 3 \
+    --batch-size 128 --device "$DEVICE" --no-progress --no-print-stats \
+    --run-dir "$out/precision/$name" "$@"
+}
+precision_all() {
+  rm -rf "$out/precision"
+  precision_run fp32 && precision_run bf16 --precision bf16 &&
+    precision_run bf16-channels-last --precision bf16 --channels-last || return 1
+  "$PY" - "$out/precision" <<'PYEOF'
+import json, statistics, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+rows = {}
+for name in ("fp32", "bf16", "bf16-channels-last"):
+    recs = [json.loads(l) for l in (root / name / "metrics.jsonl").read_text().splitlines()]
+    speed = statistics.median(r["train_samples_per_s"] for r in recs[1:] or recs)
+    rows[name] = (speed, recs[-1]["test"]["error"])
+print("\n| precision | train samples/s (epochs 2-3) | vs fp32 | final test error |")
+print("|---|---|---|---|")
+for name, (speed, err) in rows.items():
+    print(f"| {name} | {speed:,.0f} | {speed / rows['fp32'][0]:.2f}x | {err:.2f}% |")
+PYEOF
+}
+export -f precision_run precision_all
+export PY DEVICE out
+step precision 80 bash -c precision_all
+
+echo
+echo "=== summary"
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+exit $status
