@@ -47,12 +47,12 @@ except OSError:
 PYEOF
 
 if [[ $DEVICE == cuda ]]; then
-  step gpu-tests 220 "$PY" -m pytest tests/gpu -v -p no:cacheprovider
+  step gpu-tests 240 "$PY" -m pytest tests/gpu -v -p no:cacheprovider
 fi
 step throughput-s1 60 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 1 \
   --variants local,backprop1 --repeats 1 --batches 40 --warmup 5 --no-costmodel \
   --json "$out/throughput_s1.json"
-step throughput-s2-shared 100 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 2 \
+step throughput-s2-shared 90 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 2 \
   --variants local,local1,backprop1,ddp --losses predsim --repeats 1 --batches 40 --warmup 5 \
   --no-costmodel --json "$out/throughput_s2_shared.json"
 
@@ -84,7 +84,7 @@ PYEOF
 }
 export -f precision_run precision_all
 export PY DEVICE out
-step precision 80 bash -c precision_all
+step precision 75 bash -c precision_all
 
 echo
 echo "=== summary"

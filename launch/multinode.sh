@@ -13,10 +13,14 @@
 #
 #   launch/multinode.sh 2 8 node01:29500 --replicas 2 --config my.toml --data-dir /data
 #
+# Checkpoints are written into --run-dir by the stages of the first replica and completed by
+# its last stage: when those stages are on several nodes (a pipeline longer than a node), or
+# with restarts (a restarted run resumes from its newest checkpoint), --run-dir must be on a
+# file system every node sees; a run whose first replica spans nodes checks this at start.
+#
 # Environment: PYTHON (python3), RDZV_ID (job id shared by the nodes; default localloss-pp),
-# MAX_RESTARTS (0; with restarts a run resumes from its newest checkpoint, which then must be
-# on a file system that every node sees), OMP_NUM_THREADS (1). Networks with several
-# interfaces: set NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME to the interface the nodes share.
+# MAX_RESTARTS (0), OMP_NUM_THREADS (1). Networks with several interfaces: set
+# NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME to the interface the nodes share.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 usage="usage: launch/multinode.sh NUM_NODES PROCS_PER_NODE HOST:PORT [train flags...]"

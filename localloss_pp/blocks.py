@@ -284,12 +284,12 @@ class LocalBlock(nn.Module):
             else:
                 lpred = pred_loss(logits, y)
                 guess = logits.detach().argmax(1)
-            correct = (guess == y).sum().to(h.dtype)
+            correct = (guess == y).sum().float()  # exact counts also under bf16
         if cfg.loss_sup == "predsim":
             lpred, lsim = (1 - beta) * lpred, beta * lsim
         loss_sup = lpred + lsim
         loss = cfg.alpha * loss_unsup + (1 - cfg.alpha) * loss_sup
-        stats = torch.stack([loss.detach(), lsim.detach(), lpred.detach(), correct])
+        stats = torch.stack([t.detach().float() for t in (loss, lsim, lpred, correct)])
         return loss, stats
 
     def train_update(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:

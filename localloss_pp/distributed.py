@@ -78,18 +78,22 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     device = _pick_device(train.device, local_rank)
     backend = train.backend
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    # several local processes on one GPU: more processes than GPUs, or one GPU named for all
+    shared = device.type == "cuda" and local_world > 1 and (
+        local_world > gpus or train.device.startswith("cuda:"))
     if backend == "auto":
-        backend = "nccl" if device.type == "cuda" and local_world <= gpus else "gloo"
-        if device.type == "cuda" and world > 1 and backend == "gloo" and local_rank == 0:
-            log.warning("%d processes share %d GPU(s) on this node: stages are linked through "
-                        "gloo with CPU staging (for testing; NCCL needs one GPU per process)",
-                        local_world, gpus)
+        backend = "gloo" if device.type != "cuda" or (shared and world > 1) else "nccl"
+        if shared and world > 1 and local_rank == 0:
+            log.warning("%d processes share GPUs on this node (%d GPU(s), --device %s): stages "
+                        "are linked through gloo with CPU staging (for testing; NCCL needs one "
+                        "GPU per process)", local_world, gpus, train.device)
     if backend == "nccl" and device.type != "cuda":
         raise ValueError("--backend nccl needs CUDA devices; use --backend gloo on CPU")
-    if backend == "nccl" and world > 1 and local_world > gpus:
-        raise ValueError(f"{local_world} processes on this node but only {gpus} GPU(s): NCCL "
-                         "needs one GPU per process; launch at most that many processes per "
-                         "node, or let stages share GPUs with --backend gloo (CPU staging)")
+    if backend == "nccl" and world > 1 and shared:
+        raise ValueError(f"{local_world} processes on this node share GPUs ({gpus} GPU(s), "
+                         f"--device {train.device}): NCCL needs one GPU per process; launch at "
+                         "most that many processes per node with --device cuda, or let stages "
+                         "share GPUs with --backend gloo (CPU staging)")
     cores = os.cpu_count() or 1
     threads = train.threads_per_rank or max(1, cores // max(1, local_world))
     torch.set_num_threads(threads)

@@ -49,16 +49,21 @@ class LinearFAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback):
-        ctx.save_for_backward(x, weight, feedback)
-        out = x.matmul(weight.t())
-        if bias is not None:
-            out = out + bias
+        # in the weights' precision (fp32) also under autocast: the backward, which runs
+        # outside autocast, multiplies the saved input with fp32 gradients
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(weight.dtype)
+            ctx.save_for_backward(x, weight, feedback)
+            out = x.matmul(weight.t())
+            if bias is not None:
+                out = out + bias
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, feedback = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(feedback)

@@ -8,10 +8,13 @@ crosses as few node boundaries as the counts allow).
 Every replica streams its own shard of every global batch (data.py). The replicas of stage k
 form a process group; after each local backward a block's gradients are averaged in it (one
 flat bucket per unit, all-reduced asynchronously while the next unit computes its backward),
-weighted by each replica's share of the batch, so that the average is the gradient of the loss
-over the whole global batch and the replicas' weights stay identical. The BatchNorm running
-statistics travel in the same bucket: after every step they are the running statistics of the
-global batch's mean (and the mean of the replicas' variances), identical on every replica.
+weighted by each replica's share of the batch, and the replicas' weights stay identical. For
+per-example losses (pred, the output layer's cross-entropy) the average is the gradient over the
+whole global batch; BatchNorm's batch statistics and the similarity matrices of sim/predsim are
+those of each replica's share, so a replicated run is close to, not equal to, a one-replica run.
+The BatchNorm running statistics travel in the same bucket: after every step they are the
+running statistics of the global batch's mean (and the weighted mean of the replicas'
+variances), identical on every replica.
 """
 from __future__ import annotations
 

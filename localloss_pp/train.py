@@ -22,11 +22,11 @@ from .config import Config, lr_at_epoch, to_toml
 from .blocks import derive_seed
 from .data import DATASETS, build_loaders
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
-    replica_groups, shutdown
+    replica_groups, shutdown, torchrun_world
 from .metrics import append_jsonl, setup_logging
 from .models import build_model, combine_digests, count_params, unit_digest
 from .partition import choose_partition
-from .replicas import ReplicaSync, layout_for, shard_bounds
+from .replicas import Layout, ReplicaSync, layout_for, shard_bounds
 from .resume import StageCheckpointer, plan_resume, reconcile_metrics
 from .stage import StageEpoch, StageRunner, StageTimes
 from .transport import Receiver, Sender, config_fingerprint
@@ -96,6 +96,27 @@ def _check_last_batch(cfg: Config, num_train: int, num_test: int, num_replicas: 
                 f"replica needs at least {floor}{' (BatchNorm1d)' if floor == 2 else ''} per "
                 "batch; --batch-size is the global batch of a step, split across the replicas: "
                 f"choose one of at least {floor * R} whose last batch is not smaller")
+
+
+def _check_shared_run_dir(env, layout, nodes, run_dir: Path, writer: int) -> None:
+    """The stages of replica 1 write their checkpoint parts into the run directory and the last
+    stage completes them: when those stages are on several nodes the directory must be on a
+    file system they all see. Refuse the run up front if it is not."""
+    ranks = [layout.rank_of(k, 0) for k in range(layout.num_stages)]
+    if len({nodes[q] for q in ranks}) < 2:
+        return
+    probe = run_dir / f".shared-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}-{writer}"
+    if env.rank == writer:
+        atomic_write_bytes(probe, b"1")
+    all_agree(env, None)  # the probe exists from here on
+    err = None
+    if env.rank in ranks and not probe.exists():
+        err = (f"run directory {run_dir} is not shared between the nodes of this run (stage "
+               f"{layout.stage_of(env.rank) + 1} on node {env.node_rank} cannot see the files "
+               "the last stage writes there); put --run-dir on a file system every node sees")
+    all_agree(env, err)
+    if env.rank == writer:
+        probe.unlink(missing_ok=True)
 
 
 def _mode(cfg: Config) -> str:
@@ -200,6 +221,8 @@ class _GlobalRunner:
 
 def run_training(cfg: Config) -> RunResult | None:
     """Train as configured. Returns the result on the writer rank, None on the other ranks."""
+    _, world, _, _ = torchrun_world()
+    _check_launch(cfg, world)  # before joining: every rank refuses alike, none waits for another
     env = init_distributed(cfg.train)
     result = _run(cfg, env)  # on an error the caller exits at once: no collective teardown
     shutdown(env)
@@ -212,8 +235,10 @@ def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0
     neighbours. Activations travel in bf16 under --precision bf16."""
     (a, b) = part.bounds[k]
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    num_replicas = layout.num_replicas if layout is not None else 1
+    lo, hi = shard_bounds(cfg.data.batch_size, 0, num_replicas)  # the largest share
     common = dict(stage_index=k, num_stages=S, dtype=dtype,
-                  max_batch=cfg.data.batch_size, device=env.device,
+                  max_batch=hi - lo, device=env.device,
                   group=None, meta_group=env.meta_group, staging=env.staging)
     rank_of = layout.rank_of if layout is not None else (lambda stage, _r: stage)
     receiver = sender = None
@@ -229,36 +254,51 @@ def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0
     return sender, receiver
 
 
+def _check_launch(cfg: Config, world: int) -> Layout:
+    """The stages x replicas layout of a world of `world` processes, or a clear error."""
+    layout = layout_for(world, cfg.train.num_replicas)
+    S, mode = layout.num_stages, _mode(cfg)
+    if S > 1 and mode != "local":
+        flag = "--backprop" if mode == "backprop" else "--no-detach"
+        raise ValueError(f"{flag} trains end to end and cannot be pipelined across {S} "
+                         "stages; run it in one process, or data-parallel with --replicas "
+                         f"{world} (one replica per process)")
+    return layout
+
+
 def _run(cfg: Config, env: DistEnv) -> RunResult | None:
     R = cfg.train.num_replicas
-    layout = layout_for(env.world_size, R)
+    layout = _check_launch(cfg, env.world_size)
     S, k, r = layout.num_stages, layout.stage_of(env.rank), layout.replica_of(env.rank)
     writer, mode = layout.rank_of(S - 1, 0), _mode(cfg)
     if R > 1:
         logger = logging.getLogger("localloss_pp")
         setup_logging(k, S, logger.level, r, R)
-    if S > 1 and mode != "local":
-        flag = "--backprop" if mode == "backprop" else "--no-detach"
-        raise ValueError(f"{flag} trains end to end and cannot be pipelined across {S} "
-                         "stages; run it in one process, or data-parallel with --replicas "
-                         f"{env.world_size} (one replica per process)")
     info = DATASETS[cfg.data.dataset]
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     run_dir = broadcast_from(env, resolve_run_dir(cfg) if env.rank == 0 else None, 0)
-    err, loaders, plan = None, None, None
-    try:  # every file-system decision is taken on rank 0 and shared
-        if env.rank == 0:
-            plan = plan_resume(cfg, run_dir, restarted)
-        if k == 0:  # the first stage of every replica reads its shard of the data
-            loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda", r, R)
-            _check_last_batch(cfg, len(loaders[0].dataset), len(loaders[1].dataset), R)
-    except Exception as exc:  # every rank must hear of it, not only this one
-        err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    all_agree(env, err)
+    where = broadcast_from(env, gather_to(env, (env.node_rank, str(env.device)), 0), 0)
+    nodes = [w[0] for w in where]
+    # the first stage of every replica reads its shard of the data; on every node one of them
+    # first (it may extract or download the files), then the others
+    readers = [layout.rank_of(0, i) for i in range(R)]
+    first = {n: min(q for q in readers if nodes[q] == n) for n in {nodes[q] for q in readers}}
+    loaders, plan = None, None
+    for turn in (True, False):
+        err = None
+        try:  # every file-system decision is taken on rank 0 and shared
+            if turn and env.rank == 0:
+                plan = plan_resume(cfg, run_dir, restarted)
+            if k == 0 and (env.rank == first[nodes[env.rank]]) == turn:
+                loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda",
+                                        r, R)
+                _check_last_batch(cfg, len(loaders[0].dataset), len(loaders[1].dataset), R)
+        except Exception as exc:  # every rank must hear of it, not only this one
+            err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        all_agree(env, err)
     plan = broadcast_from(env, plan, 0)
     sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
                                  len(loaders[0]), len(loaders[1])] if env.rank == 0 else None, 0)
-    where = gather_to(env, (env.node_rank, str(env.device)), 0)
     sync = None
     if R > 1:
         group, object_group = replica_groups(env, layout)
@@ -320,7 +360,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         for line in part.describe():
             log.info("%s", line)
         if env.world_size > 1:
-            for line in layout.describe([w[0] for w in where], [w[1] for w in where]):
+            for line in layout.describe(nodes, [w[1] for w in where]):
                 log.info("%s", line)
         if R > 1:
             log.info("global batch %d split across %d replicas (%s examples each)",
@@ -334,6 +374,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         atomic_write_bytes(run_dir / "partition.json",
                            json.dumps(part.to_dict(), indent=2).encode())
         log.info("run directory: %s", run_dir)
+    _check_shared_run_dir(env, layout, nodes, run_dir, writer)
 
     blocks = model.blocks[a:b]
     has_decoder = [hasattr(blk, "decoder_y") for blk in blocks]

@@ -171,10 +171,11 @@ class Sender(_Link):
         works, _, (kind, epoch, seq) = self._inflight.pop(0)
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
         if self.wire_device.type == "cuda":
-            # NCCL's wait() only orders streams; poll completion so that at most queue_depth
-            # sends (and their buffers) are really in flight
+            # NCCL's wait() only orders streams; poll the payload's completion so that at most
+            # queue_depth sends (and their buffers) are really in flight. Only the NCCL work:
+            # a gloo work (the header) reports completion only after wait().
             start = time.perf_counter()
-            while not all(w.is_completed() for w in works):
+            while not works[1].is_completed():
                 time.sleep(1e-4)
             self.wait_s += time.perf_counter() - start
         for work in works:

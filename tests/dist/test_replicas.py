@@ -76,11 +76,19 @@ def test_two_stages_by_two_replicas_under_torchrun_equal_one_stage(reference, tm
     assert "[stage 2/2, replica 1/2] epoch 2/2" in s.text
 
 
-def test_replicated_error_is_close_to_the_one_replica_run(reference, tmp_path):
-    ref_dir, _ = reference
-    results = launch(1, ["train", *MLP, "--run-dir", str(tmp_path / "one"), "--no-progress"])
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same job in one process, one replica."""
+    run_dir = tmp_path_factory.mktemp("single") / "one"
+    results = launch(1, ["train", *MLP, "--run-dir", str(run_dir), "--no-progress",
+                         "--threads-per-rank", "1"])
     assert results[0].returncode == 0, results[0].stderr[-3000:]
-    one = comparable(tmp_path / "one")[-1]["test"]["error"]
+    return run_dir
+
+
+def test_replicated_error_is_close_to_the_one_replica_run(reference, single):
+    ref_dir, _ = reference
+    one = comparable(single)[-1]["test"]["error"]
     two = comparable(ref_dir)[-1]["test"]["error"]
     # the same global batch and steps; BatchNorm and the similarity matrices see half a batch
     assert abs(one - two) < 3.0, (one, two)
@@ -122,6 +130,21 @@ def test_two_torchrun_agents_as_two_nodes(reference, tmp_path):
                      text), text
     assert "0 of 2 stage-to-stage links cross nodes" in text
     check_replicas_agree(text, 2, 2)
+
+
+def test_a_pipeline_across_two_nodes(single, tmp_path):
+    """Two agents with one process each: the 2-stage pipeline's link crosses the nodes."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = ["bash", str(ROOT / "launch" / "multinode.sh"), "2", "1", endpoint, *MLP,
+           "--run-dir", str(tmp_path / "nodes"), "--threads-per-rank", "1", "--no-progress"]
+    nodes = [Streamed(cmd, PYTHON=sys.executable, RDZV_ID=f"test2-{os.getpid()}")
+             for _ in range(2)]
+    codes = [n.wait(300) for n in nodes]
+    text = "".join(n.text for n in nodes)
+    assert codes == [0, 0], text[-4000:]
+    assert "1 of 1 stage-to-stage links cross nodes" in text
+    assert f"model-digest: {digest(single)}" in text
+    assert not list((tmp_path / "nodes").glob(".shared-*"))  # the shared-directory probe
 
 
 def test_slurm_script_starts_one_agent_per_node(reference, tmp_path):

@@ -72,3 +72,18 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path):
     assert abs(records[True]["test"]["error"] - records[False]["test"]["error"]) < 1.0
     assert records[True]["train"]["loss_local"] == pytest.approx(
         records[False]["train"]["loss_local"], rel=1e-3)
+
+
+def test_bf16_with_feedback_alignment_heads():
+    cfg = ModelConfig(name="mlp", num_layers=2, num_hidden=64)
+    model = build_model(cfg, LossConfig(bio=True), (1, 28, 28), 10, seed=5)
+    for unit in model.units():
+        unit.setup(CPU, OptimConfig(), precision="bf16")
+        unit.set_lr(1e-3)
+    x, y = torch.randn(300, 1, 28, 28), torch.arange(300) % 10
+    h = x
+    for block in model.blocks:
+        h, ctx = block.train_forward(h)
+        stats = block.train_update(ctx, y, onehot(y, 10))
+        assert torch.isfinite(stats).all()
+        assert stats.dtype == torch.float32 and float(stats[3]) == round(float(stats[3]))
