@@ -82,6 +82,10 @@ def test_real_torchrun_launch(tmp_path):
     (2, ["--partition", "2,1,1"], "has 3 stages, but the run has 2 processes"),
     (2, ["--partition", "2,1"], "covers 3 blocks, but the model has 4"),
     (2, ["--dataset", "CIFAR10", "--data-dir", "/nonexistent"], "pass --download"),
+    # stages x replicas
+    (3, ["--replicas", "2"], "needs a world size that is a multiple of 2"),
+    (4, ["--replicas", "2", "--backprop"], "cannot be pipelined across 2 stages"),
+    (2, ["--replicas", "2", "--batch-size", "2"], "leaves a replica with 1 example(s)"),
 ])
 def test_bad_pipeline_setups_fail_cleanly_on_every_stage(tmp_path, num_stages, args, message):
     argv = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4",
