@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 
 __all__ = ["DistEnv", "init_distributed", "shutdown", "torchrun_world", "all_agree",
-           "gather_to", "broadcast_from", "replica_groups"]
+           "gather_to", "broadcast_from", "gather_all", "replica_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,23 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def _collective(what: str, fn, *args, **kw):
-    """Run a collective; a vanished rank becomes a PeerLostError instead of a backend trace."""
+def _collective(what: str, fn, *args, lost: str = "another stage stopped during", **kw):
+    """Run a collective; a vanished rank becomes a PeerLostError ("{lost} {what}: reason")
+    instead of a backend trace."""
     from .transport import PeerLostError, _reason
     try:
         return fn(*args, **kw)
     except (RuntimeError, OSError) as exc:
-        raise PeerLostError(f"another stage stopped during {what}: {_reason(exc)}") from None
+        raise PeerLostError(f"{lost} {what}: {_reason(exc)}") from None
+
+
+def gather_all(env: DistEnv, obj) -> list:
+    """Every rank's picklable `obj`, on every rank (rank order)."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    _collective("setup", dist.all_gather_object, out, obj, group=env.meta_group)
+    return out
 
 
 def all_agree(env: DistEnv, error: str | None) -> None:
@@ -164,9 +174,7 @@ def all_agree(env: DistEnv, error: str | None) -> None:
         if error:
             raise ValueError(error)
         return
-    errors = [None] * env.world_size
-    _collective("setup", dist.all_gather_object, errors, error, group=env.meta_group)
-    for rank, err in enumerate(errors):
+    for rank, err in enumerate(gather_all(env, error)):
         if err:
             raise ValueError(err if rank == env.rank else f"(rank {rank}) {err}")
 

@@ -18,7 +18,6 @@ variances), identical on every replica.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Layout", "layout_for", "shard_bounds", "ReplicaSync", "units_digest"]
+from .distributed import _collective
+from .models import combine_digests, unit_digest
+
+__all__ = ["Layout", "layout_for", "shard_bounds", "ReplicaSync"]
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +102,11 @@ def layout_for(world_size: int, num_replicas: int) -> Layout:
     return Layout(world_size // num_replicas, num_replicas)
 
 
-def units_digest(units) -> str:
-    """sha256 over the parameters and buffers of `units` (for the replica agreement check)."""
-    h = hashlib.sha256()
-    for unit in units:
-        for name, tensor in unit.state_dict().items():
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"{unit.index}:{name}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class _Pending:
-    __slots__ = ("work", "flat", "grads")
+    __slots__ = ("work", "flat", "tensors")
 
-    def __init__(self, work, flat, grads):
-        self.work, self.flat, self.grads = work, flat, grads
+    def __init__(self, work, flat, tensors):
+        self.work, self.flat, self.tensors = work, flat, tensors
 
 
 class ReplicaSync:
@@ -127,12 +118,11 @@ class ReplicaSync:
         self.replica, self.num_replicas = replica, num_replicas
         self.stage_index, self.num_stages = stage_index, num_stages
         self.wait_s = 0.0
-        self.bytes = 0
 
-    def _lost(self, what: str, exc: Exception):
-        from .transport import PeerLostError, _reason
-        return PeerLostError(f"lost a replica of stage {self.stage_index + 1}/{self.num_stages} "
-                             f"while {what}: {_reason(exc)}")
+    def _call(self, what: str, fn, *args, **kw):
+        """A collective of this stage's replicas; a lost replica becomes a PeerLostError."""
+        return _collective(what, fn, *args, lost=f"lost a replica of stage "
+                           f"{self.stage_index + 1}/{self.num_stages} while", **kw)
 
     # --- gradients ------------------------------------------------------------------------------
     def start(self, unit, batch_size: int) -> _Pending | None:
@@ -146,11 +136,8 @@ class ReplicaSync:
         flat = torch.cat([t.reshape(-1).float() for t in tensors]
                          + [tensors[0].new_ones(1, dtype=torch.float32)])
         flat.mul_(float(batch_size))  # sums over the examples; the last entry: the batch size
-        try:
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-        except Exception as exc:
-            raise self._lost("averaging gradients", exc) from None
-        self.bytes += flat.numel() * flat.element_size()
+        work = self._call("averaging gradients", dist.all_reduce, flat, group=self.group,
+                          async_op=True)
         return _Pending(work, flat, tensors)
 
     def finish(self, pending: _Pending | None) -> None:
@@ -158,32 +145,23 @@ class ReplicaSync:
         if pending is None:
             return
         t0 = time.perf_counter()
-        try:
-            pending.work.wait()
-        except Exception as exc:
-            raise self._lost("averaging gradients", exc) from None
+        self._call("averaging gradients", pending.work.wait)
         self.wait_s += time.perf_counter() - t0
         flat = pending.flat
         flat[:-1].div_(flat[-1])
         offset = 0
-        for t in pending.grads:
+        for t in pending.tensors:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
 
     # --- statistics, agreement ---------------------------------------------------------------
-    def _all_reduce(self, tensor, what: str) -> None:
-        try:
-            dist.all_reduce(tensor, group=self.group)
-        except Exception as exc:
-            raise self._lost(what, exc) from None
-
     def sum_stats(self, stats) -> dict:
         """EpochStats summed over the replicas (every replica gets the totals; `stats` itself
         is left as it is). Returns a dict for EpochStats.load."""
         flat = torch.cat([stats.blocks.reshape(-1), stats.glob,
                           stats.glob.new_tensor([float(stats.count)])])
-        self._all_reduce(flat, "summing statistics")
+        self._call("summing statistics", dist.all_reduce, flat, group=self.group)
         nb = stats.blocks.numel()
         return {"blocks": flat[:nb].view_as(stats.blocks).clone(),
                 "glob": flat[nb:nb + 2].clone(), "count": int(round(float(flat[-1])))}
@@ -191,20 +169,16 @@ class ReplicaSync:
     def gather(self, obj) -> list | None:
         """Every replica's `obj`, on replica 0 (None on the others)."""
         out = [None] * self.num_replicas if self.replica == 0 else None
-        try:
-            dist.gather_object(obj, out, group_dst=0, group=self.object_group)
-        except Exception as exc:
-            raise self._lost("gathering replica state", exc) from None
+        self._call("gathering replica state", dist.gather_object, obj, out, group_dst=0,
+                   group=self.object_group)
         return out
 
     def check_identical(self, units) -> str:
         """Raise if the replicas' weights (and buffers) differ; returns the common digest."""
-        mine = units_digest(units)
+        mine = combine_digests([unit_digest(u) for u in units])
         every = [None] * self.num_replicas
-        try:
-            dist.all_gather_object(every, mine, group=self.object_group)
-        except Exception as exc:
-            raise self._lost("comparing replicas", exc) from None
+        self._call("comparing replicas", dist.all_gather_object, every, mine,
+                   group=self.object_group)
         if len(set(every)) != 1:
             bad = [r for r, d in enumerate(every) if d != every[0]]
             raise RuntimeError(f"the replicas of stage {self.stage_index + 1}/{self.num_stages} "

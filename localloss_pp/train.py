@@ -22,7 +22,7 @@ from .config import Config, lr_at_epoch, to_toml
 from .blocks import derive_seed
 from .data import DATASETS, build_loaders
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
-    replica_groups, shutdown, torchrun_world
+    gather_all, replica_groups, shutdown, torchrun_world
 from .metrics import append_jsonl, setup_logging
 from .models import build_model, combine_digests, count_params, unit_digest
 from .partition import choose_partition
@@ -96,6 +96,11 @@ def _check_last_batch(cfg: Config, num_train: int, num_test: int, num_replicas: 
                 f"replica needs at least {floor}{' (BatchNorm1d)' if floor == 2 else ''} per "
                 "batch; --batch-size is the global batch of a step, split across the replicas: "
                 f"choose one of at least {floor * R} whose last batch is not smaller")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The message of a setup error that every rank is told (all_agree)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _check_shared_run_dir(env, layout, nodes, run_dir: Path, writer: int) -> None:
@@ -222,9 +227,9 @@ class _GlobalRunner:
 def run_training(cfg: Config) -> RunResult | None:
     """Train as configured. Returns the result on the writer rank, None on the other ranks."""
     _, world, _, _ = torchrun_world()
-    _check_launch(cfg, world)  # before joining: every rank refuses alike, none waits for another
+    layout = _check_launch(cfg, world)  # before joining: every rank refuses alike
     env = init_distributed(cfg.train)
-    result = _run(cfg, env)  # on an error the caller exits at once: no collective teardown
+    result = _run(cfg, env, layout)  # on an error the caller exits at once: no collective teardown
     shutdown(env)
     log.debug("process group closed")
     return result
@@ -234,20 +239,19 @@ def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0
     """Sender and receiver of stage k of `replica` (None at the ends), handshaken with the
     neighbours. Activations travel in bf16 under --precision bf16."""
     (a, b) = part.bounds[k]
+    layout = layout or Layout(S, 1)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    num_replicas = layout.num_replicas if layout is not None else 1
-    lo, hi = shard_bounds(cfg.data.batch_size, 0, num_replicas)  # the largest share
+    lo, hi = shard_bounds(cfg.data.batch_size, 0, layout.num_replicas)  # the largest share
     common = dict(stage_index=k, num_stages=S, dtype=dtype,
                   max_batch=hi - lo, device=env.device,
                   group=None, meta_group=env.meta_group, staging=env.staging)
-    rank_of = layout.rank_of if layout is not None else (lambda stage, _r: stage)
     receiver = sender = None
     if k > 0:
-        receiver = Receiver(peer_rank=rank_of(k - 1, replica), peer_stage=k - 1,
+        receiver = Receiver(peer_rank=layout.rank_of(k - 1, replica), peer_stage=k - 1,
                             sample_shape=model.blocks[a].in_shape, **common)
         receiver.handshake(fingerprint)
     if k < S - 1:
-        sender = Sender(peer_rank=rank_of(k + 1, replica), peer_stage=k + 1,
+        sender = Sender(peer_rank=layout.rank_of(k + 1, replica), peer_stage=k + 1,
                         queue_depth=cfg.train.queue_depth,
                         sample_shape=model.blocks[b - 1].out_shape, **common)
         sender.handshake(fingerprint)
@@ -266,9 +270,8 @@ def _check_launch(cfg: Config, world: int) -> Layout:
     return layout
 
 
-def _run(cfg: Config, env: DistEnv) -> RunResult | None:
-    R = cfg.train.num_replicas
-    layout = _check_launch(cfg, env.world_size)
+def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
+    R = layout.num_replicas
     S, k, r = layout.num_stages, layout.stage_of(env.rank), layout.replica_of(env.rank)
     writer, mode = layout.rank_of(S - 1, 0), _mode(cfg)
     if R > 1:
@@ -277,7 +280,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
     info = DATASETS[cfg.data.dataset]
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     run_dir = broadcast_from(env, resolve_run_dir(cfg) if env.rank == 0 else None, 0)
-    where = broadcast_from(env, gather_to(env, (env.node_rank, str(env.device)), 0), 0)
+    where = gather_all(env, (env.node_rank, str(env.device)))
     nodes = [w[0] for w in where]
     # the first stage of every replica reads its shard of the data; on every node one of them
     # first (it may extract or download the files), then the others
@@ -294,7 +297,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
                                         r, R)
                 _check_last_batch(cfg, len(loaders[0].dataset), len(loaders[1].dataset), R)
         except Exception as exc:  # every rank must hear of it, not only this one
-            err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            err = _first_line(exc)
         all_agree(env, err)
     plan = broadcast_from(env, plan, 0)
     sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
@@ -314,7 +317,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
             part = choose_partition(cfg, model, S, info.input_shape, info.num_classes,
                                     env.device, names)
         except Exception as exc:
-            err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            err = _first_line(exc)
     all_agree(env, err)
     part = broadcast_from(env, part, 0)
     a, b = part.bounds[k]
@@ -340,7 +343,7 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
                 raise ValueError(f"{plan.path} was trained for {state['epoch']} epochs, "
                                  f"--epochs is {cfg.train.epochs}: raise --epochs to go on")
     except Exception as exc:
-        err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        err = _first_line(exc)
     all_agree(env, err)
     if plan.kind != "fresh" and env.rank == 0:
         log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
@@ -415,7 +418,6 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
         else:
             tr = runner.train_epoch(epoch, train_dl, sizes[2])
         te = runner.eval_epoch(epoch, test_dl, sizes[3])
-        agreed = None
         if sync is not None:  # statistics of the whole data; the replicas must agree
             tr.stats.load(sync.sum_stats(tr.stats))
             te.stats.load(sync.sum_stats(te.stats))
@@ -424,7 +426,6 @@ def _run(cfg: Config, env: DistEnv) -> RunResult | None:
                      agreed[:16], R)
         summary = _stage_summary(k, names[a:b], has_decoder, tr, te, with_stats,
                                  backprop=mode == "backprop")
-        summary["replica_digest"] = agreed
         gathered = gather_to(env, summary if r == 0 else None, writer)
         if env.rank == writer:
             rec = merge_stage_summaries(epoch, lr, gathered[:S], time.perf_counter() - start)
