@@ -153,7 +153,10 @@ def test_slurm_script_starts_one_agent_per_node(reference, tmp_path):
     ref_dir, _ = reference
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\necho 127.0.0.1\n")
+    # a long host list (as on a big allocation): more than a pipe holds, so a reader that
+    # stops after the first line would kill scontrol with SIGPIPE
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\nfor i in $(seq 1 20000); do echo 127.0.0.1; done\n")
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n# drop srun's own options, run the command once per node\n"
         "while [[ $1 == --* ]]; do shift; done\npids=()\n"
