@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
 from localloss_pp.losses import onehot
 from localloss_pp.models import build_model
-from localloss_pp.partition import time_ms
+from localloss_pp.partition import (Partition, fold_output, time_ms, unit_input_shape,
+                                    unit_step)
 
 __all__ = ["BlockCost", "profile_blocks", "predict", "project", "stage_bytes"]
 
@@ -59,19 +60,11 @@ def profile_blocks(model: ModelConfig, loss: LossConfig, input_shape, num_classe
         for u in (lu, bu):
             u.setup(device, OptimConfig())
             u.set_lr(1e-6)
-        shape = lu.in_shape if hasattr(lu, "in_shape") else local.blocks[-1].out_shape
-        x = torch.randn((batch_size, *shape), generator=gen).to(device)
-        if hasattr(lu, "train_forward"):
-            def local_step():
-                _, ctx = lu.train_forward(x)
-                lu.train_update(ctx, y, y1h)
-            out_shape = lu.out_shape
-            name = lu.describe()
-        else:
-            def local_step():
-                lu.train_update(x, y)
-            out_shape = (num_classes,)
-            name = "output " + lu.describe()
+        x = torch.randn((batch_size, *unit_input_shape(local, lu)), generator=gen).to(device)
+        local_step = unit_step(lu, x, y, y1h)
+        is_block = hasattr(lu, "train_forward")
+        out_shape = lu.out_shape if is_block else (num_classes,)
+        name = lu.describe() if is_block else "output " + lu.describe()
         xg = x.clone().requires_grad_(lu.index > 0)
 
         def backbone_step():
@@ -103,13 +96,8 @@ def predict(costs: list[BlockCost], counts: list[int], batch_size: int, *,
     """Predicted steady-state samples/s of the local pipeline with this partition."""
     if sum(counts) != len(costs) - 1:
         raise ValueError(f"partition {counts} does not cover the {len(costs) - 1} blocks")
-    stage_ms, start = [], 0
-    for k, c in enumerate(counts):
-        ms = sum(b.local_ms for b in costs[start:start + c])
-        if k == len(counts) - 1:
-            ms += costs[-1].local_ms  # the output layer
-        stage_ms.append(ms)
-        start += c
+    stage_ms = Partition(counts, fold_output([c.local_ms for c in costs]), "manual",
+                         "ms").stage_costs()
     link_ms = [1000.0 * (nbytes / link_bytes_per_s + link_latency_s)
                for nbytes in stage_bytes(costs, counts, batch_size)]
     bound = max(stage_ms + link_ms)

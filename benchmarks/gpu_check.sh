@@ -68,12 +68,13 @@ precision_all() {
   precision_run fp32 && precision_run bf16 --precision bf16 &&
     precision_run bf16-channels-last --precision bf16 --channels-last || return 1
   "$PY" - "$out/precision" <<'PYEOF'
-import json, statistics, sys
+import statistics, sys
 from pathlib import Path
+from localloss_pp.metrics import read_jsonl
 root = Path(sys.argv[1])
 rows = {}
 for name in ("fp32", "bf16", "bf16-channels-last"):
-    recs = [json.loads(l) for l in (root / name / "metrics.jsonl").read_text().splitlines()]
+    recs = read_jsonl(root / name / "metrics.jsonl")
     speed = statistics.median(r["train_samples_per_s"] for r in recs[1:] or recs)
     rows[name] = (speed, recs[-1]["test"]["error"])
 print("\n| precision | train samples/s (epochs 2-3) | vs fp32 | final test error |")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from localloss_pp.config import LossConfig, ModelConfig
-from localloss_pp.partition import balanced_split
+from localloss_pp.partition import balanced_split, fold_output
 
 from .costmodel import predict, profile_blocks, project
 
@@ -90,9 +90,7 @@ def summarise(variant: str, ranks: list[dict], spec: dict, windows: int) -> dict
            "threads_per_rank": ranks[0]["threads"], "samples_per_s": statistics.median(rates),
            "window_samples_per_s": rates,
            "peak_memory_mb": [round(r["peak_memory_bytes"] / 2 ** 20, 1) for r in ranks]}
-    total_bytes = sum(r.get("bytes_sent", 0) or 0 for r in ranks)
-    batches = spec["batches"] + (spec["warmup"] if variant in ("ddp", "gpipe", "1f1b") else 0)
-    out["bytes_per_sample"] = total_bytes / (batches * spec["batch_size"])
+    out["bytes_per_sample"] = sum(r.get("bytes_per_batch", 0) for r in ranks) / spec["batch_size"]
     out["bytes_how"] = "measured" if variant.startswith("local") else "analytic"
     if variant in ("local", "local1"):
         stages = [r["times"] for r in sorted(ranks, key=lambda r: r["rank"])]
@@ -241,9 +239,7 @@ def main(argv=None) -> int:
         if costs is None:
             counts = None
         else:
-            block_ms = [c.local_ms for c in costs[:-1]]
-            block_ms[-1] += costs[-1].local_ms
-            counts = balanced_split(block_ms, S)
+            counts = balanced_split(fold_output([c.local_ms for c in costs]), S)
         jobs = []
         for i, loss in enumerate(args.losses.split(",")):
             for variant in variants:
@@ -358,9 +354,7 @@ def validate(model_name, loss, mcfg, costs, base, args, cores) -> list[dict]:
     for S in counts_list:
         if S > len(costs) - 1:
             continue
-        block_ms = [c.local_ms for c in local_costs[:-1]]
-        block_ms[-1] += local_costs[-1].local_ms
-        counts = balanced_split(block_ms, S)
+        counts = balanced_split(fold_output([c.local_ms for c in local_costs]), S)
         spec = dict(base, loss={"loss_sup": loss}, threads=1, counts=counts)
         print(f"- {model_name} {loss} cost-model check, {S} stage(s) ...", flush=True)
         measured = summarise("local", run_variant("local", spec, S, args.timeout), spec,

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from localloss_pp.metrics import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,8 +30,7 @@ def _run(cmd, env, timeout):
 
 def _curve(run_dir: Path) -> list[dict]:
     t, out = 0.0, []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(run_dir / "metrics.jsonl"):
         t += rec["train_time_s"]
         out.append({"epoch": rec["epoch"], "wall_s": t, "test_error": rec["test"]["error"]})
     return out

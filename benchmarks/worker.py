@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from localloss_pp.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, \
     TrainConfig
-from localloss_pp.distributed import init_distributed
+from localloss_pp.distributed import init_distributed, shutdown
 from localloss_pp.losses import onehot
 from localloss_pp.models import build_model
 from localloss_pp.partition import Partition
@@ -118,12 +118,14 @@ def run_local(spec: dict, env) -> dict:
     measured = runner.train_epoch(2, loader_m)
     runner.stop()
     return {"timestamps": stamps if k == S - 1 else None, "times": measured.times.as_dict(),
-            "bytes_sent": sender.bytes if sender else 0, "link_bytes_per_s": link,
+            # the measured epoch's traffic (its end-of-epoch marker included) per batch
+            "bytes_per_batch": measured.times.bytes_sent / max(measured.times.batches, 1),
+            "link_bytes_per_s": link,
             "report": k == S - 1}
 
 
 def run_backprop1(spec: dict, env) -> dict:
-    from localloss_pp.globalmode import _global_step
+    from localloss_pp.globalmode import global_step
     cfg = _config(spec)
     model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1)
     for unit in model.units():
@@ -132,7 +134,7 @@ def run_backprop1(spec: dict, env) -> dict:
     model.train()
     stamps = []
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
-        _global_step(model, x, y, onehot(y, NUM_CLASSES), "backprop")
+        global_step(model.blocks, model.output, x, y, onehot(y, NUM_CLASSES), "backprop")
         if i >= spec["warmup"]:
             _sync(env.device)
             stamps.append(time.perf_counter())
@@ -155,27 +157,27 @@ def run_ddp(spec: dict, env) -> dict:
         loss = F.cross_entropy(ddp(x), y)
         loss.backward()
         for unit in model.units():
-            unit.optimizer.step()
-            unit.optimizer.zero_grad(set_to_none=True)
+            unit.step()
         if i >= spec["warmup"]:
             _sync(env.device)
             stamps.append(time.perf_counter())
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     # ring all-reduce: each rank sends 2 (S-1)/S of the gradient bytes per step
     return {"timestamps": stamps if env.rank == 0 else None, "report": env.rank == 0,
-            "bytes_sent": 2 * (S - 1) / S * params * (spec["warmup"] + spec["batches"])}
+            "bytes_per_batch": 2 * (S - 1) / S * params}
 
 
 def run_pipelining(spec: dict, env, schedule: str) -> dict:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     cfg = _config(spec)
     S, k = env.world_size, env.rank
-    model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1)
+    model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1,
+                        materialize=())
     part = Partition(spec["counts"], [0.0] * len(model.blocks), "manual", "params")
     a, b = part.bounds[k]
+    model.setup_units(part.units_of(k), env.device, cfg.optim)
     units = list(model.blocks[a:b]) + ([model.output] if k == S - 1 else [])
     for unit in units:
-        unit.setup(env.device, cfg.optim)
         unit.set_lr(1e-4)
     stage = PipelineStage(nn.Sequential(*units), k, S, env.device)
     cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
@@ -190,8 +192,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
         else:
             sched.step()
         for unit in units:
-            unit.optimizer.step()
-            unit.optimizer.zero_grad(set_to_none=True)
+            unit.step()
         if i >= spec["warmup"]:
             _sync(env.device)
             stamps.append(time.perf_counter())
@@ -199,8 +200,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     act = sum(4 * torch.Size(model.blocks[bnd - 1].out_shape).numel()
               for _, bnd in part.bounds[:-1])
     return {"timestamps": stamps if k == 0 else None, "report": k == 0,
-            "bytes_sent": 2 * act * spec["batch_size"] * (spec["warmup"] + spec["batches"])
-            if k == 0 else 0}
+            "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
 
 
 def main(argv=None) -> int:
@@ -224,9 +224,7 @@ def main(argv=None) -> int:
                   threads=env.threads, peak_memory_bytes=_peak_memory(env.device),
                   device=str(env.device))
     (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
-    if env.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown(env)
     sys.stdout.flush()
     os._exit(0)  # skip the backend's thread teardown at interpreter exit
 

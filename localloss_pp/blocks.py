@@ -147,10 +147,6 @@ class LocalBlock(nn.Module):
     channels_last_capable = False
 
     # --- construction -------------------------------------------------------------------------
-    @property
-    def materialized(self) -> bool:
-        return not any(t.is_meta for t in self.state_dict().values())
-
     def materialize(self) -> None:
         """Allocate the meta-built modules on the CPU and initialise them from the block's seed.
 
@@ -402,10 +398,6 @@ class OutputLayer(nn.Module):
             self.linear = nn.Linear(num_in, num_classes)
         self.optimizer: torch.optim.Optimizer | None = None
         self._amp: tuple | None = None
-
-    @property
-    def materialized(self) -> bool:
-        return not self.linear.weight.is_meta
 
     def materialize(self) -> None:
         self.to_empty(device="cpu")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .config import first_line
 from .models import LocalModel
 
 __all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "load_model_state", "unit_states",
@@ -91,7 +92,7 @@ def load_model_state(model: LocalModel, path: Path, only=None) -> dict:
             unit.load_state_dict(sd)
         except RuntimeError as exc:
             raise CheckpointError(f"{path} does not fit unit {unit.index}: "
-                                  f"{str(exc).splitlines()[0]}") from None
+                                  f"{first_line(exc)}") from None
     return state
 
 
@@ -173,7 +174,7 @@ def _version() -> str:
     return __version__
 
 
-def read_manifest(folder: Path, verify: bool = True) -> dict:
+def read_manifest(folder: Path) -> dict:
     """The manifest of a checkpoint folder; CheckpointError if missing, foreign or damaged."""
     path = Path(folder) / MANIFEST
     try:
@@ -184,15 +185,14 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
         raise CheckpointError(f"{path} is damaged: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a localloss-pp checkpoint manifest")
-    if verify:
-        for name, digest in manifest["files"].items():
-            try:
-                data = (Path(folder) / name).read_bytes()
-            except OSError:
-                raise CheckpointError(f"checkpoint {folder} misses {name}") from None
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise CheckpointError(f"checkpoint file {Path(folder) / name} is damaged "
-                                      "(checksum mismatch)")
+    for name, digest in manifest["files"].items():
+        try:
+            data = (Path(folder) / name).read_bytes()
+        except OSError:
+            raise CheckpointError(f"checkpoint {folder} misses {name}") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CheckpointError(f"checkpoint file {Path(folder) / name} is damaged "
+                                  "(checksum mismatch)")
     return manifest
 
 

@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 from .config import DATASET_NAMES, MODEL_NAMES, ModelConfig, add_config_arguments, \
-    config_from_args
+    config_from_args, first_line
 
 __all__ = ["main", "build_parser"]
 
@@ -113,7 +113,7 @@ def _cmd_train(args) -> int:
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             log.exception("failed")
         else:
-            log.error("error: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.error("error: %s", first_line(exc))
         for handler in logging.getLogger("localloss_pp").handlers:
             handler.flush()
         sys.stdout.flush()
@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # a failure during training (StageFailure and the like)
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"localloss-pp {args.command}: error: {first} (set LOCALLOSS_PP_DEBUG=1 for the "
-              "traceback)", file=sys.stderr)
+        print(f"localloss-pp {args.command}: error: {first_line(exc)} (set "
+              "LOCALLOSS_PP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"localloss-pp {args.command}: interrupted", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any
 __all__ = [
     "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
     "QUICKSTART", "REFERENCE_FLAGS", "add_config_arguments", "config_from_args", "load_toml",
-    "build_config", "validate", "to_toml", "lr_at_epoch",
+    "build_config", "validate", "to_toml", "lr_at_epoch", "first_line",
 ]
 
 MODEL_NAMES = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
@@ -399,3 +399,9 @@ def to_toml(cfg: Config) -> str:
             lines.append(f"{fld.name} = {_toml_value(getattr(obj, fld.name))}")
         lines.append("")
     return "\n".join(lines)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type name when it has none): what a one-line
+    error report shows."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

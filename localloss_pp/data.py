@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from .blocks import derive_seed
-from .config import DataConfig
+from .config import DataConfig, first_line
 from .replicas import shard_bounds
 
 __all__ = ["DatasetInfo", "DATASETS", "DatasetNotFoundError", "Cutout", "NClassRandomSampler",
@@ -291,12 +291,10 @@ def build_datasets(cfg: DataConfig):
                                      _transforms(info, cfg, True))
         test = _torchvision_dataset(cfg.dataset, root, False, cfg.download,
                                     _transforms(info, cfg, False))
-    except DatasetNotFoundError:
-        raise
     except OSError as exc:  # no network for --download, unreadable or read-only folders
         raise DatasetNotFoundError(
             f"dataset {cfg.dataset} could not be read or fetched under {root} (--data-dir): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; put the files "
+            f"{first_line(exc)}; put the files "
             "there by hand or run with --download on a machine with internet access") from None
     except RuntimeError as exc:
         if any(w in str(exc).lower() for w in ("not found", "corrupted", "error downloading")):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig
+from .transport import guarded
 
 __all__ = ["DistEnv", "init_distributed", "shutdown", "torchrun_world", "all_agree",
            "gather_to", "broadcast_from", "gather_all", "replica_groups"]
@@ -24,8 +25,6 @@ log = logging.getLogger(__name__)
 class DistEnv:
     rank: int
     world_size: int
-    local_rank: int
-    local_world_size: int
     device: torch.device
     backend: str | None
     threads: int
@@ -97,7 +96,7 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     cores = os.cpu_count() or 1
     threads = train.threads_per_rank or max(1, cores // max(1, local_world))
     torch.set_num_threads(threads)
-    env = DistEnv(rank, world, local_rank, local_world, device, None, threads,
+    env = DistEnv(rank, world, device, None, threads,
                   node_rank=int(os.environ.get("GROUP_RANK", "0")))
     if world > 1:
         timeout = timedelta(seconds=train.timeout_s)
@@ -149,22 +148,12 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def _collective(what: str, fn, *args, lost: str = "another stage stopped during", **kw):
-    """Run a collective; a vanished rank becomes a PeerLostError ("{lost} {what}: reason")
-    instead of a backend trace."""
-    from .transport import PeerLostError, _reason
-    try:
-        return fn(*args, **kw)
-    except (RuntimeError, OSError) as exc:
-        raise PeerLostError(f"{lost} {what}: {_reason(exc)}") from None
-
-
 def gather_all(env: DistEnv, obj) -> list:
     """Every rank's picklable `obj`, on every rank (rank order)."""
     if not env.distributed:
         return [obj]
     out = [None] * env.world_size
-    _collective("setup", dist.all_gather_object, out, obj, group=env.meta_group)
+    guarded("setup", dist.all_gather_object, out, obj, group=env.meta_group)
     return out
 
 
@@ -184,7 +173,7 @@ def gather_to(env: DistEnv, obj, dst: int) -> list | None:
     if not env.distributed:
         return [obj]
     out = [None] * env.world_size if env.rank == dst else None
-    _collective("the gathering of results", dist.gather_object, obj, out, dst=dst,
+    guarded("the gathering of results", dist.gather_object, obj, out, dst=dst,
                 group=env.meta_group)
     return out
 
@@ -194,5 +183,5 @@ def broadcast_from(env: DistEnv, obj, src: int):
     if not env.distributed:
         return obj
     box = [obj]
-    _collective("setup", dist.broadcast_object_list, box, src=src, group=env.meta_group)
+    guarded("setup", dist.broadcast_object_list, box, src=src, group=env.meta_group)
     return box[0]

@@ -66,10 +66,6 @@ class EpochStats:
         self.glob = torch.zeros(2, dtype=torch.float64, device=device)  # loss*B, correct
         self.count = 0
 
-    def state(self) -> dict:
-        """The running sums, for a checkpoint taken in the middle of an epoch."""
-        return {"blocks": self.blocks.cpu(), "glob": self.glob.cpu(), "count": self.count}
-
     def load(self, state: dict) -> None:
         self.blocks.copy_(state["blocks"])
         self.glob.copy_(state["glob"])

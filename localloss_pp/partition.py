@@ -18,7 +18,7 @@ from .losses import onehot
 from .models import LocalModel, build_model
 
 __all__ = ["Partition", "balanced_split", "parse_counts", "choose_partition",
-           "profile_unit_times", "time_ms"]
+           "profile_unit_times", "time_ms", "fold_output", "unit_step", "unit_input_shape"]
 
 
 @dataclass
@@ -120,7 +120,21 @@ def time_ms(fn, steps: int, device, rounds: int = 3) -> float:
     return statistics.median(per_round)
 
 
-def _unit_step(unit, x, y, y1h):
+def fold_output(unit_costs: list[float]) -> list[float]:
+    """Per-block costs from per-unit costs (blocks, then the output layer): the output layer
+    runs on the last stage, so its cost goes to the last block."""
+    costs = list(unit_costs[:-1])
+    costs[-1] += unit_costs[-1]
+    return costs
+
+
+def unit_input_shape(model: LocalModel, unit) -> tuple[int, ...]:
+    """The per-sample shape a unit receives (the output layer: the last block's output)."""
+    return unit.in_shape if hasattr(unit, "in_shape") else model.blocks[-1].out_shape
+
+
+def unit_step(unit, x, y, y1h):
+    """A function running one local training step of `unit` on (x, y)."""
     def step():
         if hasattr(unit, "train_forward"):
             _, ctx = unit.train_forward(x)
@@ -143,9 +157,8 @@ def profile_unit_times(cfg: Config, input_shape, num_classes: int, device,
     for unit in net.units():
         unit.setup(device, cfg.optim)
         unit.set_lr(1e-6)
-        shape = unit.in_shape if hasattr(unit, "in_shape") else net.blocks[-1].out_shape
-        x = torch.randn((bs, *shape), generator=gen).to(device)
-        times.append(time_ms(_unit_step(unit, x, y, y1h), steps, device))
+        x = torch.randn((bs, *unit_input_shape(net, unit)), generator=gen).to(device)
+        times.append(time_ms(unit_step(unit, x, y, y1h), steps, device))
         unit.to("cpu")
     return times
 
@@ -158,14 +171,12 @@ def choose_partition(cfg: Config, model: LocalModel, num_stages: int, input_shap
         raise ValueError(f"{num_stages} stages but {cfg.model.name} has only {n} blocks; "
                          f"launch at most {n} processes per pipeline")
     spec = cfg.train.partition
-    param_costs = [float(sum(p.numel() for p in b.parameters())) for b in model.blocks]
-    param_costs[-1] += sum(p.numel() for p in model.output.parameters())
+    param_costs = fold_output([float(sum(p.numel() for p in u.parameters()))
+                               for u in model.units()])
     if spec == "params" or (spec == "auto" and num_stages == 1):  # nothing to balance
         return Partition(balanced_split(param_costs, num_stages), param_costs, "params",
                          "params", names)
     if spec == "auto":
-        times = profile_unit_times(cfg, input_shape, num_classes, device)
-        costs = times[:-1]
-        costs[-1] += times[-1]
+        costs = fold_output(profile_unit_times(cfg, input_shape, num_classes, device))
         return Partition(balanced_split(costs, num_stages), costs, "auto", "ms", names)
     return Partition(parse_counts(spec, n, num_stages), param_costs, "manual", "params", names)

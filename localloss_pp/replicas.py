@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .distributed import _collective
 from .models import combine_digests, unit_digest
+from .transport import guarded
 
 __all__ = ["Layout", "layout_for", "shard_bounds", "ReplicaSync"]
 
@@ -121,7 +121,7 @@ class ReplicaSync:
 
     def _call(self, what: str, fn, *args, **kw):
         """A collective of this stage's replicas; a lost replica becomes a PeerLostError."""
-        return _collective(what, fn, *args, lost=f"lost a replica of stage "
+        return guarded(what, fn, *args, lost=f"lost a replica of stage "
                            f"{self.stage_index + 1}/{self.num_stages} while", **kw)
 
     # --- gradients ------------------------------------------------------------------------------

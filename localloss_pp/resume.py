@@ -21,6 +21,7 @@ from .checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes, checkpoi
                          restore_unit, save_stage_checkpoint, semantic_config, unit_checkpoint,
                          write_manifest)
 from .blocks import derive_seed
+from .config import first_line
 from .metrics import read_jsonl
 
 __all__ = ["ResumePlan", "plan_resume", "StageCheckpointer", "reconcile_metrics"]
@@ -60,7 +61,8 @@ def _check_config(manifest: dict, cfg, where) -> None:
 def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
     """Decide where the run starts; raise a clear error when the request cannot be honoured."""
     spec = cfg.train.resume or ("auto" if restarted else "")
-    if restarted and spec != "auto" and latest_checkpoint(run_dir) is not None:
+    found = latest_checkpoint(run_dir, log) if restarted or spec == "auto" else None
+    if restarted and found is not None:
         spec = "auto"  # a restarted attempt continues this run, not the original --resume source
     if not spec:
         if _holds_run(run_dir):
@@ -68,7 +70,6 @@ def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
                              "--run-dir or continue it with --resume auto (nothing is deleted)")
         return ResumePlan()
     if spec == "auto":
-        found = latest_checkpoint(run_dir, log)
         if found is None:
             if _holds_run(run_dir):
                 raise CheckpointError(f"run directory {run_dir} holds a run but no complete, "
@@ -118,12 +119,13 @@ class StageCheckpointer:
     """Writes this stage's part of every checkpoint; the last stage adds the manifest."""
 
     def __init__(self, cfg, run_dir: Path, stage_index: int, num_stages: int, blocks, output,
-                 counts: list[int], model_name: str, sync=None, replica: int = 0):
+                 counts: list[int], model_name: str, sync=None):
         self.cfg, self.run_dir = cfg, run_dir
         self.k, self.S = stage_index, num_stages
         self.blocks, self.output = list(blocks), output
         self.counts, self.model_name = counts, model_name
-        self.sync, self.replica = sync, replica  # data-parallel replicas of this stage
+        self.sync = sync  # data-parallel replicas of this stage
+        self.replica = sync.replica if sync is not None else 0
         self.num_replicas = sync.num_replicas if sync is not None else 1
 
     def save(self, epoch: int, step: int | None, stats=None) -> None:
@@ -200,7 +202,7 @@ class StageCheckpointer:
                             f"dropout/replica{self.replica}/resume{plan.manifest['epoch']}"))
             except (RuntimeError, KeyError, ValueError) as exc:
                 raise CheckpointError(f"{folder}: unit {unit.index} does not fit this model "
-                                      f"({str(exc).splitlines()[0]})") from None
+                                      f"({first_line(exc)})") from None
         if not mid_epoch:
             return None, None
         data = extra.get("data") if self.k == 0 else None

@@ -211,9 +211,9 @@ class StageRunner:
         times = result.times
         start = time.perf_counter()
         bytes_before = self.sender.bytes if self.sender is not None else 0
+        # a tqdm bar on a terminal, else None
         bar = progress(None, total=total or 0, enabled=self.show_progress,
-                       desc=f"{'train' if kind == TRAIN else 'test'} {epoch}") \
-            if self.show_progress else None
+                       desc=f"{'train' if kind == TRAIN else 'test'} {epoch}")
         seq = -1
         try:
             for seq, x, y, y_host in self._batches(loader, kind, epoch, times, start_seq):
@@ -225,7 +225,7 @@ class StageRunner:
                     on_checkpoint(epoch, done, result.stats)
                 times.batches += 1
                 times.samples += y.size(0)
-                if bar is not None and hasattr(bar, "update"):
+                if bar is not None:
                     bar.update(1)
             self._send(times, END_TRAIN if kind == TRAIN else END_EVAL, epoch, max(seq + 1, start_seq))
         except (StageFailure, NonFiniteLossError, PeerLostError, ShapeMismatchError):
@@ -234,7 +234,7 @@ class StageRunner:
             raise StageFailure(f"{self._name()} failed at {KIND_NAMES[kind]} {seq + 1} of epoch "
                                f"{epoch}: {type(exc).__name__}: {exc}") from exc
         finally:
-            if bar is not None and hasattr(bar, "close"):
+            if bar is not None:
                 bar.close()
         self.clock.flush(times)
         times.wall_s = time.perf_counter() - start
@@ -243,6 +243,14 @@ class StageRunner:
         return result
 
     # --- train and eval ----------------------------------------------------------------------
+    def _update(self, x, y, y1h, hand_off):
+        """This stage's update on a batch; `hand_off(output)` passes the output on between the
+        forwards and the updates. Returns (per-block stats, (logits, loss) or None)."""
+        _, stats, out = local_forward_update(self.blocks, x, y, y1h,
+                                             hand_off if self.sender is not None else None,
+                                             self.output, self.replica_sync)
+        return stats, out
+
     def _train_step(self, result, times, epoch, seq, x, y, y_host) -> None:
         mark = [self.clock.start()]
         y1h = onehot(y, self.num_classes)
@@ -255,14 +263,13 @@ class StageRunner:
         sync = self.replica_sync
         if sync is not None:
             before = sync.wait_s
-        h, stats, out = local_forward_update(self.blocks, x, y, y1h,
-                                             hand_off if self.sender is not None else None,
-                                             self.output, sync)
+        stats, out = self._update(x, y, y1h, hand_off)
         gloss = None
         if out is not None:
             logits, gloss = out
             result.stats.add_global(gloss, logits, y)
-        result.stats.add_blocks(stats, y.size(0))
+        if stats:
+            result.stats.add_blocks(stats, y.size(0))
         result.stats.add_count(y.size(0))
         if seq % self.check_every == 0:
             self._check(stats, gloss, epoch, seq)

@@ -12,13 +12,14 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from . import globalmode
 from .checkpoint import atomic_write_bytes, load_model_state, save_model, unit_states
-from .config import Config, lr_at_epoch, to_toml
+from .config import Config, first_line, lr_at_epoch, to_toml
+from .globalmode import GlobalRunner
 from .blocks import derive_seed
 from .data import DATASETS, build_loaders
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
@@ -28,7 +29,7 @@ from .models import build_model, combine_digests, count_params, unit_digest
 from .partition import choose_partition
 from .replicas import Layout, ReplicaSync, layout_for, shard_bounds
 from .resume import StageCheckpointer, plan_resume, reconcile_metrics
-from .stage import StageEpoch, StageRunner, StageTimes
+from .stage import StageRunner
 from .transport import Receiver, Sender, config_fingerprint
 
 __all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "merge_stage_summaries",
@@ -96,11 +97,6 @@ def _check_last_batch(cfg: Config, num_train: int, num_test: int, num_replicas: 
                 f"replica needs at least {floor}{' (BatchNorm1d)' if floor == 2 else ''} per "
                 "batch; --batch-size is the global batch of a step, split across the replicas: "
                 f"choose one of at least {floor * R} whose last batch is not smaller")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message of a setup error that every rank is told (all_agree)."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _check_shared_run_dir(env, layout, nodes, run_dir: Path, writer: int) -> None:
@@ -192,38 +188,6 @@ def _log_epoch(rec: dict, epochs: int, num_stages: int) -> None:
                  rec["train_samples_per_s"] or 0)
 
 
-class _GlobalRunner:
-    """--backprop / --no-detach in one process, with the StageRunner's epoch interface."""
-
-    def __init__(self, model, device, mode, num_classes, with_stats, show, sync=None):
-        self.model, self.device, self.mode = model, device, mode
-        self.num_classes, self.with_stats, self.show = num_classes, with_stats, show
-        self.units = model.units()
-        self.sync = sync  # data-parallel replicas (one stage)
-
-    def set_lr(self, lr):
-        for unit in self.units:
-            unit.set_lr(lr)
-
-    def _timed(self, fn, *args, **kw):
-        start = time.perf_counter()
-        stats = fn(self.model, *args, self.device, num_classes=self.num_classes,
-                   show_progress=self.show, **kw)
-        times = StageTimes(wall_s=time.perf_counter() - start, samples=stats.count)
-        times.busy_s = times.wall_s
-        return StageEpoch(stats, times)
-
-    def train_epoch(self, epoch, loader, total=None):
-        return self._timed(globalmode.train_epoch, loader, mode=self.mode, epoch=epoch,
-                           check_every=1 if self.device.type == "cpu" else 50, sync=self.sync)
-
-    def eval_epoch(self, epoch, loader, total=None):
-        return self._timed(globalmode.evaluate, loader, with_stats=self.with_stats)
-
-    def stop(self):
-        pass
-
-
 def run_training(cfg: Config) -> RunResult | None:
     """Train as configured. Returns the result on the writer rank, None on the other ranks."""
     _, world, _, _ = torchrun_world()
@@ -297,7 +261,7 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
                                         r, R)
                 _check_last_batch(cfg, len(loaders[0].dataset), len(loaders[1].dataset), R)
         except Exception as exc:  # every rank must hear of it, not only this one
-            err = _first_line(exc)
+            err = first_line(exc)
         all_agree(env, err)
     plan = broadcast_from(env, plan, 0)
     sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
@@ -317,7 +281,7 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
             part = choose_partition(cfg, model, S, info.input_shape, info.num_classes,
                                     env.device, names)
         except Exception as exc:
-            err = _first_line(exc)
+            err = first_line(exc)
     all_agree(env, err)
     part = broadcast_from(env, part, 0)
     a, b = part.bounds[k]
@@ -325,11 +289,9 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
     t = cfg.train
     model.setup_units(keep, env.device, cfg.optim, replica=r, precision=t.precision,
                       channels_last=t.channels_last, compile=t.compile)
-    if mode != "local":
-        a, b = 0, len(model.blocks)  # one process owns every unit
     ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
                              model.output if k == S - 1 else None, part.counts, model.name,
-                             sync, r)
+                             sync)
     start_epoch, start_seq = plan.start
     initial = data_state = None
     err = None
@@ -343,7 +305,7 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
                 raise ValueError(f"{plan.path} was trained for {state['epoch']} epochs, "
                                  f"--epochs is {cfg.train.epochs}: raise --epochs to go on")
     except Exception as exc:
-        err = _first_line(exc)
+        err = first_line(exc)
     all_agree(env, err)
     if plan.kind != "fresh" and env.rank == 0:
         log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
@@ -382,15 +344,11 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
     blocks = model.blocks[a:b]
     has_decoder = [hasattr(blk, "decoder_y") for blk in blocks]
     with_stats = cfg.train.print_stats and mode != "backprop"
-    if mode == "local":
-        runner = StageRunner(blocks=blocks, output=model.output if k == S - 1 else None,
-                             stage_index=k, num_stages=S, device=env.device,
-                             num_classes=info.num_classes, sender=sender, receiver=receiver,
-                             with_stats=with_stats, show_progress=t.progress and r == 0,
-                             check_every=1 if env.device.type == "cpu" else 50, sync=sync)
-    else:
-        runner = _GlobalRunner(model, env.device, mode, info.num_classes, with_stats,
-                               t.progress and r == 0, sync)
+    runner = (StageRunner if mode == "local" else partial(GlobalRunner, mode=mode))(
+        blocks=blocks, output=model.output if k == S - 1 else None, stage_index=k,
+        num_stages=S, device=env.device, num_classes=info.num_classes, sender=sender,
+        receiver=receiver, with_stats=with_stats, show_progress=t.progress and r == 0,
+        check_every=1 if env.device.type == "cpu" else 50, sync=sync)
     train_dl, test_dl = loaders[:2] if loaders else (None, None)
     rec = None
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -410,13 +368,10 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
             else:  # the augmentation stream of every epoch: a function of (seed, epoch, replica)
                 torch.manual_seed(derive_seed(cfg.train.seed, epoch, "augment" if r == 0
                                               else f"augment/replica{r}"))
-        if mode == "local":
-            tr = runner.train_epoch(epoch, train_dl, sizes[2], start_seq=skip,
-                                    initial=initial if skip else None,
-                                    checkpoint_every=cfg.train.checkpoint_every,
-                                    on_checkpoint=lambda e, n, st: ckpt.save(e, n, st))
-        else:
-            tr = runner.train_epoch(epoch, train_dl, sizes[2])
+        tr = runner.train_epoch(epoch, train_dl, sizes[2], start_seq=skip,
+                                initial=initial if skip else None,
+                                checkpoint_every=cfg.train.checkpoint_every,
+                                on_checkpoint=lambda e, n, st: ckpt.save(e, n, st))
         te = runner.eval_epoch(epoch, test_dl, sizes[3])
         if sync is not None:  # statistics of the whole data; the replicas must agree
             tr.stats.load(sync.sum_stats(tr.stats))

@@ -24,8 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import first_line
+
 __all__ = ["TRAIN", "EVAL", "END_TRAIN", "END_EVAL", "STOP", "KIND_NAMES", "Message",
-           "Sender", "Receiver", "ShapeMismatchError", "PeerLostError", "config_fingerprint"]
+           "Sender", "Receiver", "ShapeMismatchError", "PeerLostError", "config_fingerprint",
+           "guarded"]
 
 TRAIN, EVAL, END_TRAIN, END_EVAL, STOP = 1, 2, 3, 4, 5
 KIND_NAMES = {TRAIN: "train batch", EVAL: "eval batch", END_TRAIN: "end of training",
@@ -54,7 +57,6 @@ class Message:
     kind: int
     epoch: int
     seq: int
-    batch_size: int
     labels: torch.Tensor | None = None
     activation: torch.Tensor | None = None
 
@@ -75,9 +77,18 @@ def _describe(spec: list[int]) -> str:
 
 def _reason(exc: Exception) -> str:
     """The useful part of a backend error ("Connection closed by peer", "Timed out ...")."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = first_line(exc)
     m = re.search(r"(Connection (closed|reset) by peer|Timed out[^.]*|timed out[^.]*)", text)
     return m.group(1) if m else text[:200]
+
+
+def guarded(what: str, fn, *args, lost: str = "another stage stopped during", **kw):
+    """Run a communication call; a vanished peer (the backend's error: connection closed, timed
+    out) becomes a PeerLostError ("{lost} {what}: reason") instead of a backend trace."""
+    try:
+        return fn(*args, **kw)
+    except (RuntimeError, OSError) as exc:
+        raise PeerLostError(f"{lost} {what}: {_reason(exc)}") from None
 
 
 class _Link:
@@ -93,26 +104,19 @@ class _Link:
         self.staging = staging
         self.wire_device = torch.device("cpu") if staging else device
         self.wait_s = 0.0
-        self.bytes = 0
+        self._lost = f"lost {self._name(peer_stage)} (rank {peer_rank}) while"
 
     def _name(self, stage: int) -> str:
         return f"stage {stage + 1}/{self.num_stages}"
 
     def _issue(self, op, tensor, group, what: str):
         """isend/irecv to the peer; a broken connection becomes a PeerLostError."""
-        try:
-            return op(tensor, self.peer_rank, group=group)
-        except Exception as exc:
-            raise PeerLostError(f"lost {self._name(self.peer_stage)} (rank {self.peer_rank}) "
-                                f"while {what}: {_reason(exc)}") from None
+        return guarded(what, op, tensor, self.peer_rank, group=group, lost=self._lost)
 
     def _wait(self, work, what: str) -> None:
         start = time.perf_counter()
         try:
-            work.wait()
-        except Exception as exc:  # gloo: connection closed by peer, or the op timed out
-            raise PeerLostError(f"lost {self._name(self.peer_stage)} (rank {self.peer_rank}) "
-                                f"while {what}: {_reason(exc)}") from None
+            guarded(what, work.wait, lost=self._lost)
         finally:
             self.wait_s += time.perf_counter() - start
 
@@ -123,6 +127,7 @@ class Sender(_Link):
     def __init__(self, *, queue_depth: int, **kw):
         super().__init__(**kw)
         self.queue_depth = queue_depth
+        self.bytes = 0  # sent so far, headers included
         self._inflight: list[tuple[list, tuple, tuple]] = []
         self._blank = torch.zeros((self.max_batch, *self.shape), dtype=self.dtype,
                                   device=self.wire_device)
@@ -238,16 +243,14 @@ class Receiver(_Link):
             raise ShapeMismatchError(f"{self._name(self.stage_index)} received a malformed "
                                      f"header {[kind, epoch, seq, bs]} from "
                                      f"{self._name(self.peer_stage)}")
-        self.bytes += self._meta[slot].numel() * 8 + \
-            self._payload[slot].numel() * self._payload[slot].element_size()
         self._pending = None
         if kind != STOP:
             self._slot = 1 - slot
             self._post()
         if kind not in (TRAIN, EVAL):
-            return Message(kind, epoch, seq, 0)
+            return Message(kind, epoch, seq)
         activation = self._payload[slot][:bs]
         if self.staging:  # a synchronous copy: the CPU buffer is free again when it returns
             activation = activation.to(self.device)
-        return Message(kind, epoch, seq, bs, labels=self._meta[slot][HEADER_LEN:HEADER_LEN + bs],
+        return Message(kind, epoch, seq, labels=self._meta[slot][HEADER_LEN:HEADER_LEN + bs],
                        activation=activation)

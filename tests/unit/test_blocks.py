@@ -140,7 +140,7 @@ def test_run_of_blocks_equals_block_by_block_reference_order():
 
 
 def test_backprop_and_nodetach_steps_reach_earlier_blocks():
-    from localloss_pp.globalmode import _global_step
+    from localloss_pp.globalmode import global_step
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
     Y = onehot(y, 10)
     cfg = ModelConfig(name="mlp", num_layers=2, num_hidden=32)
@@ -155,7 +155,7 @@ def test_backprop_and_nodetach_steps_reach_earlier_blocks():
             h, _, _ = local_forward_update(m.blocks, x, y, Y)
             m.output.train_update(h, y)
         else:
-            _global_step(m, x, y, Y, mode)
+            global_step(m.blocks, m.output, x, y, Y, mode)
         results[mode] = m
     w = {k: m.blocks[0].encoder.weight for k, m in results.items()}
     assert not torch.equal(w["local"], w["nodetach"])  # later losses flow into block 0

@@ -57,7 +57,7 @@ def test_projection_is_labelled_and_scales_the_local_pipeline():
 
 def test_summarise_median_windows_and_efficiency():
     stamps = [0.1 * i for i in range(21)]  # one batch of 10 every 0.1 s
-    ranks = [{"rank": 0, "threads": 1, "peak_memory_bytes": 2 ** 20, "bytes_sent": 1000,
+    ranks = [{"rank": 0, "threads": 1, "peak_memory_bytes": 2 ** 20, "bytes_per_batch": 50,
               "times": {"busy_s": 1.0, "batches": 20, "busy_fraction": 0.5, "wait_recv_s": 0,
                         "wait_send_s": 1.0, "wall_s": 2.0}, "link_bytes_per_s": 1e9},
              {"rank": 1, "threads": 1, "peak_memory_bytes": 2 ** 21, "report": True,
