@@ -108,10 +108,11 @@ def run_local(spec: dict, env) -> dict:
                          with_stats=False, check_every=10 ** 9,
                          on_batch=lambda seq: stamps.append(time.perf_counter()))
     runner.set_lr(1e-4)
-    # labels stay on the host, as a DataLoader delivers them (they go into the message headers)
-    loader_w = [(x, y.cpu()) for x, y in _batches(spec, spec["warmup"], env.device)] \
+    # the first stage's batches: input and labels on the device, labels also on the host (they
+    # go into the message headers), as the data sources of localloss_pp deliver them
+    loader_w = [(x, y, y.cpu()) for x, y in _batches(spec, spec["warmup"], env.device)] \
         if k == 0 else None
-    loader_m = [(x, y.cpu()) for x, y in _batches(spec, spec["batches"], env.device)] \
+    loader_m = [(x, y, y.cpu()) for x, y in _batches(spec, spec["batches"], env.device)] \
         if k == 0 else None
     runner.train_epoch(1, loader_w)
     stamps.clear()

@@ -69,7 +69,7 @@ class DataConfig:
     cutout: bool = False
     n_holes: int = 1
     length: int = 16
-    num_workers: int = 0
+    num_workers: str = "auto"  # DataLoader workers (image folders): "auto" or a count
 
 
 @dataclass(kw_only=True)
@@ -171,7 +171,7 @@ REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
     # this tool's own flags
     ("--data-dir", "data", "data_dir", str),
     ("--download", "data", "download", "true"),
-    ("--num-workers", "data", "num_workers", int),
+    ("--num-workers", "data", "num_workers", str),
     ("--device", "train", "device", str),
     ("--backend", "train", "backend", str),
     ("--threads-per-rank", "train", "threads_per_rank", int),
@@ -241,7 +241,8 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 def _check_type(where: str, value: Any, fld: dataclasses.Field) -> None:
     expected = fld.type if isinstance(fld.type, str) else fld.type.__name__
     ok = {
-        "str": isinstance(value, str),
+        "str": isinstance(value, str) or (fld.name == "num_workers" and isinstance(value, int)
+                                          and not isinstance(value, bool)),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
@@ -270,6 +271,7 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
         for fld in fields(obj):
             if fld.type == "float":
                 setattr(obj, fld.name, float(getattr(obj, fld.name)))
+    cfg.data.num_workers = str(cfg.data.num_workers).strip().lower()
     validate(cfg)
     return cfg
 
@@ -326,7 +328,8 @@ def validate(cfg: Config) -> None:
          f"got {d.classes_per_batch_until_epoch}")
     need(d.n_holes >= 1, f"--n_holes must be >= 1, got {d.n_holes}")
     need(d.length >= 1, f"--length must be >= 1, got {d.length}")
-    need(d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}")
+    need(str(d.num_workers) == "auto" or str(d.num_workers).isdigit(),
+         f"--num-workers must be 'auto' or a count >= 0, got {d.num_workers!r}")
     need(finite(o.lr) and o.lr > 0, f"--lr must be > 0, got {o.lr}")
     need(finite(o.momentum) and o.momentum >= 0, f"--momentum must be >= 0, got {o.momentum}")
     need(o.optim == "sgd" or o.momentum == 0,

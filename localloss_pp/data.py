@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset
 
-from .blocks import derive_seed
+from .batches import (BatchAugment, EpochBatches, LoaderBatches, NClassRandomSampler,
+                      ShardedBatches, TensorBatches)
 from .config import DataConfig, first_line
-from .replicas import shard_bounds
 
 __all__ = ["DatasetInfo", "DATASETS", "DatasetNotFoundError", "Cutout", "NClassRandomSampler",
-           "Mnist5k", "build_datasets", "build_loaders", "dataset_labels", "train_loader", "EpochBatches",
-           "ShardedBatches",
-           "MNIST5K_TRAIN_PER_CLASS"]
+           "Mnist5k", "build_datasets", "build_sources", "dataset_labels", "dataset_arrays",
+           "resolve_num_workers", "MNIST5K_TRAIN_PER_CLASS"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,19 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str  # "jitter" (crop pad 2), "jitter_flip", "crop4_flip", "none", "imagenet"
+
+    @property
+    def in_memory(self) -> bool:
+        """The whole dataset is one array in memory (everything but image folders)."""
+        return self.augment != "imagenet"
+
+    @property
+    def crop_padding(self) -> int:
+        return {"jitter": 2, "jitter_flip": 2, "crop4_flip": 4}.get(self.augment, 0)
+
+    @property
+    def flips(self) -> bool:
+        return self.augment in ("jitter_flip", "crop4_flip")
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -83,88 +96,6 @@ class Cutout:
 
     def __repr__(self):
         return f"Cutout(n_holes={self.n_holes}, length={self.length})"
-
-
-class NClassRandomSampler(Sampler[int]):
-    """Index order in which every run of `batch_size` indices holds `classes_per_batch` classes.
-
-    The reference's algorithm with its intended top-up: the first N shuffled indices give a class
-    set, which is topped up to N distinct classes (scanning at most 10*N further indices), then
-    the batch is filled, in shuffled order, with indices of those classes, and finally with any
-    indices if those classes ran out.
-    """
-
-    def __init__(self, labels, classes_per_batch: int, batch_size: int, seed: int):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.n = int(classes_per_batch)
-        self.batch_size = int(batch_size)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "nclass-sampler"))
-        order = torch.randperm(len(self.labels), generator=gen).numpy()
-        yield from self._batches(order)
-
-    def _batches(self, order: np.ndarray):
-        labels = self.labels[order]
-        total = len(order)
-        taken = np.zeros(total, dtype=bool)
-        by_class = {int(c): np.flatnonzero(labels == c).tolist() for c in np.unique(labels)}
-        cursor = {c: 0 for c in by_class}  # next untaken position in each class list
-        front = 0  # every position before this one is taken
-
-        def take(pos):
-            taken[pos] = True
-            batch.append(int(order[pos]))
-
-        while front < total:
-            batch: list[int] = []
-            classes = set()
-            pos = front
-            while pos < total and len(batch) < min(self.n, self.batch_size):  # first N indices
-                if not taken[pos]:
-                    classes.add(int(labels[pos]))
-                    take(pos)
-                pos += 1
-            scanned = 0  # top-up: new classes from the next at most 10*N remaining indices
-            while len(classes) < self.n and scanned < 10 * self.n and pos < total \
-                    and len(batch) < self.batch_size:
-                if not taken[pos]:
-                    if int(labels[pos]) not in classes:
-                        classes.add(int(labels[pos]))
-                        take(pos)
-                    else:
-                        scanned += 1
-                pos += 1
-            while len(batch) < self.batch_size:  # fill with the chosen classes, in order
-                best = None
-                for c in classes:
-                    lst, i = by_class[c], cursor[c]
-                    while i < len(lst) and taken[lst[i]]:
-                        i += 1
-                    cursor[c] = i
-                    if i < len(lst) and (best is None or lst[i] < best):
-                        best = lst[i]
-                if best is None:
-                    break
-                take(best)
-            while front < total and taken[front]:
-                front += 1
-            pos = front
-            while len(batch) < self.batch_size and pos < total:  # classes ran out: anything
-                if not taken[pos]:
-                    take(pos)
-                pos += 1
-            while front < total and taken[front]:
-                front += 1
-            yield from batch
 
 
 class Mnist5k(Dataset):
@@ -322,86 +253,56 @@ def dataset_labels(ds) -> np.ndarray:
     raise ValueError(f"cannot read the labels of {type(ds).__name__}")
 
 
-class EpochBatches(Sampler[list[int]]):
-    """Batches of one epoch: an index order that is a function of (seed, epoch) only, cut into
-    batches of `batch_size` (the last one may be short), optionally skipping the first ones.
-
-    Ordinary shuffling draws a permutation from a generator seeded by (seed, epoch); with
-    `classes_per_batch` > 0 (and the epoch within `classes_per_batch_until_epoch`) the order
-    comes from the N-classes-per-batch sampler. So a run resumed at batch n of epoch e sees
-    exactly the batches an uninterrupted run sees."""
-
-    def __init__(self, labels, cfg: DataConfig, seed: int, replica: int = 0,
-                 num_replicas: int = 1):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.cfg, self.seed = cfg, seed
-        self.replica, self.num_replicas = replica, num_replicas
-        self.epoch, self.skip = 1, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def class_sampler_active(self) -> bool:
-        until = self.cfg.classes_per_batch_until_epoch
-        return self.cfg.classes_per_batch > 0 and (until == 0 or self.epoch <= until)
-
-    def order(self) -> list[int]:
-        if self.class_sampler_active():
-            sampler = NClassRandomSampler(self.labels, self.cfg.classes_per_batch,
-                                          self.cfg.batch_size, self.seed)
-            sampler.set_epoch(self.epoch)
-            return list(sampler)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "shuffle"))
-        return torch.randperm(len(self.labels), generator=gen).tolist()
-
-    def __len__(self) -> int:
-        return max(0, -(-len(self.labels) // self.cfg.batch_size) - self.skip)
-
-    def __iter__(self):
-        order, bs = self.order(), self.cfg.batch_size
-        for start in range(self.skip * bs, len(order), bs):
-            batch = order[start:start + bs]
-            lo, hi = shard_bounds(len(batch), self.replica, self.num_replicas)
-            yield batch[lo:hi]
 
 
-class ShardedBatches(Sampler[list[int]]):
-    """The test set in order, cut into batches of `batch_size`; each replica takes its share
-    of every batch (all of it with one replica)."""
-
-    def __init__(self, num_examples: int, batch_size: int, replica: int = 0,
-                 num_replicas: int = 1):
-        self.n, self.bs = num_examples, batch_size
-        self.replica, self.num_replicas = replica, num_replicas
-
-    def __len__(self) -> int:
-        return -(-self.n // self.bs)
-
-    def __iter__(self):
-        for start in range(0, self.n, self.bs):
-            stop = min(start + self.bs, self.n)
-            lo, hi = shard_bounds(stop - start, self.replica, self.num_replicas)
-            yield list(range(start + lo, start + hi))
+def dataset_arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (N, C, H, W), int64 labels (N,)) of an in-memory dataset, in index order:
+    the arrays torchvision's datasets (and Mnist5k) decode into PIL images one at a time."""
+    if isinstance(ds, ConcatDataset):
+        parts = [dataset_arrays(d) for d in ds.datasets]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    data = ds.data
+    images = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.asarray(data))
+    if images.dim() == 3:  # MNIST-like: N x H x W
+        images = images.unsqueeze(1)
+    elif images.shape[-1] == 3 and images.shape[1] != 3:  # CIFAR: N x H x W x C
+        images = images.permute(0, 3, 1, 2)
+    if images.dtype != torch.uint8:
+        raise ValueError(f"{type(ds).__name__} holds {images.dtype} images; expected uint8")
+    return images.contiguous(), torch.from_numpy(dataset_labels(ds))
 
 
-def train_loader(train_set, cfg: DataConfig, seed: int, pin_memory=False, replica: int = 0,
-                 num_replicas: int = 1) -> DataLoader:
-    """Training loader whose batches are set per epoch with `loader.batch_sampler.set_epoch`;
-    with replicas, this replica's shard of every global batch."""
-    batches = EpochBatches(dataset_labels(train_set), cfg, seed, replica, num_replicas)
-    return DataLoader(train_set, batch_sampler=batches,
-                      num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(derive_seed(seed, replica,
-                                                                          "workers")))
+def resolve_num_workers(spec, device: torch.device, local_processes: int, threads: int) -> int:
+    """The DataLoader worker count of `--num-workers` (image folders only; in-memory datasets
+    need no workers). `auto`: on a GPU node the cores per process minus the one that drives the
+    GPU (at most 8); on CPU only the cores that the stages' compute threads leave free on this
+    node (usually none: then the first stage loads between its batches)."""
+    if str(spec) != "auto":
+        return int(spec)
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, cores // max(1, local_processes) - 1))
+    return max(0, cores - threads * local_processes)
 
 
-def build_loaders(cfg: DataConfig, seed: int, pin_memory: bool = False, replica: int = 0,
-                  num_replicas: int = 1):
-    """(train loader, test loader, DatasetInfo) as the reference builds them; with replicas,
-    this replica's shards. `pin_memory` for CUDA runs (asynchronous host-to-device copies)."""
+def build_sources(cfg: DataConfig, seed: int, device: torch.device, replica: int = 0,
+                  num_replicas: int = 1, num_workers: int = 0):
+    """(train source, test source, DatasetInfo): the first stage's batches as the reference
+    builds them, on `device`; with replicas, this replica's share of every batch."""
     train_set, test_set, info = build_datasets(cfg)
-    train = train_loader(train_set, cfg, seed, pin_memory, replica, num_replicas)
-    test = DataLoader(test_set, batch_sampler=ShardedBatches(len(test_set), cfg.batch_size,
-                                                             replica, num_replicas),
-                      num_workers=cfg.num_workers, pin_memory=pin_memory)
+    train_order = EpochBatches(dataset_labels(train_set), cfg, seed, replica, num_replicas)
+    test_order = ShardedBatches(len(test_set), cfg.batch_size, replica, num_replicas)
+    if not info.in_memory:
+        common = dict(device=device, seed=seed, replica=replica, num_workers=num_workers)
+        return (LoaderBatches(train_set, train_order, **common),
+                LoaderBatches(test_set, test_order, **common), info)
+    cutout = (cfg.n_holes, cfg.length) if cfg.cutout else None
+    train_aug = BatchAugment(pad=info.crop_padding, flip=info.flips, mean=info.mean,
+                             std=info.std, cutout=cutout, device=device)
+    test_aug = BatchAugment(pad=0, flip=False, mean=info.mean, std=info.std, cutout=None,
+                            device=device)
+    train = TensorBatches(*dataset_arrays(train_set), train_order, train_aug, device=device,
+                          seed=seed, replica=replica)
+    test = TensorBatches(*dataset_arrays(test_set), test_order, test_aug, device=device,
+                         seed=seed, replica=replica, train=False)
     return train, test, info

@@ -31,6 +31,7 @@ class DistEnv:
     meta_group: object = None  # gloo group for headers, handshakes and metrics
     timeout: timedelta = timedelta(minutes=10)
     node_rank: int = 0  # torchrun's GROUP_RANK: which node (agent) this process runs on
+    local_world_size: int = 1  # processes on this node (they share its cores)
 
     @property
     def staging(self) -> bool:
@@ -97,7 +98,7 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     threads = train.threads_per_rank or max(1, cores // max(1, local_world))
     torch.set_num_threads(threads)
     env = DistEnv(rank, world, device, None, threads,
-                  node_rank=int(os.environ.get("GROUP_RANK", "0")))
+                  node_rank=int(os.environ.get("GROUP_RANK", "0")), local_world_size=local_world)
     if world > 1:
         timeout = timedelta(seconds=train.timeout_s)
         store = _attempt_store(world, timeout)

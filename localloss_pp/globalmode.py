@@ -47,5 +47,9 @@ class GlobalRunner(StageRunner):
         super().__init__(**kw)
         self.mode = mode
 
-    def _update(self, x, y, y1h, hand_off):
+    def forwards(self, x):
+        """Nothing to hand on (the whole model is this stage); the input is the context."""
+        return None, x
+
+    def updates(self, x, _, y, y1h):
         return global_step(self.blocks, self.output, x, y, y1h, self.mode, self.replica_sync)

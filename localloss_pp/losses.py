@@ -40,8 +40,10 @@ def pred_bio_loss(logits: torch.Tensor, projected_target: torch.Tensor) -> torch
 
 
 def onehot(y: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Float one-hot matrix (B x num_classes) on the device of `y`."""
-    return F.one_hot(y, num_classes).to(dtype)
+    """Float one-hot matrix (B x num_classes) on the device of `y` (a scatter: unlike
+    F.one_hot it never checks the label range on the host, so no device synchronisation)."""
+    out = torch.zeros(y.size(0), num_classes, dtype=dtype, device=y.device)
+    return out.scatter_(1, y.view(-1, 1), 1.0)
 
 
 class LinearFAFunction(torch.autograd.Function):

@@ -18,7 +18,8 @@ from .losses import onehot
 from .models import LocalModel, build_model
 
 __all__ = ["Partition", "balanced_split", "parse_counts", "choose_partition",
-           "profile_unit_times", "time_ms", "fold_output", "unit_step", "unit_input_shape"]
+           "profile_unit_times", "profile_data_ms", "time_ms", "fold_output", "unit_step",
+           "unit_input_shape"]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Partition:
     how: str                      # "params", "auto" or "manual"
     unit: str                     # unit of the costs: "params" or "ms"
     names: list[str] = field(default_factory=list)
+    data_ms: float = 0.0          # the first stage's data loading per batch (in costs[0], auto)
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
@@ -53,12 +55,14 @@ class Partition:
                 f"{a}..{b - 1}"
             value = f"{cost:,.0f} params" if self.unit == "params" else f"{cost:.2f} ms/batch"
             tail = " + output layer" if k == len(self.counts) - 1 else ""
+            if k == 0 and self.data_ms:
+                tail += f" + data loading ({self.data_ms:.2f} ms)"
             lines.append(f"  stage {k + 1}: blocks {blocks}{tail} | {value} "
                          f"({100 * cost / total:.0f}%)")
         return lines
 
     def to_dict(self) -> dict:
-        return {"how": self.how, "counts": self.counts, "unit": self.unit,
+        return {"how": self.how, "counts": self.counts, "unit": self.unit, "data_ms": self.data_ms,
                 "block_costs": self.costs, "stage_costs": self.stage_costs(),
                 "stages": [list(range(a, b)) for a, b in self.bounds], "names": self.names}
 
@@ -163,9 +167,23 @@ def profile_unit_times(cfg: Config, input_shape, num_classes: int, device,
     return times
 
 
+def profile_data_ms(source, device, steps: int = 3) -> float:
+    """ms the first stage spends producing one training batch from its source."""
+    state = {"it": iter(source)}
+
+    def one():
+        try:
+            next(state["it"])
+        except StopIteration:
+            state["it"] = iter(source)
+            next(state["it"])
+    return time_ms(one, steps, device)
+
+
 def choose_partition(cfg: Config, model: LocalModel, num_stages: int, input_shape,
-                     num_classes: int, device, names: list[str]) -> Partition:
-    """The partition that `cfg.train.partition` asks for, validated against the model."""
+                     num_classes: int, device, names: list[str], source=None) -> Partition:
+    """The partition that `cfg.train.partition` asks for, validated against the model. `auto`
+    counts the first stage's data loading (timed on `source`) in the first stage's cost."""
     n = len(model.blocks)
     if num_stages > n:
         raise ValueError(f"{num_stages} stages but {cfg.model.name} has only {n} blocks; "
@@ -178,5 +196,7 @@ def choose_partition(cfg: Config, model: LocalModel, num_stages: int, input_shap
                          "params", names)
     if spec == "auto":
         costs = fold_output(profile_unit_times(cfg, input_shape, num_classes, device))
-        return Partition(balanced_split(costs, num_stages), costs, "auto", "ms", names)
+        data_ms = profile_data_ms(source, device) if source is not None else 0.0
+        costs[0] += data_ms
+        return Partition(balanced_split(costs, num_stages), costs, "auto", "ms", names, data_ms)
     return Partition(parse_counts(spec, n, num_stages), param_costs, "manual", "params", names)

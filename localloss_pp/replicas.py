@@ -19,7 +19,6 @@ variances), identical on every replica.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +116,7 @@ class ReplicaSync:
         self.group, self.object_group = group, object_group
         self.replica, self.num_replicas = replica, num_replicas
         self.stage_index, self.num_stages = stage_index, num_stages
-        self.wait_s = 0.0
+        self.clock = None  # the stage's StageClock: waiting for an average is its "sync" time
 
     def _call(self, what: str, fn, *args, **kw):
         """A collective of this stage's replicas; a lost replica becomes a PeerLostError."""
@@ -144,9 +143,11 @@ class ReplicaSync:
         """Wait for an all-reduce started by `start` and write the averages back."""
         if pending is None:
             return
-        t0 = time.perf_counter()
-        self._call("averaging gradients", pending.work.wait)
-        self.wait_s += time.perf_counter() - t0
+        if self.clock is None:
+            self._call("averaging gradients", pending.work.wait)
+        else:
+            with self.clock.section("sync"):
+                self._call("averaging gradients", pending.work.wait)
         flat = pending.flat
         flat[:-1].div_(flat[-1])
         offset = 0

@@ -133,15 +133,13 @@ class StageCheckpointer:
 
         With replicas, every replica takes part (statistics summed, dropout and augmentation
         generator states gathered) and replica 1 writes."""
-        gens = data_states = None
+        gens = None
         if self.sync is not None:
             gens = self.sync.gather([b._drop_gen.get_state() for b in self.blocks])
             if stats is not None:
                 totals = self.sync.sum_stats(stats)
                 stats = type(stats)(stats.block_indices, "cpu")
                 stats.load(totals)
-            if self.k == 0 and step is not None:
-                data_states = self.sync.gather(torch.get_rng_state())
             if self.replica != 0:
                 return
         folder = self.run_dir / "checkpoints" / checkpoint_name(epoch, step)
@@ -159,10 +157,6 @@ class StageCheckpointer:
             units[str(self.output.index)] = unit_checkpoint(self.output)
             if stats is not None:
                 payload["global_stats"] = {"glob": stats.glob.cpu(), "count": stats.count}
-        if self.k == 0 and step is not None:
-            payload["data"] = {"torch_rng": torch.get_rng_state(), "count": stats.count}
-            if data_states is not None:
-                payload["data"]["replica_rng"] = data_states
         save_stage_checkpoint(folder, self.k, payload)
         if self.output is not None:  # the last stage completes the checkpoint
             write_manifest(folder, self.S, {
@@ -174,9 +168,10 @@ class StageCheckpointer:
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
             log.info("checkpoint %s written", folder.name)
 
-    def restore(self, plan: ResumePlan) -> tuple[dict | None, dict | None]:
-        """Load this stage's units from the plan's checkpoint. Returns (initial statistics of a
-        resumed epoch or None, data state for stage 0 or None)."""
+    def restore(self, plan: ResumePlan) -> dict | None:
+        """Load this stage's units from the plan's checkpoint. Returns the initial statistics
+        of a resumed epoch, or None. (The data order and augmentation of every batch are
+        functions of (seed, epoch, replica, batch): no data state is saved.)"""
         folder = Path(plan.path)
         saved_replicas = plan.manifest.get("num_replicas", 1)
         mid_epoch = plan.manifest["step"] is not None
@@ -203,15 +198,10 @@ class StageCheckpointer:
             except (RuntimeError, KeyError, ValueError) as exc:
                 raise CheckpointError(f"{folder}: unit {unit.index} does not fit this model "
                                       f"({first_line(exc)})") from None
-        if not mid_epoch:
-            return None, None
-        data = extra.get("data") if self.k == 0 else None
-        if data is not None and self.replica > 0:
-            data = dict(data, torch_rng=data["replica_rng"][self.replica])
-        if self.replica > 0:  # replica 1 carries the epoch's statistics so far (summed)
-            return None, data
+        if not mid_epoch or self.replica > 0:  # replica 1 carries the statistics (summed)
+            return None
         rows = [units[b.index]["stats_row"] for b in self.blocks]
         glob = extra.get("global_stats") if self.output is not None else None
         initial = {"blocks": torch.stack(rows), "count": int(units[self.blocks[0].index]["count"]),
                    "glob": glob["glob"] if glob else torch.zeros(2, dtype=torch.float64)}
-        return initial, data
+        return initial

@@ -1,4 +1,4 @@
-"""One pipeline stage's loop: receive -> forward -> send -> local update; eval; statistics.
+"""One pipeline stage's loop: receive -> forwards -> send -> local updates -> statistics.
 
 A stage owns a contiguous run of blocks (the last stage also the output layer). For every
 batch it runs all forwards of its blocks, hands the (detached) output to the next stage right
@@ -8,21 +8,29 @@ updates before the next block runs: a block's output never depends on its own up
 
 The first stage reads the data; the others receive activations and labels. A one-stage run is
 the same loop with no links. All communication goes through transport.py.
+
+No host synchronisation in a batch: statistics stay on the device, the non-finite check reads a
+device flag through an asynchronous copy (`FiniteWatch`), busy time on a GPU comes from CUDA
+events read once per epoch (`StageClock`).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from .losses import onehot
-from .metrics import EpochStats, NonFiniteLossError, check_finite, progress
-from .transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN, PeerLostError,
+from .metrics import EpochStats, NonFiniteLossError, progress
+from .transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN, Kind, PeerLostError,
                         Receiver, Sender, ShapeMismatchError)
 
-__all__ = ["StageRunner", "StageTimes", "StageFailure", "local_forward_update"]
+__all__ = ["StageRunner", "StageTimes", "StageClock", "StageFailure", "FiniteWatch",
+           "local_forward_update", "forwards", "local_updates"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +39,17 @@ class StageFailure(RuntimeError):
     """An error inside a stage, re-raised with the stage index, epoch and batch number."""
 
 
-def local_forward_update(blocks, x, y, y1h, on_output=None, output=None, sync=None):
-    """Local-mode step of a run of blocks (and the output layer, if given): all forwards, the
-    hand-off of the output, the updates.
+def forwards(blocks, x):
+    """Every block's training forward: (output for the next stage, contexts of the updates)."""
+    ctxs = []
+    for block in blocks:
+        x, ctx = block.train_forward(x)
+        ctxs.append(ctx)
+    return x, ctxs
+
+
+def local_updates(blocks, ctxs, x, y, y1h, output=None, sync=None):
+    """Every block's local loss, backward and step (and the output layer's on `x`).
 
     With `sync` (data-parallel replicas) every unit's gradients are averaged across the replicas
     before its step: each unit's all-reduce is launched right after its backward and waited for
@@ -41,17 +57,10 @@ def local_forward_update(blocks, x, y, y1h, on_output=None, output=None, sync=No
     steps does not change the numbers: every forward has run already and every unit's loss
     depends only on its own weights.
 
-    Returns (output of the last block, list of per-block stats tensors, (logits, loss) of the
-    output layer or None)."""
-    ctxs = []
-    for block in blocks:
-        x, ctx = block.train_forward(x)
-        ctxs.append(ctx)
-    if on_output is not None:
-        on_output(x)
+    Returns (list of per-block stats tensors, (logits, loss) of the output layer or None)."""
     if sync is None:
         stats = [block.train_update(ctx, y, y1h) for block, ctx in zip(blocks, ctxs)]
-        return x, stats, (output.train_update(x, y) if output is not None else None)
+        return stats, (output.train_update(x, y) if output is not None else None)
     stats, pending = [], []
     for block, ctx in zip(blocks, ctxs):
         stats.append(block.local_backward(ctx, y, y1h))
@@ -64,38 +73,129 @@ def local_forward_update(blocks, x, y, y1h, on_output=None, output=None, sync=No
     for unit, work in zip(units, pending):
         sync.finish(work)
         unit.step()
+    return stats, out
+
+
+def local_forward_update(blocks, x, y, y1h, on_output=None, output=None, sync=None):
+    """Local-mode step of a run of blocks: forwards, `on_output(output)`, updates.
+    Returns (output of the last block, per-block stats, (logits, loss) or None)."""
+    x, ctxs = forwards(blocks, x)
+    if on_output is not None:
+        on_output(x)
+    stats, out = local_updates(blocks, ctxs, x, y, y1h, output, sync)
     return x, stats, out
 
 
-class _BusyClock:
-    """Busy time of a stage. On the CPU the wall time of compute sections; on CUDA the GPU time
-    between events recorded around them, read once per epoch, so that timing never stalls the
-    CPU's run-ahead of the GPU."""
+class StageClock:
+    """The one clock of a stage. `section(name)` times a part of the work (data, recv,
+    compute, send, sync) and opens a `record_function` range of the same name for the
+    profiler. Sections nest: an inner section's time is not counted in the outer one. On CUDA
+    the compute sections are also bracketed by events, whose GPU time (read once per epoch by
+    `read`) is the busy time: timing never stalls the CPU's run-ahead of the GPU."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
-        self._pairs = []
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack: list[list] = []
+        self._events: list = []
 
-    def start(self):
+    def _event(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    @contextmanager
+    def section(self, name: str):
+        now = time.perf_counter()
+        if self._stack:  # pause the enclosing section
+            outer = self._stack[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        entry = [name, now]
+        self._stack.append(entry)
+        begin = self._event() if self.cuda and name == "compute" else None
+        try:
+            with record_function(f"localloss_pp.{name}"):
+                yield
+        finally:
+            end = time.perf_counter()
+            self._stack.pop()
+            self.seconds[name] += end - entry[1]
+            if self._stack:
+                self._stack[-1][1] = end
+            if begin is not None:
+                self._events.append((begin, self._event()))
+
+    def read(self) -> dict[str, float]:
+        """Seconds per section since the last read (compute: GPU time on CUDA)."""
+        out = dict(self.seconds)
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+            out["compute"] = 0.0
+            for a, b in self._events:
+                b.synchronize()  # once per epoch, after the stream
+                out["compute"] += a.elapsed_time(b) / 1000.0
+        self.seconds.clear()
+        self._events.clear()
+        return out
 
-    def stop(self, token, times: "StageTimes") -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._pairs.append((token, ev))
-        else:
-            times.busy_s += time.perf_counter() - token
 
-    def flush(self, times: "StageTimes") -> None:
-        for a, b in self._pairs:
-            b.synchronize()
-            times.busy_s += a.elapsed_time(b) / 1000.0
-        self._pairs.clear()
+class FiniteWatch:
+    """The non-finite-loss check without a host synchronisation per batch.
+
+    Per batch the losses' finiteness is folded into a flag per unit on the device. On the CPU
+    the flags are read every `every` batches (1: the exact step is named). On CUDA they are
+    copied to pinned host memory asynchronously every `every` batches and read once that copy
+    has completed (an event query, no waiting); `finish` reads them for sure at the end of the
+    stream."""
+
+    def __init__(self, names: list[str], device, every: int, where: str):
+        self.names, self.where, self.every = names, where, max(1, every)
+        self.cuda = device.type == "cuda"
+        self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)
+        self._host = torch.zeros(len(names), dtype=torch.bool, pin_memory=self.cuda)
+        self._pending = None  # (event, first step, last step) of the copy in flight
+        self._since = 0
+
+    def add(self, losses: list[torch.Tensor], epoch: int, seq: int) -> None:
+        if not losses:
+            return
+        self.bad |= ~torch.isfinite(torch.stack([t.reshape(()).float() for t in losses]))
+        due = seq - self._since + 1 >= self.every
+        if not self.cuda:
+            if due:
+                self._raise_if_bad(self.bad.tolist(), self._when(self._since, seq, epoch))
+                self._since = seq + 1
+            return
+        if self._pending is not None and self._pending[0].query():
+            self._read()
+        if self._pending is None and due:
+            self._host.copy_(self.bad, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (done, self._since, seq, epoch)
+            self._since = seq + 1
+
+    @staticmethod
+    def _when(first: int, last: int, epoch: int) -> str:
+        steps = f"step {last}" if first >= last else f"steps {first} to {last}"
+        return f"at {steps} of epoch {epoch}"
+
+    def _read(self) -> None:
+        _, first, last, epoch = self._pending
+        self._pending = None
+        self._raise_if_bad(self._host.tolist(), self._when(first, last, epoch))
+
+    def finish(self, epoch: int, seq: int) -> None:
+        """At the end of a stream: every batch checked."""
+        if self._pending is not None:
+            self._pending[0].synchronize()
+            self._read()
+        self._raise_if_bad(self.bad.tolist(), self._when(self._since, seq, epoch))
+
+    def _raise_if_bad(self, flags: list[bool], when: str) -> None:
+        if any(flags):
+            which = ", ".join(n for n, f in zip(self.names, flags) if f)
+            raise NonFiniteLossError(f"non-finite loss in {which} on {self.where} {when}; "
+                                     "lower --lr or check the input data")
 
 
 @dataclass
@@ -110,12 +210,20 @@ class StageTimes:
     samples: int = 0
     bytes_sent: int = 0
 
+    def take(self, seconds: dict[str, float]) -> None:
+        """The clock's sections: compute -> busy, data, recv, send, sync -> waits."""
+        self.busy_s = seconds.get("compute", 0.0)
+        self.data_s = seconds.get("data", 0.0)
+        self.wait_recv_s = seconds.get("recv", 0.0)
+        self.wait_send_s = seconds.get("send", 0.0)
+        self.wait_sync_s = seconds.get("sync", 0.0)
+
     def as_dict(self) -> dict:
         wall = self.wall_s or float("nan")
         return {"wall_s": self.wall_s, "busy_s": self.busy_s, "busy_fraction": self.busy_s / wall,
-                "data_s": self.data_s, "wait_recv_s": self.wait_recv_s,
-                "wait_send_s": self.wait_send_s, "wait_sync_s": self.wait_sync_s,
-                "batches": self.batches,
+                "data_s": self.data_s, "data_fraction": self.data_s / wall,
+                "wait_recv_s": self.wait_recv_s, "wait_send_s": self.wait_send_s,
+                "wait_sync_s": self.wait_sync_s, "batches": self.batches,
                 "samples_per_s": self.samples / wall, "bytes_sent": self.bytes_sent}
 
 
@@ -140,9 +248,11 @@ class StageRunner:
         self.with_stats = with_stats
         self.show_progress = show_progress and output is not None
         self.check_every = check_every
-        self.clock = _BusyClock(device)
+        self.clock = StageClock(device)
         self.on_batch = on_batch  # called with the sequence number after every batch
         self.replica_sync = sync  # averaging among this stage's data-parallel replicas
+        if sync is not None:
+            sync.clock = self.clock
 
     @property
     def units(self):
@@ -155,79 +265,71 @@ class StageRunner:
     def _name(self) -> str:
         return f"stage {self.stage_index + 1}/{self.num_stages}"
 
+    def _watch(self) -> FiniteWatch:
+        names = [f"block {b.index} ({b.describe()})" for b in self.blocks]
+        if self.output is not None:
+            names.append("the output layer")
+        return FiniteWatch(names, self.device, self.check_every, self._name())
+
     # --- the message stream ------------------------------------------------------------------
-    def _batches(self, loader, kind: int, epoch: int, times: StageTimes, start_seq: int = 0):
+    def _batches(self, source, kind: Kind, epoch: int, start_seq: int = 0):
         """(seq, x, y, y on the host) of this stage's input stream, until the end-of-stream
-        marker. The host copy of the labels goes into the next message's header without a
-        device-to-host synchronisation."""
-        if self.receiver is None:
-            it = iter(loader)
+        marker. The host copy of the labels goes into the next message's header."""
+        if self.receiver is None:  # the first stage: batches from its source (batches.py)
+            it = iter(source)
             seq = start_seq
             while True:
-                start = time.perf_counter()
-                try:
-                    x, y_host = next(it)
-                except StopIteration:
+                with self.clock.section("data"):
+                    batch = next(it, None)
+                if batch is None:
                     return
-                x = x.to(self.device, non_blocking=True)
-                y = y_host.to(self.device, non_blocking=True)
-                times.data_s += time.perf_counter() - start
+                x, y, y_host = batch
                 yield seq, x, y, y_host
                 seq += 1
         end = END_TRAIN if kind == TRAIN else END_EVAL
-        while self.receiver is not None:
-            before = self.receiver.wait_s
-            msg = self.receiver.recv()
-            times.wait_recv_s += self.receiver.wait_s - before
+        while True:
+            with self.clock.section("recv"):
+                msg = self.receiver.recv()
             if msg.kind == end:
                 return
             if msg.kind != kind or msg.epoch != epoch:
                 raise StageFailure(f"{self._name()} expected a {KIND_NAMES[kind]} of epoch "
                                    f"{epoch}, got a {KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
-            yield (msg.seq, msg.activation, msg.labels.to(self.device, non_blocking=True),
-                   msg.labels)
+            yield msg.seq, msg.activation, msg.labels_device, msg.labels
 
-    def _send(self, times: StageTimes, kind: int, epoch: int, seq: int, x=None, y=None) -> None:
-        if self.sender is None:
-            return
-        before = self.sender.wait_s
-        self.sender.send(kind, epoch, seq, x, y)
-        times.wait_send_s += self.sender.wait_s - before
+    def _send(self, kind: Kind, epoch: int, seq: int, x=None, y_host=None) -> None:
+        if self.sender is not None:
+            with self.clock.section("send"):
+                self.sender.send(kind, epoch, seq, x, y_host)
 
-    def _check(self, stats, gloss, epoch, seq) -> None:
-        for block, s in zip(self.blocks, stats):
-            check_finite(s, f"block {block.index} ({block.describe()}) on {self._name()}",
-                         f"{seq} of epoch {epoch}")
-        if gloss is not None and not bool(torch.isfinite(gloss)):
-            raise NonFiniteLossError(f"non-finite loss in the output layer on {self._name()} at "
-                                     f"step {seq} of epoch {epoch}; lower --lr or check the data")
-
-    def _stream(self, loader, kind: int, epoch: int, total: int | None, step_fn,
+    def _stream(self, source, kind: Kind, epoch: int, total: int | None, step_fn,
                 start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
                 on_checkpoint=None) -> StageEpoch:
         result = StageEpoch(EpochStats([b.index for b in self.blocks], self.device))
         if initial is not None:
             result.stats.load(initial)
         times = result.times
+        self.clock.read()  # start from zero
         start = time.perf_counter()
         bytes_before = self.sender.bytes if self.sender is not None else 0
-        # a tqdm bar on a terminal, else None
+        watch = self._watch()
         bar = progress(None, total=total or 0, enabled=self.show_progress,
                        desc=f"{'train' if kind == TRAIN else 'test'} {epoch}")
         seq = -1
         try:
-            for seq, x, y, y_host in self._batches(loader, kind, epoch, times, start_seq):
-                step_fn(result, times, epoch, seq, x, y, y_host)
+            for seq, x, y, y_host in self._batches(source, kind, epoch, start_seq):
+                step_fn(result.stats, watch, epoch, seq, x, y, y_host)
                 if self.on_batch is not None:
                     self.on_batch(seq)
                 done = seq + 1
                 if checkpoint_every and done % checkpoint_every == 0 and done < (total or 0):
                     on_checkpoint(epoch, done, result.stats)
                 times.batches += 1
-                times.samples += y.size(0)
+                times.samples += y_host.size(0)
                 if bar is not None:
                     bar.update(1)
-            self._send(times, END_TRAIN if kind == TRAIN else END_EVAL, epoch, max(seq + 1, start_seq))
+            watch.finish(epoch, seq)
+            self._send(END_TRAIN if kind == TRAIN else END_EVAL, epoch, max(seq + 1, start_seq))
         except (StageFailure, NonFiniteLossError, PeerLostError, ShapeMismatchError):
             raise
         except Exception as exc:
@@ -236,69 +338,61 @@ class StageRunner:
         finally:
             if bar is not None:
                 bar.close()
-        self.clock.flush(times)
+        times.take(self.clock.read())
         times.wall_s = time.perf_counter() - start
         if self.sender is not None:
             times.bytes_sent = self.sender.bytes - bytes_before
         return result
 
-    # --- train and eval ----------------------------------------------------------------------
-    def _update(self, x, y, y1h, hand_off):
-        """This stage's update on a batch; `hand_off(output)` passes the output on between the
-        forwards and the updates. Returns (per-block stats, (logits, loss) or None)."""
-        _, stats, out = local_forward_update(self.blocks, x, y, y1h,
-                                             hand_off if self.sender is not None else None,
-                                             self.output, self.replica_sync)
-        return stats, out
+    # --- one batch ---------------------------------------------------------------------------
+    def forwards(self, x):
+        """(output to send, contexts of the updates) of this stage's blocks."""
+        return forwards(self.blocks, x)
 
-    def _train_step(self, result, times, epoch, seq, x, y, y_host) -> None:
-        mark = [self.clock.start()]
-        y1h = onehot(y, self.num_classes)
+    def updates(self, ctxs, x, y, y1h):
+        """(per-block stats, (logits, loss) or None): the local updates of this stage."""
+        return local_updates(self.blocks, ctxs, x, y, y1h, self.output, self.replica_sync)
 
-        def hand_off(h):  # runs between the forwards and the updates
-            self.clock.stop(mark[0], times)
-            self._send(times, TRAIN, epoch, seq, h, y_host)
-            mark[0] = self.clock.start()
-
-        sync = self.replica_sync
-        if sync is not None:
-            before = sync.wait_s
-        stats, out = self._update(x, y, y1h, hand_off)
-        gloss = None
+    def _statistics(self, stats: EpochStats, watch: FiniteWatch, epoch, seq, block_stats, out,
+                    y) -> None:
+        losses = [s[0] for s in block_stats]
         if out is not None:
             logits, gloss = out
-            result.stats.add_global(gloss, logits, y)
-        if stats:
-            result.stats.add_blocks(stats, y.size(0))
-        result.stats.add_count(y.size(0))
-        if seq % self.check_every == 0:
-            self._check(stats, gloss, epoch, seq)
-        self.clock.stop(mark[0], times)
-        if sync is not None:
-            waited = sync.wait_s - before
-            times.wait_sync_s += waited
-            if not self.clock.cuda:
-                times.busy_s -= waited
+            stats.add_global(gloss, logits, y)
+            losses.append(gloss)
+        if block_stats:
+            stats.add_blocks(block_stats, y.size(0))
+        stats.add_count(y.size(0))
+        watch.add(losses, epoch, seq)
+
+    def _train_step(self, stats, watch, epoch, seq, x, y, y_host) -> None:
+        with self.clock.section("compute"):
+            y1h = onehot(y, self.num_classes)
+            h, ctxs = self.forwards(x)
+        self._send(TRAIN, epoch, seq, h, y_host)
+        with self.clock.section("compute"):
+            block_stats, out = self.updates(ctxs, h, y, y1h)
+            self._statistics(stats, watch, epoch, seq, block_stats, out, y)
 
     @torch.no_grad()
-    def _eval_step(self, result, times, epoch, seq, x, y, y_host) -> None:
-        t0 = self.clock.start()
-        y1h = onehot(y, self.num_classes)
-        stats = []
-        for block in self.blocks:
-            x, s = block.evaluate(x, y, y1h, self.with_stats)
-            if s is not None:
-                stats.append(s)
-        if self.output is not None:
-            logits, loss = self.output.predict(x, y)
-            result.stats.add_global(loss, logits, y)
-        if stats:
-            result.stats.add_blocks(stats, y.size(0))
-        result.stats.add_count(y.size(0))
-        self.clock.stop(t0, times)
-        self._send(times, EVAL, epoch, seq, x, y_host)
+    def _eval_step(self, stats, watch, epoch, seq, x, y, y_host) -> None:
+        with self.clock.section("compute"):
+            y1h = onehot(y, self.num_classes)
+            block_stats = []
+            for block in self.blocks:
+                x, s = block.evaluate(x, y, y1h, self.with_stats)
+                if s is not None:
+                    block_stats.append(s)
+            if self.output is not None:
+                logits, loss = self.output.predict(x, y)
+                stats.add_global(loss, logits, y)
+            if block_stats:
+                stats.add_blocks(block_stats, y.size(0))
+            stats.add_count(y.size(0))
+        self._send(EVAL, epoch, seq, x, y_host)
 
-    def train_epoch(self, epoch: int, loader=None, total: int | None = None, *,
+    # --- train and eval ----------------------------------------------------------------------
+    def train_epoch(self, epoch: int, source=None, total: int | None = None, *,
                     start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
                     on_checkpoint=None) -> StageEpoch:
         """Train on one epoch's stream. A resumed epoch starts at batch `start_seq` with the
@@ -306,17 +400,17 @@ class StageRunner:
         done, stats)` runs right after this stage's update of that batch."""
         for unit in self.units:
             unit.train()
-        return self._stream(loader, TRAIN, epoch, total, self._train_step, start_seq, initial,
+        return self._stream(source, TRAIN, epoch, total, self._train_step, start_seq, initial,
                             checkpoint_every, on_checkpoint)
 
-    def eval_epoch(self, epoch: int, loader=None, total: int | None = None) -> StageEpoch:
+    def eval_epoch(self, epoch: int, source=None, total: int | None = None) -> StageEpoch:
         for unit in self.units:
             unit.eval()
-        result = self._stream(loader, EVAL, epoch, total, self._eval_step)
+        result = self._stream(source, EVAL, epoch, total, self._eval_step)
         if self.sender is not None:
-            before = self.sender.wait_s
-            self.sender.drain()  # nothing in flight before the epoch's collectives
-            result.times.wait_send_s += self.sender.wait_s - before
+            with self.clock.section("send"):
+                self.sender.drain()  # nothing in flight before the epoch's collectives
+            result.times.wait_send_s += self.clock.read().get("send", 0.0)
         return result
 
     def stop(self) -> None:

@@ -20,11 +20,11 @@ import torch
 from .checkpoint import atomic_write_bytes, load_model_state, save_model, unit_states
 from .config import Config, first_line, lr_at_epoch, to_toml
 from .globalmode import GlobalRunner
-from .blocks import derive_seed
-from .data import DATASETS, build_loaders
+from .data import DATASETS, build_sources, resolve_num_workers
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
     gather_all, replica_groups, shutdown, torchrun_world
-from .metrics import append_jsonl, setup_logging
+from .metrics import (append_jsonl, log_blocks, log_epoch, merge_stage_summaries, setup_logging,
+                      stage_summary)
 from .models import build_model, combine_digests, count_params, unit_digest
 from .partition import choose_partition
 from .replicas import Layout, ReplicaSync, layout_for, shard_bounds
@@ -32,8 +32,7 @@ from .resume import StageCheckpointer, plan_resume, reconcile_metrics
 from .stage import StageRunner
 from .transport import Receiver, Sender, config_fingerprint
 
-__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "merge_stage_summaries",
-           "build_links"]
+__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "build_links"]
 
 log = logging.getLogger(__name__)
 
@@ -126,99 +125,49 @@ def _mode(cfg: Config) -> str:
     return "local" if cfg.loss.detach else "nodetach"
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-def _fmt_err(x) -> str:
-    return "-" if x is None else f"{x:.2f}%"
-
-
-def merge_stage_summaries(epoch: int, lr: float, summaries: list[dict], epoch_s: float) -> dict:
-    """One metrics.jsonl record from the per-stage summaries (in stage order)."""
-    last = summaries[-1]
-    blocks = [b for s in summaries for b in s["blocks"]]
-    rec = {"epoch": epoch, "lr": lr, "blocks": blocks}
-    for split in ("train", "test"):
-        g = dict(last[split])
-        g["loss_local"] = sum(b[split]["loss"] for b in blocks)
-        rec[split] = g
-    train_s = last["train_times"]["wall_s"]
-    rec.update(train_time_s=train_s, epoch_time_s=epoch_s,
-               train_samples_per_s=rec["train"]["num_examples"] / train_s if train_s else None)
-    rec["stages"] = [{"stage": s["stage"], "blocks": [b["index"] for b in s["blocks"]],
-                      "train": s["train_times"], "test": s["test_times"]} for s in summaries]
-    return rec
-
-
-def _stage_summary(k, names, has_decoder, tr, te, with_test_blocks, backprop=False) -> dict:
-    tr_glob, tr_blocks = tr.stats.summary(has_decoder)
-    te_glob, te_blocks = te.stats.summary(has_decoder)
-    blocks = []
-    if not backprop:
-        for i, b in enumerate(tr_blocks):
-            rec = {"index": b["index"], "name": names[i], "train": b}
-            rec["test"] = te_blocks[i] if with_test_blocks else {
-                "loss": 0.0, "loss_sim": None, "loss_pred": None, "error": None}
-            blocks.append(rec)
-    return {"stage": k, "train": tr_glob, "test": te_glob, "blocks": blocks,
-            "train_times": tr.times.as_dict(), "test_times": te.times.as_dict()}
-
-
-def _log_blocks(summary: dict) -> None:
-    for b in summary["blocks"]:
-        a, t = b["train"], b["test"]
-        log.info("  block %d %s: train sim %s pred %s error %s | test sim %s pred %s error %s",
-                 b["index"], b["name"], _fmt(a["loss_sim"]), _fmt(a["loss_pred"]),
-                 _fmt_err(a["error"]), _fmt(t["loss_sim"]), _fmt(t["loss_pred"]),
-                 _fmt_err(t["error"]))
-
-
-def _log_epoch(rec: dict, epochs: int, num_stages: int) -> None:
-    tr, te = rec["train"], rec["test"]
-    log.info("epoch %d/%d lr %.2e | train loss_local %.4f loss_global %.4f error %.2f%% | "
-             "test loss_global %.4f error %.2f%% | %.1fs", rec["epoch"], epochs, rec["lr"],
-             tr["loss_local"], tr["loss_global"], tr["error"], te["loss_global"], te["error"],
-             rec["epoch_time_s"])
-    if num_stages > 1:
-        parts = [f"{s['stage'] + 1}: busy {100 * s['train']['busy_fraction']:.0f}% "
-                 f"recv-wait {s['train']['wait_recv_s']:.1f}s send-wait "
-                 f"{s['train']['wait_send_s']:.1f}s" for s in rec["stages"]]
-        log.info("  stages (train) %s | %.0f samples/s", "; ".join(parts),
-                 rec["train_samples_per_s"] or 0)
-
-
 def run_training(cfg: Config) -> RunResult | None:
-    """Train as configured. Returns the result on the writer rank, None on the other ranks."""
+    """Train as configured. Returns the result on the writer rank, None on the other ranks.
+
+    The phases of a run, in order (DESIGN.md): launch checks (no process group yet), set-up
+    collectives (with the resume state), links, epochs, finish. On an error the caller exits at
+    once: no collective teardown."""
     _, world, _, _ = torchrun_world()
-    layout = _check_launch(cfg, world)  # before joining: every rank refuses alike
+    layout = _check_launch(cfg, world)  # 1. launch checks: every rank refuses alike
     env = init_distributed(cfg.train)
-    result = _run(cfg, env, layout)  # on an error the caller exits at once: no collective teardown
+    # 2. every collective of the set-up, the resume state included (loaded and checked before
+    # anything is written, so a bad --resume leaves the run directory untouched)
+    run = _setup_collectives(cfg, env, layout)
+    sender, receiver = build_links(cfg, env, run.model, run.part, run.k, run.S,  # 3. links
+                                   config_fingerprint(run.config_toml), layout, run.replica)
+    runner = _make_runner(cfg, env, run, sender, receiver)
+    rec = _train_epochs(cfg, env, run, runner, *run.start)  # 4. epochs from the resume point
+    result = _finish(cfg, env, run, runner, rec)  # 5. model.pt, final line
     shutdown(env)
     log.debug("process group closed")
     return result
 
 
 def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0):
-    """Sender and receiver of stage k of `replica` (None at the ends), handshaken with the
-    neighbours. Activations travel in bf16 under --precision bf16."""
+    """Sender and receiver of stage k of `replica` (None at the ends), connected to the
+    neighbours in chain order. Activations travel in bf16 under --precision bf16."""
     (a, b) = part.bounds[k]
     layout = layout or Layout(S, 1)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     lo, hi = shard_bounds(cfg.data.batch_size, 0, layout.num_replicas)  # the largest share
     common = dict(stage_index=k, num_stages=S, dtype=dtype,
-                  max_batch=hi - lo, device=env.device,
+                  max_batch=hi - lo, device=env.device, timeout_s=cfg.train.timeout_s,
                   group=None, meta_group=env.meta_group, staging=env.staging)
     receiver = sender = None
+    # chain order: stage k connects to k-1 (which is done with k-2), then to k+1
     if k > 0:
         receiver = Receiver(peer_rank=layout.rank_of(k - 1, replica), peer_stage=k - 1,
                             sample_shape=model.blocks[a].in_shape, **common)
-        receiver.handshake(fingerprint)
+        receiver.connect(fingerprint)
     if k < S - 1:
         sender = Sender(peer_rank=layout.rank_of(k + 1, replica), peer_stage=k + 1,
                         queue_depth=cfg.train.queue_depth,
                         sample_shape=model.blocks[b - 1].out_shape, **common)
-        sender.handshake(fingerprint)
+        sender.connect(fingerprint)
     return sender, receiver
 
 
@@ -234,44 +183,81 @@ def _check_launch(cfg: Config, world: int) -> Layout:
     return layout
 
 
-def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
+@dataclass
+class _Run:
+    """What the set-up decided for this rank; read by the later phases."""
+    layout: Layout
+    k: int                 # stage index
+    replica: int
+    writer: int            # the rank that writes metrics and model.pt (last stage, replica 1)
+    mode: str
+    run_dir: Path
+    plan: object           # resume.ResumePlan
+    sizes: list[int]       # train examples, test examples, train batches, test batches
+    sources: tuple | None  # (train, test) batch sources on the first stage
+    sync: ReplicaSync | None
+    model: object
+    names: list[str]
+    part: object           # partition.Partition
+    ckpt: StageCheckpointer
+    config_toml: str
+    start: tuple = (1, 0, None)  # first epoch, its batches already done, their statistics
+
+    @property
+    def S(self) -> int:
+        return self.layout.num_stages
+
+    @property
+    def blocks(self):
+        a, b = self.part.bounds[self.k]
+        return self.model.blocks[a:b]
+
+
+def _read_data(cfg, env, layout, run_dir, nodes, k, r):
+    """(resume plan, batch sources of this rank or None). The first stage of every replica
+    reads its share of the data; on every node one of them first (it may extract or download
+    the files), then the others. Every file-system decision is taken on rank 0 and shared."""
     R = layout.num_replicas
-    S, k, r = layout.num_stages, layout.stage_of(env.rank), layout.replica_of(env.rank)
-    writer, mode = layout.rank_of(S - 1, 0), _mode(cfg)
-    if R > 1:
-        logger = logging.getLogger("localloss_pp")
-        setup_logging(k, S, logger.level, r, R)
-    info = DATASETS[cfg.data.dataset]
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    run_dir = broadcast_from(env, resolve_run_dir(cfg) if env.rank == 0 else None, 0)
-    where = gather_all(env, (env.node_rank, str(env.device)))
-    nodes = [w[0] for w in where]
-    # the first stage of every replica reads its shard of the data; on every node one of them
-    # first (it may extract or download the files), then the others
     readers = [layout.rank_of(0, i) for i in range(R)]
     first = {n: min(q for q in readers if nodes[q] == n) for n in {nodes[q] for q in readers}}
-    loaders, plan = None, None
+    sources, plan = None, None
     for turn in (True, False):
         err = None
-        try:  # every file-system decision is taken on rank 0 and shared
+        try:
             if turn and env.rank == 0:
                 plan = plan_resume(cfg, run_dir, restarted)
             if k == 0 and (env.rank == first[nodes[env.rank]]) == turn:
-                loaders = build_loaders(cfg.data, cfg.train.seed, env.device.type == "cuda",
-                                        r, R)
-                _check_last_batch(cfg, len(loaders[0].dataset), len(loaders[1].dataset), R)
+                workers = resolve_num_workers(cfg.data.num_workers, env.device,
+                                              env.local_world_size, env.threads)
+                sources = build_sources(cfg.data, cfg.train.seed, env.device, r, R, workers)[:2]
+                _check_last_batch(cfg, sources[0].num_examples, sources[1].num_examples, R)
         except Exception as exc:  # every rank must hear of it, not only this one
             err = first_line(exc)
         all_agree(env, err)
-    plan = broadcast_from(env, plan, 0)
-    sizes = broadcast_from(env, [len(loaders[0].dataset), len(loaders[1].dataset),
-                                 len(loaders[0]), len(loaders[1])] if env.rank == 0 else None, 0)
+    return broadcast_from(env, plan, 0), sources
+
+
+def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
+    """Phase 2: run directory, data, resume plan, replica groups, model, partition, resume
+    state, the writer's files and the shared-run-dir check. Every collective of the set-up
+    happens here, before any point-to-point link exists."""
+    R = layout.num_replicas
+    S, k, r = layout.num_stages, layout.stage_of(env.rank), layout.replica_of(env.rank)
+    if R > 1:
+        setup_logging(k, S, logging.getLogger("localloss_pp").level, r, R)
+    info = DATASETS[cfg.data.dataset]
+    run_dir = broadcast_from(env, resolve_run_dir(cfg) if env.rank == 0 else None, 0)
+    where = gather_all(env, (env.node_rank, str(env.device)))
+    nodes = [w[0] for w in where]
+    plan, sources = _read_data(cfg, env, layout, run_dir, nodes, k, r)
+    sizes = broadcast_from(env, [sources[0].num_examples, sources[1].num_examples,
+                                 len(sources[0]), len(sources[1])] if env.rank == 0 else None, 0)
     sync = None
     if R > 1:
         group, object_group = replica_groups(env, layout)
         sync = ReplicaSync(group=group, object_group=object_group, replica=r, num_replicas=R,
                            stage_index=k, num_stages=S)
-
     model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
                         materialize=())
     names = [b.describe() for b in model.blocks]
@@ -279,27 +265,69 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
     if env.rank == 0:
         try:
             part = choose_partition(cfg, model, S, info.input_shape, info.num_classes,
-                                    env.device, names)
+                                    env.device, names, source=sources[0])
         except Exception as exc:
             err = first_line(exc)
     all_agree(env, err)
     part = broadcast_from(env, part, 0)
     a, b = part.bounds[k]
-    keep = part.units_of(k)
     t = cfg.train
-    model.setup_units(keep, env.device, cfg.optim, replica=r, precision=t.precision,
-                      channels_last=t.channels_last, compile=t.compile)
+    model.setup_units(part.units_of(k), env.device, cfg.optim, replica=r,
+                      precision=t.precision, channels_last=t.channels_last, compile=t.compile)
+    writer = layout.rank_of(S - 1, 0)
     ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
                              model.output if k == S - 1 else None, part.counts, model.name,
                              sync)
+    run = _Run(layout=layout, k=k, replica=r, writer=writer, mode=_mode(cfg), run_dir=run_dir,
+               plan=plan, sizes=sizes, sources=sources, sync=sync, model=model, names=names,
+               part=part, ckpt=ckpt, config_toml=to_toml(cfg))
+    run.start = _resume(cfg, env, run)
+    if env.rank == 0:
+        _log_header(cfg, env, run, nodes, where)
+    if env.rank == writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        reconcile_metrics(run_dir, run.start[0])
+        atomic_write_bytes(run_dir / "config.toml", run.config_toml.encode())
+        atomic_write_bytes(run_dir / "partition.json",
+                           json.dumps(part.to_dict(), indent=2).encode())
+        log.info("run directory: %s", run_dir)
+    _check_shared_run_dir(env, layout, nodes, run_dir, writer)
+    return run
+
+
+def _log_header(cfg: Config, env: DistEnv, run: _Run, nodes, where) -> None:
+    info, t = DATASETS[cfg.data.dataset], cfg.train
+    S, R = run.S, run.layout.num_replicas
+    log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s) x %d replica(s), "
+             "device %s, %d thread(s) per process, %s", cfg.model.name, cfg.data.dataset,
+             run.sizes[0], run.sizes[1], run.mode, S, R, env.device, env.threads,
+             t.precision + (", channels-last" if t.channels_last else "") +
+             (", compiled" if t.compile else ""))
+    n_params = count_params(cfg.model, info.input_shape, info.num_classes)
+    log.info("%d blocks; %s parameters (paper count)", len(run.names), f"{n_params:,}")
+    for line in run.part.describe():
+        log.info("%s", line)
+    if env.world_size > 1:
+        for line in run.layout.describe(nodes, [w[1] for w in where]):
+            log.info("%s", line)
+    if R > 1:
+        log.info("global batch %d split across %d replicas (%s examples each)",
+                 cfg.data.batch_size, R, "/".join(
+                     str(hi - lo) for lo, hi in (shard_bounds(cfg.data.batch_size, i, R)
+                                                  for i in range(R))))
+
+
+def _resume(cfg: Config, env: DistEnv, run: _Run) -> tuple[int, int, dict | None]:
+    """(first epoch, batches of it already done, statistics of those batches) from the resume
+    plan: a checkpoint, a model.pt (--resume), or a fresh start; every rank agrees."""
+    plan = run.plan
     start_epoch, start_seq = plan.start
-    initial = data_state = None
-    err = None
+    initial, err = None, None
     try:
         if plan.kind == "checkpoint":
-            initial, data_state = ckpt.restore(plan)
+            initial = run.ckpt.restore(plan)
         elif plan.kind == "model":
-            state = load_model_state(model, plan.path, only=keep)
+            state = load_model_state(run.model, plan.path, only=run.part.units_of(run.k))
             start_epoch = state["epoch"] + 1
             if start_epoch > cfg.train.epochs:
                 raise ValueError(f"{plan.path} was trained for {state['epoch']} epochs, "
@@ -310,101 +338,91 @@ def _run(cfg: Config, env: DistEnv, layout: Layout) -> RunResult | None:
     if plan.kind != "fresh" and env.rank == 0:
         log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
                  f", after batch {start_seq}" if start_seq else "")
+    return start_epoch, start_seq, initial
 
-    config_toml = to_toml(cfg)
-    sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint(config_toml),
-                                   layout, r)
-    if env.rank == 0:
-        n_params = count_params(cfg.model, info.input_shape, info.num_classes)
-        log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s) x %d replica(s), "
-                 "device %s, %d thread(s) per process, %s", cfg.model.name, cfg.data.dataset,
-                 sizes[0], sizes[1], mode, S, R, env.device, env.threads, t.precision +
-                 (", channels-last" if t.channels_last else "") +
-                 (", compiled" if t.compile else ""))
-        log.info("%d blocks; %s parameters (paper count)", len(names), f"{n_params:,}")
-        for line in part.describe():
-            log.info("%s", line)
-        if env.world_size > 1:
-            for line in layout.describe(nodes, [w[1] for w in where]):
-                log.info("%s", line)
-        if R > 1:
-            log.info("global batch %d split across %d replicas (%s examples each)",
-                     cfg.data.batch_size, R, "/".join(
-                         str(hi - lo) for lo, hi in (shard_bounds(cfg.data.batch_size, i, R)
-                                                      for i in range(R))))
-    if env.rank == writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        reconcile_metrics(run_dir, start_epoch)
-        atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
-        atomic_write_bytes(run_dir / "partition.json",
-                           json.dumps(part.to_dict(), indent=2).encode())
-        log.info("run directory: %s", run_dir)
-    _check_shared_run_dir(env, layout, nodes, run_dir, writer)
 
-    blocks = model.blocks[a:b]
-    has_decoder = [hasattr(blk, "decoder_y") for blk in blocks]
-    with_stats = cfg.train.print_stats and mode != "backprop"
-    runner = (StageRunner if mode == "local" else partial(GlobalRunner, mode=mode))(
-        blocks=blocks, output=model.output if k == S - 1 else None, stage_index=k,
-        num_stages=S, device=env.device, num_classes=info.num_classes, sender=sender,
-        receiver=receiver, with_stats=with_stats, show_progress=t.progress and r == 0,
-        check_every=1 if env.device.type == "cpu" else 50, sync=sync)
-    train_dl, test_dl = loaders[:2] if loaders else (None, None)
+def _make_runner(cfg: Config, env: DistEnv, run: _Run, sender, receiver) -> StageRunner:
+    last = run.k == run.S - 1
+    cls = StageRunner if run.mode == "local" else partial(GlobalRunner, mode=run.mode)
+    return cls(blocks=run.blocks, output=run.model.output if last else None,
+               stage_index=run.k, num_stages=run.S, device=env.device,
+               num_classes=DATASETS[cfg.data.dataset].num_classes, sender=sender,
+               receiver=receiver, with_stats=cfg.train.print_stats and run.mode != "backprop",
+               show_progress=cfg.train.progress and run.replica == 0,
+               check_every=1 if env.device.type == "cpu" else 50, sync=run.sync)
+
+
+def _train_epochs(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, start_epoch: int,
+                  start_seq: int, initial: dict | None) -> dict | None:
+    """Phase 4: every epoch: train stream, eval stream, statistics gathered to the writer,
+    the metrics record, the epoch-end checkpoint. Returns the last record (on the writer)."""
     rec = None
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        lr = lr_at_epoch(cfg.optim, epoch)
-        runner.set_lr(lr)
-        start = time.perf_counter()
         skip = start_seq if epoch == start_epoch else 0
-        if k == 0:
-            batches = train_dl.batch_sampler
-            was_nclass = batches.class_sampler_active()
-            batches.set_epoch(epoch, skip)
-            if was_nclass and not batches.class_sampler_active():
-                log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
-                         epoch)
-            if skip:  # mid-epoch resume: the augmentation stream goes on where it stopped
-                torch.set_rng_state(data_state["torch_rng"])
-            else:  # the augmentation stream of every epoch: a function of (seed, epoch, replica)
-                torch.manual_seed(derive_seed(cfg.train.seed, epoch, "augment" if r == 0
-                                              else f"augment/replica{r}"))
-        tr = runner.train_epoch(epoch, train_dl, sizes[2], start_seq=skip,
-                                initial=initial if skip else None,
-                                checkpoint_every=cfg.train.checkpoint_every,
-                                on_checkpoint=lambda e, n, st: ckpt.save(e, n, st))
-        te = runner.eval_epoch(epoch, test_dl, sizes[3])
-        if sync is not None:  # statistics of the whole data; the replicas must agree
-            tr.stats.load(sync.sum_stats(tr.stats))
-            te.stats.load(sync.sum_stats(te.stats))
-            agreed = sync.check_identical(runner.units)
-            log.info("epoch %d: weights sha256 %s, identical on all %d replicas", epoch,
-                     agreed[:16], R)
-        summary = _stage_summary(k, names[a:b], has_decoder, tr, te, with_stats,
-                                 backprop=mode == "backprop")
-        gathered = gather_to(env, summary if r == 0 else None, writer)
-        if env.rank == writer:
-            rec = merge_stage_summaries(epoch, lr, gathered[:S], time.perf_counter() - start)
-            rec["num_replicas"] = R
-            if R > 1:
-                rec["replicas_identical"] = True  # check_identical raised otherwise
-            _log_epoch(rec, cfg.train.epochs, S)
-            append_jsonl(run_dir / "metrics.jsonl", rec)
-        if cfg.train.print_stats and r == 0:
-            _log_blocks(summary)  # every stage logs its own blocks
-        ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one
+        rec = _epoch(cfg, env, run, runner, epoch, skip, initial if skip else None) or rec
+    return rec
+
+
+def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, initial):
+    lr = lr_at_epoch(cfg.optim, epoch)
+    runner.set_lr(lr)
+    start = time.perf_counter()
+    train_src, test_src = run.sources if run.sources else (None, None)
+    if run.k == 0:  # batches and augmentation: functions of (seed, epoch, replica, batch)
+        was_nclass = train_src.class_sampler_active()
+        train_src.set_epoch(epoch, skip)
+        test_src.set_epoch(epoch)
+        if was_nclass and not train_src.class_sampler_active():
+            log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
+                     epoch)
+    tr = runner.train_epoch(epoch, train_src, run.sizes[2], start_seq=skip, initial=initial,
+                            checkpoint_every=cfg.train.checkpoint_every,
+                            on_checkpoint=lambda e, n, st: run.ckpt.save(e, n, st))
+    te = runner.eval_epoch(epoch, test_src, run.sizes[3])
+    # the streams are drained: no receive is posted, no send in flight, from here to the next
+    # epoch's first batch
+    if run.sync is not None:  # statistics of the whole data; the replicas must agree
+        tr.stats.load(run.sync.sum_stats(tr.stats))
+        te.stats.load(run.sync.sum_stats(te.stats))
+        agreed = run.sync.check_identical(runner.units)
+        log.info("epoch %d: weights sha256 %s, identical on all %d replicas", epoch,
+                 agreed[:16], run.layout.num_replicas)
+    a, b = run.part.bounds[run.k]
+    with_stats = cfg.train.print_stats and run.mode != "backprop"
+    summary = stage_summary(run.k, run.names[a:b], [hasattr(blk, "decoder_y")
+                                                    for blk in run.blocks], tr, te, with_stats,
+                            backprop=run.mode == "backprop")
+    gathered = gather_to(env, summary if run.replica == 0 else None, run.writer)
+    rec = None
+    if env.rank == run.writer:
+        rec = merge_stage_summaries(epoch, lr, gathered[:run.S], time.perf_counter() - start)
+        rec["num_replicas"] = run.layout.num_replicas
+        if run.layout.num_replicas > 1:
+            rec["replicas_identical"] = True  # check_identical raised otherwise
+        log_epoch(rec, cfg.train.epochs, run.S)
+        append_jsonl(run.run_dir / "metrics.jsonl", rec)
+    if cfg.train.print_stats and run.replica == 0:
+        log_blocks(summary)  # every stage logs its own blocks
+    run.ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one
+    return rec
+
+
+def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> RunResult | None:
+    """Phase 5: the stop message down the chain, every unit's state to the writer, model.pt."""
     runner.stop()
     mine = None
-    if r == 0:
+    if run.replica == 0:
         mine = [(u.index, unit_digest(u), s)
                 for u, s in zip(runner.units, unit_states(runner.units))]
-    everything = gather_to(env, mine, writer)
-    if env.rank != writer:
+    everything = gather_to(env, mine, run.writer)
+    if env.rank != run.writer:
         return None
-    units = sorted((u for part_units in everything[:S] for u in part_units), key=lambda u: u[0])
+    units = sorted((u for part_units in everything[:run.S] for u in part_units),
+                   key=lambda u: u[0])
     digest = combine_digests([u[1] for u in units])
-    save_model(run_dir / "model.pt", model.name, [u[2] for u in units], config_toml,
-               cfg.train.epochs, digest)
+    save_model(run.run_dir / "model.pt", run.model.name, [u[2] for u in units],
+               run.config_toml, cfg.train.epochs, digest)
     log.info("final test error %.2f%%; model saved to %s", rec["test"]["error"],
-             run_dir / "model.pt")
-    return RunResult(run_dir, digest, rec["test"]["error"], rec["train"]["error"],
+             run.run_dir / "model.pt")
+    return RunResult(run.run_dir, digest, rec["test"]["error"], rec["train"]["error"],
                      cfg.train.epochs)

@@ -13,6 +13,13 @@ Meta tensors travel over `meta_group` (gloo, CPU); payloads over `group` (NCCL o
 CPU). Gloo never copies a send buffer: the Work object and the tensors are kept until the send
 has been waited for (dropping a gloo send Work cancels it), and at most `queue_depth` messages
 are in flight per link (back-pressure).
+
+Set-up of a link (`Sender.connect` / `Receiver.connect`, called in chain order stage k -> k+1
+after every set-up collective): the handshake on the meta group, then one small warm-up tensor
+on the payload group, which creates NCCL's lazily built communicator of the pair while both
+sides are known to be there. Receives are pre-posted one message ahead only inside a stream of
+batches: after an end-of-stream marker nothing is posted until the next `recv()`, so no receive
+is pending during the collectives and checkpoint writes of an epoch's end.
 """
 from __future__ import annotations
 
@@ -20,19 +27,31 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 import torch.distributed as dist
 
 from .config import first_line
 
-__all__ = ["TRAIN", "EVAL", "END_TRAIN", "END_EVAL", "STOP", "KIND_NAMES", "Message",
+__all__ = ["Kind", "TRAIN", "EVAL", "END_TRAIN", "END_EVAL", "STOP", "KIND_NAMES", "Message",
            "Sender", "Receiver", "ShapeMismatchError", "PeerLostError", "config_fingerprint",
-           "guarded"]
+           "guarded", "is_peer_loss"]
 
-TRAIN, EVAL, END_TRAIN, END_EVAL, STOP = 1, 2, 3, 4, 5
-KIND_NAMES = {TRAIN: "train batch", EVAL: "eval batch", END_TRAIN: "end of training",
-              END_EVAL: "end of evaluation", STOP: "stop"}
+
+class Kind(IntEnum):
+    """What a message is (its first header field)."""
+    TRAIN = 1      # a training batch
+    EVAL = 2       # an evaluation batch
+    END_TRAIN = 3  # the end of an epoch's training stream
+    END_EVAL = 4   # the end of an epoch's evaluation stream
+    STOP = 5       # the end of the run
+
+
+TRAIN, EVAL, END_TRAIN, END_EVAL, STOP = Kind
+KIND_NAMES = {Kind.TRAIN: "train batch", Kind.EVAL: "eval batch",
+              Kind.END_TRAIN: "end of training", Kind.END_EVAL: "end of evaluation",
+              Kind.STOP: "stop"}
 HEADER_LEN = 4
 _MAGIC = 0x4C4C5050  # "LLPP"
 _SPEC_LEN = 11  # magic, version, stage, fingerprint, ndim, 4 dims, dtype, max batch
@@ -54,11 +73,12 @@ def config_fingerprint(text: str) -> int:
 
 @dataclass
 class Message:
-    kind: int
+    kind: Kind
     epoch: int
     seq: int
-    labels: torch.Tensor | None = None
-    activation: torch.Tensor | None = None
+    labels: torch.Tensor | None = None          # on the host
+    activation: torch.Tensor | None = None      # on this stage's device
+    labels_device: torch.Tensor | None = None   # on this stage's device
 
 
 def _spec(stage_index: int, fingerprint: int, shape: tuple[int, ...], dtype: torch.dtype,
@@ -75,6 +95,21 @@ def _describe(spec: list[int]) -> str:
     return f"{shape} {str(_DTYPES[spec[9]]).replace('torch.', '')} x {spec[10]} samples"
 
 
+_PEER_LOSS = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|[Tt]imeout|"
+                        r"Socket Timeout|[Cc]onnection refused|aborted|Application timeout")
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether a backend error means that the other side is gone (crashed, killed, timed out),
+    as opposed to a fault of this process (a wrong device, out of memory, a communicator that
+    could not be created): the network and store errors of torch.distributed, and the closed
+    connections and timeouts that gloo and NCCL report as RuntimeError/DistBackendError."""
+    if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError, TimeoutError,
+                        ConnectionError)):
+        return True
+    return isinstance(exc, (RuntimeError, OSError)) and bool(_PEER_LOSS.search(str(exc)))
+
+
 def _reason(exc: Exception) -> str:
     """The useful part of a backend error ("Connection closed by peer", "Timed out ...")."""
     text = first_line(exc)
@@ -83,27 +118,31 @@ def _reason(exc: Exception) -> str:
 
 
 def guarded(what: str, fn, *args, lost: str = "another stage stopped during", **kw):
-    """Run a communication call; a vanished peer (the backend's error: connection closed, timed
-    out) becomes a PeerLostError ("{lost} {what}: reason") instead of a backend trace."""
+    """Run a communication call. A vanished peer (`is_peer_loss`) becomes a PeerLostError
+    ("{lost} {what}: reason") with the backend's error as its cause; any other error is this
+    process's own and propagates unchanged."""
     try:
         return fn(*args, **kw)
     except (RuntimeError, OSError) as exc:
-        raise PeerLostError(f"{lost} {what}: {_reason(exc)}") from None
+        if not is_peer_loss(exc):
+            raise
+        raise PeerLostError(f"{lost} {what}: {_reason(exc)}") from exc
 
 
 class _Link:
     def __init__(self, *, stage_index: int, num_stages: int, peer_rank: int, peer_stage: int,
                  sample_shape: tuple[int, ...], dtype: torch.dtype, max_batch: int,
-                 device: torch.device, group, meta_group, staging: bool = False):
+                 device: torch.device, group, meta_group, staging: bool = False,
+                 timeout_s: float = 600.0):
         self.stage_index, self.num_stages = stage_index, num_stages
         self.peer_rank, self.peer_stage = peer_rank, peer_stage
         self.shape, self.dtype, self.max_batch = tuple(sample_shape), dtype, max_batch
         self.device, self.group, self.meta_group = device, group, meta_group
         # staging: CUDA stages linked by gloo (several stages on one GPU): payloads travel
-        # through CPU memory, copied synchronously on both sides
+        # through pinned CPU memory
         self.staging = staging
         self.wire_device = torch.device("cpu") if staging else device
-        self.wait_s = 0.0
+        self.timeout_s = timeout_s
         self._lost = f"lost {self._name(peer_stage)} (rank {peer_rank}) while"
 
     def _name(self, stage: int) -> str:
@@ -114,11 +153,13 @@ class _Link:
         return guarded(what, op, tensor, self.peer_rank, group=group, lost=self._lost)
 
     def _wait(self, work, what: str) -> None:
-        start = time.perf_counter()
-        try:
-            guarded(what, work.wait, lost=self._lost)
-        finally:
-            self.wait_s += time.perf_counter() - start
+        guarded(what, work.wait, lost=self._lost)
+
+    def _warm(self, op) -> None:
+        """One small tensor over the payload group: on NCCL this creates the pair's lazily
+        built communicator now, while both sides are in the set-up, not at the first batch."""
+        probe = torch.zeros(1, dtype=self.dtype, device=self.wire_device)
+        self._wait(self._issue(op, probe, self.group, "connecting"), "connecting")
 
 
 class Sender(_Link):
@@ -132,11 +173,16 @@ class Sender(_Link):
         self._blank = torch.zeros((self.max_batch, *self.shape), dtype=self.dtype,
                                   device=self.wire_device)
 
+    def connect(self, fingerprint: int) -> None:
+        """Handshake with the next stage, then warm the payload link."""
+        self.handshake(fingerprint)
+        self._warm(dist.isend)
+
     def handshake(self, fingerprint: int) -> None:
         spec = _spec(self.stage_index, fingerprint, self.shape, self.dtype, self.max_batch)
-        self._wait(dist.isend(spec, self.peer_rank, group=self.meta_group), "handshaking")
+        self._wait(self._issue(dist.isend, spec, self.meta_group, "handshaking"), "handshaking")
         ack = torch.zeros(2, dtype=torch.int64)
-        self._wait(dist.irecv(ack, self.peer_rank, group=self.meta_group), "handshaking")
+        self._wait(self._issue(dist.irecv, ack, self.meta_group, "handshaking"), "handshaking")
         if int(ack[0]) != 0:
             what = "config" if int(ack[0]) == 2 else "activation shape"
             raise ShapeMismatchError(
@@ -144,25 +190,42 @@ class Sender(_Link):
                 f"the {what}: this stage sends {_describe(spec.tolist())}; see the other "
                 f"stage's message. Launch every rank with the same flags and config.")
 
+    def _payload(self, activation: torch.Tensor) -> torch.Tensor:
+        """The activation padded to the agreed batch, on the wire's device, contiguous."""
+        bs = activation.size(0)
+        if tuple(activation.shape[1:]) != self.shape or bs > self.max_batch:
+            raise ShapeMismatchError(
+                f"{self._name(self.stage_index)} produced an activation of shape "
+                f"{tuple(activation.shape)}, but the link to {self._name(self.peer_stage)} "
+                f"was agreed for (<= {self.max_batch}, {', '.join(map(str, self.shape))})")
+        payload = activation.to(self.dtype)
+        if bs < self.max_batch:
+            payload = torch.cat([payload, payload.new_zeros((self.max_batch - bs, *self.shape))])
+        if not self.staging:
+            return payload.contiguous()
+        # gloo sends from host memory: copy into pinned memory and wait for that copy only
+        # (staging is the one place where a stage waits for its GPU)
+        host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+        host.copy_(payload, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host
+
     def send(self, kind: int, epoch: int, seq: int, activation: torch.Tensor | None = None,
              labels: torch.Tensor | None = None) -> None:
-        """Queue one message; blocks only while `queue_depth` earlier messages are in flight."""
+        """Queue one message; blocks only while `queue_depth` earlier messages are in flight.
+        `labels` are on the host (headers never wait for the device)."""
         bs = 0 if activation is None else activation.size(0)
         meta = torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
-        meta[:HEADER_LEN] = torch.tensor([kind, epoch, seq, bs])
+        meta[:HEADER_LEN] = torch.tensor([int(kind), epoch, seq, bs])
         if activation is None:
             payload = self._blank
         else:
-            if tuple(activation.shape[1:]) != self.shape or bs > self.max_batch:
-                raise ShapeMismatchError(
-                    f"{self._name(self.stage_index)} produced an activation of shape "
-                    f"{tuple(activation.shape)}, but the link to {self._name(self.peer_stage)} "
-                    f"was agreed for (<= {self.max_batch}, {', '.join(map(str, self.shape))})")
-            meta[HEADER_LEN:HEADER_LEN + bs] = labels.to("cpu", torch.int64)
-            payload = activation.to(self.wire_device, self.dtype)
-            if bs < self.max_batch:
-                payload = torch.cat([payload, self._blank[: self.max_batch - bs]])
-            payload = payload.contiguous()
+            if labels.device.type != "cpu":
+                raise ValueError("Sender.send takes the labels on the host (no device sync)")
+            payload = self._payload(activation)
+            meta[HEADER_LEN:HEADER_LEN + bs] = labels
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
         works = [self._issue(dist.isend, meta, self.meta_group, what),
                  self._issue(dist.isend, payload, self.group, what)]
@@ -176,15 +239,21 @@ class Sender(_Link):
         works, _, (kind, epoch, seq) = self._inflight.pop(0)
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
         if self.wire_device.type == "cuda":
-            # NCCL's wait() only orders streams; poll the payload's completion so that at most
-            # queue_depth sends (and their buffers) are really in flight. Only the NCCL work:
-            # a gloo work (the header) reports completion only after wait().
-            start = time.perf_counter()
-            while not works[1].is_completed():
-                time.sleep(1e-4)
-            self.wait_s += time.perf_counter() - start
+            self._poll(works[1], what)
         for work in works:
             self._wait(work, what)
+
+    def _poll(self, work, what: str) -> None:
+        """NCCL's wait() only orders streams: poll the payload's completion so that at most
+        queue_depth sends (and their buffers) are really in flight. Only the NCCL work: a gloo
+        work (the header) reports completion only after wait(). A send that the next stage
+        does not take within the timeout is a lost peer, not an endless spin."""
+        deadline = time.perf_counter() + self.timeout_s
+        while not work.is_completed():
+            if time.perf_counter() > deadline:
+                raise PeerLostError(f"{self._lost} {what}: the send did not complete within "
+                                    f"{self.timeout_s:g} s (--timeout-s)")
+            time.sleep(1e-4)
 
     def drain(self) -> None:
         """Wait until every queued message has been delivered."""
@@ -193,20 +262,28 @@ class Sender(_Link):
 
 
 class Receiver(_Link):
-    """Receiving side of the link stage k-1 -> k; the next message is always pre-posted."""
+    """Receiving side of the link stage k-1 -> k. Inside a stream of batches the next message
+    is always pre-posted; after an end-of-stream marker nothing is posted until `recv()`."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self._meta = [torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
-                      for _ in range(2)]
+        pin = self.device.type == "cuda"  # labels go to the device from pinned memory
+        self._meta = [torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64,
+                                  pin_memory=pin) for _ in range(2)]
         self._payload = [torch.empty((self.max_batch, *self.shape), dtype=self.dtype,
-                                     device=self.wire_device) for _ in range(2)]
+                                     device=self.wire_device, pin_memory=pin and self.staging)
+                         for _ in range(2)]
         self._slot = 0
         self._pending = None
 
+    def connect(self, fingerprint: int) -> None:
+        """Handshake with the previous stage, then warm the payload link."""
+        self.handshake(fingerprint)
+        self._warm(dist.irecv)
+
     def handshake(self, fingerprint: int) -> None:
         spec = torch.zeros(_SPEC_LEN, dtype=torch.int64)
-        self._wait(dist.irecv(spec, self.peer_rank, group=self.meta_group), "handshaking")
+        self._wait(self._issue(dist.irecv, spec, self.meta_group, "handshaking"), "handshaking")
         mine = _spec(self.stage_index - 1, fingerprint, self.shape, self.dtype, self.max_batch)
         theirs = spec.tolist()
         if theirs[:2] != [_MAGIC, 1]:
@@ -216,7 +293,7 @@ class Receiver(_Link):
         else:
             code = 0 if theirs == mine.tolist() else 1
         ack = torch.tensor([code, 0], dtype=torch.int64)
-        self._wait(dist.isend(ack, self.peer_rank, group=self.meta_group), "handshaking")
+        self._wait(self._issue(dist.isend, ack, self.meta_group, "handshaking"), "handshaking")
         if code == 2:
             raise ShapeMismatchError(
                 f"{self._name(self.peer_stage)} and {self._name(self.stage_index)} run with "
@@ -225,32 +302,52 @@ class Receiver(_Link):
             raise ShapeMismatchError(
                 f"{self._name(self.peer_stage)} sends {_describe(theirs)}, but "
                 f"{self._name(self.stage_index)} expects {_describe(mine.tolist())}")
-        self._post()
+
+    @property
+    def posted(self) -> bool:
+        """Whether a receive is pending (between the messages of a stream)."""
+        return self._pending is not None
 
     def _post(self) -> None:
         s = self._slot
+        self._slot = 1 - s
         what = "posting the next receive"
         self._pending = (s, [self._issue(dist.irecv, self._meta[s], self.meta_group, what),
                              self._issue(dist.irecv, self._payload[s], self.group, what)])
 
     def recv(self) -> Message:
-        """The next message. Its tensors stay valid until the next call of recv()."""
+        """The next message. Its tensors stay valid until the next call of recv(). The labels
+        come on the host (`labels`) and on this stage's device (`labels_device`, copied
+        asynchronously from pinned memory on CUDA)."""
+        if self._pending is None:
+            self._post()
         slot, works = self._pending
         for work in works:
             self._wait(work, "waiting for the next message")
+        self._pending = None
         kind, epoch, seq, bs = self._meta[slot][:HEADER_LEN].tolist()
         if kind not in KIND_NAMES or not 0 <= bs <= self.max_batch:
             raise ShapeMismatchError(f"{self._name(self.stage_index)} received a malformed "
                                      f"header {[kind, epoch, seq, bs]} from "
                                      f"{self._name(self.peer_stage)}")
-        self._pending = None
-        if kind != STOP:
-            self._slot = 1 - slot
-            self._post()
-        if kind not in (TRAIN, EVAL):
+        kind = Kind(kind)
+        if kind not in (TRAIN, EVAL):  # the end of a stream: post nothing more for now
             return Message(kind, epoch, seq)
+        self._post()  # the next message of the stream arrives while this one computes
+        labels = self._meta[slot][HEADER_LEN:HEADER_LEN + bs]
         activation = self._payload[slot][:bs]
-        if self.staging:  # a synchronous copy: the CPU buffer is free again when it returns
-            activation = activation.to(self.device)
-        return Message(kind, epoch, seq, labels=self._meta[slot][HEADER_LEN:HEADER_LEN + bs],
-                       activation=activation)
+        if self.device.type != "cuda":
+            return Message(kind, epoch, seq, labels=labels, activation=activation,
+                           labels_device=labels)
+        if self.staging:  # off the receive buffer at once: it is posted again next time
+            activation = _pinned_copy(activation).to(self.device, non_blocking=True)
+        return Message(kind, epoch, seq, labels=labels, activation=activation,
+                       labels_device=_pinned_copy(labels).to(self.device, non_blocking=True))
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a host tensor in pinned memory from torch's caching host allocator, which
+    keeps the block until the asynchronous device copies that read it have run."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out

@@ -48,9 +48,15 @@ def test_pipeline_equals_one_process(tmp_path, name, args, stage_counts):
         with open(runs[s] / "metrics.jsonl") as fh:
             stages = json.loads(fh.readline())["stages"]
         assert [st["stage"] for st in stages] == list(range(s))
+        batches = -(-4000 // (100 if "--batch-size" in args else 128))
         for st in stages:
-            assert 0 < st["train"]["busy_fraction"] <= 1.0
-            assert st["train"]["wait_recv_s"] >= 0 and st["train"]["wait_send_s"] >= 0
+            t, first, last = st["train"], st["stage"] == 0, st["stage"] == s - 1
+            assert 0 < t["busy_fraction"] <= 1.0 and t["batches"] == batches
+            # only the first stage loads data, only the others receive, the last sends nothing
+            assert (t["data_s"] > 0) == first and (t["wait_recv_s"] > 0) == (not first)
+            assert (t["wait_send_s"] > 0) == (not last) and (t["bytes_sent"] > 0) == (not last)
+            parts = t["busy_s"] + t["data_s"] + t["wait_recv_s"] + t["wait_send_s"]
+            assert parts <= 1.01 * t["wall_s"] + 0.01
 
 
 def test_explicit_and_auto_partitions_keep_the_result(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from localloss_pp.config import DataConfig
 from localloss_pp.data import (Cutout, DatasetNotFoundError, NClassRandomSampler, build_datasets,
-                               build_loaders, dataset_labels)
+                               build_sources, dataset_labels)
 
 
 def batches_of(sampler, batch_size):
@@ -72,13 +72,15 @@ def test_mnist5k_split_is_stratified_and_disjoint():
     assert x.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
 
 
-def test_loader_order_is_seeded():
+def test_batch_order_and_augmentation_are_seeded():
     cfg = DataConfig(dataset="mnist5k", batch_size=64)
     torch.manual_seed(0)
-    a = next(iter(build_loaders(cfg, seed=1)[0]))[1]
-    torch.manual_seed(0)
-    b = next(iter(build_loaders(cfg, seed=1)[0]))[1]
-    assert torch.equal(a, b)
+    a = next(iter(build_sources(cfg, 1, torch.device("cpu"))[0]))
+    torch.manual_seed(1)  # the global generator plays no part
+    b = next(iter(build_sources(cfg, 1, torch.device("cpu"))[0]))
+    c = next(iter(build_sources(cfg, 2, torch.device("cpu"))[0]))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert not torch.equal(a[1], c[1])
 
 
 # ---- the other datasets' on-disk formats, written small by the tests ----------------------------
@@ -200,7 +202,7 @@ def test_replica_shards_cover_every_batch_once(n, replicas):
 
 def test_replica_loaders_split_the_global_batches():
     from localloss_pp.config import DataConfig
-    from localloss_pp.data import EpochBatches, ShardedBatches
+    from localloss_pp.batches import EpochBatches, ShardedBatches
     labels = np.arange(50) % 10
     for cfg in (DataConfig(dataset="mnist5k", batch_size=8),
                 DataConfig(dataset="mnist5k", batch_size=8, classes_per_batch=2)):

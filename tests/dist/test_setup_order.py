@@ -1,0 +1,72 @@
+"""The order of a run's set-up: every collective before any point-to-point receive is posted,
+and no receive left posted across the collectives of an epoch's end (NCCL documents that
+operations on several communicators at once can deadlock; with lazily created NCCL
+communicators a collective behind a posted receive blocks the whole set-up)."""
+import json
+import multiprocessing as mp
+import os
+
+from launch import free_port
+
+COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "barrier",
+               "all_reduce", "new_group")
+
+
+def _stage(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    # two processes on two "nodes" (GROUP_RANK), so the shared-run-dir check runs too
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1", GROUP_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+
+    from localloss_pp import transport
+    from localloss_pp.cli import build_parser
+    from localloss_pp.config import config_from_args
+    from localloss_pp.train import run_training
+
+    receivers, events = [], []
+    original_init = transport.Receiver.__init__
+
+    def init(self, **kw):
+        original_init(self, **kw)
+        receivers.append(self)
+    transport.Receiver.__init__ = init
+
+    def spy(name):
+        fn = getattr(dist, name)
+
+        def call(*args, **kw):
+            posted = any(getattr(r, "_pending", None) is not None for r in receivers)
+            events.append([name, posted])
+            return fn(*args, **kw)
+        setattr(dist, name, call)
+    for name in COLLECTIVES:
+        spy(name)
+    args = build_parser().parse_args([
+        "train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2",
+        "--num-hidden", "32", "--epochs", "2", "--run-dir", run_dir, "--no-progress",
+        "--threads-per-rank", "1", "--timeout-s", "60"])
+    run_training(config_from_args(args))
+    with open(out, "w") as fh:
+        json.dump(events, fh)
+
+
+def test_no_collective_runs_while_a_receive_is_posted(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_stage, args=(r, 2, port, str(tmp_path / "run"),
+                                               str(tmp_path / f"events{r}.json")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    for r in range(2):
+        events = json.loads((tmp_path / f"events{r}.json").read_text())
+        names = [e[0] for e in events]
+        assert "all_gather_object" in names and "gather_object" in names
+        assert not [e for e in events if e[1]], (r, events)
