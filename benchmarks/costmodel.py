@@ -26,7 +26,8 @@ from localloss_pp.models import build_model
 from localloss_pp.partition import (Partition, fold_output, time_ms, unit_input_shape,
                                     unit_step)
 
-__all__ = ["BlockCost", "profile_blocks", "predict", "project", "stage_bytes"]
+__all__ = ["BlockCost", "profile_blocks", "predict", "project", "stage_bytes", "count_flops",
+           "matmul_peak_flops", "PROJECTION_ASSUMPTIONS"]
 
 
 @dataclass
@@ -45,6 +46,31 @@ def _flops(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
+
+
+def count_flops(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
+                batch_size: int) -> tuple[float, float]:
+    """(local train step, backbone forward + backward) matmul/conv FLOPs per sample of the
+    whole model, counted on the CPU (FLOPs do not depend on the device)."""
+    costs = profile_blocks(model, loss, input_shape, num_classes, batch_size,
+                           torch.device("cpu"), steps=0)
+    return (sum(c.local_flops for c in costs) / batch_size,
+            sum(c.backbone_flops for c in costs) / batch_size)
+
+
+def matmul_peak_flops(device, size: int | None = None, seconds: float = 0.5) -> float:
+    """FLOP/s of a square fp32 matmul on `device` at the current thread count: the hardware
+    reference against which the variants' achieved FLOP/s are a utilisation (MFU)."""
+    n = size or (4096 if device.type == "cuda" else 512)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device)
+    b = torch.randn(n, n, generator=gen).to(device)
+    reps = 2
+    while True:
+        ms = time_ms(lambda: torch.mm(a, b), reps, device, rounds=3)
+        if ms * reps / 1000.0 >= seconds / 3 or reps >= 4096:
+            return 2.0 * n ** 3 / (ms / 1000.0)
+        reps *= 2
 
 
 def profile_blocks(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
@@ -70,9 +96,11 @@ def profile_blocks(model: ModelConfig, loss: LossConfig, input_shape, num_classe
         def backbone_step():
             bu(xg).float().sum().backward()
             bu.zero_grad(set_to_none=True)
+        timed = steps > 0  # steps=0: FLOPs only
         out.append(BlockCost(
-            index=lu.index, name=name, local_ms=time_ms(local_step, steps, device, rounds=5),
-            backbone_ms=time_ms(backbone_step, steps, device, rounds=5),
+            index=lu.index, name=name,
+            local_ms=time_ms(local_step, steps, device, rounds=5) if timed else 0.0,
+            backbone_ms=time_ms(backbone_step, steps, device, rounds=5) if timed else 0.0,
             local_flops=_flops(local_step), backbone_flops=_flops(backbone_step),
             params=sum(p.numel() for p in bu.parameters()),
             out_bytes_per_sample=4 * torch.Size(out_shape).numel()))
@@ -108,6 +136,22 @@ def predict(costs: list[BlockCost], counts: list[int], batch_size: int, *,
     return {"counts": counts, "stage_ms": stage_ms, "link_ms": link_ms,
             "shared_core_ms": shared, "batch_ms": bound,
             "samples_per_s": 1000.0 * batch_size / bound}
+
+
+PROJECTION_ASSUMPTIONS = """\
+What the projection models (it measures nothing):
+- the network grows with S: S blocks, each like the average block of the measured model, so
+  one GPU per block and stage; the global batch stays the same for every S;
+- '/ 1 GPU' divides by the samples/s of global backprop of the same S-block network on one
+  GPU (so an ideal S-GPU scheme reaches S); per-block GPU time = the block's FLOPs at the
+  assumed GPU peak scaled by the efficiency measured here for local and for backbone work;
+- local pipeline: the slowest of one block's local step and its activation transfer;
+- GPipe/1F1B: bubble (S-1)/(M+S-1), activation forward and gradient backward per micro-batch;
+- DDP: every GPU runs all S blocks on batch/S samples; the ring all-reduce of every block's
+  gradients (2 (S-1)/S x the model's bytes) overlaps with the backward pass, so a step takes
+  the longer of the two. Below 1.0 the all-reduce alone takes longer than the whole one-GPU
+  step: small per-sample compute (MNIST-size activations, batch 128) against S times the
+  parameters to average over the link."""
 
 
 def project(costs: list[BlockCost], batch_size: int, *, stages=range(2, 17),

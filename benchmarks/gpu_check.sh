@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# One-GPU check of localloss-pp (about 6 minutes on one H100, at most 8: every step has a
-# time limit). Run from the repository root after `pip install -e ".[dev]"`:
+# One-GPU check of localloss-pp (at most 8 minutes: the time limits of the steps add up to
+# 7 min 55 s). Run from the repository root after `pip install -e ".[dev]"`:
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check
 #
+# What one GPU can and cannot show: NCCL cannot link two ranks on one GPU, so on a one-GPU
+# machine this checks the CUDA compute paths (one stage, bf16, channels-last, compile,
+# device-resident data, two stages sharing the GPU through gloo with CPU staging) and not
+# NCCL; the NCCL tests of tests/gpu need 2 or 4 GPUs and skip otherwise (the script says so).
+# Every step runs with LOCALLOSS_PP_SYNC_DEBUG=error (a host synchronisation inside a
+# steady-state batch of a stage fails the step) and TORCH_LOGS=recompiles,graph_breaks.
+#
 # 1. tests/gpu: CUDA vs CPU (losses within 2%, test errors within 1.5 points after one epoch),
-#    two stages sharing the GPU through gloo vs one process, bf16/channels-last vs fp32,
-#    bf16 on the wire, torch.compile (NCCL stage tests need 2 or 4 GPUs and skip otherwise).
+#    no host synchronisation in steady-state batches (one stage, two stages sharing the GPU),
+#    device-resident data, two stages sharing the GPU through gloo vs one process,
+#    bf16/channels-last vs fp32, bf16 on the wire, torch.compile without recompiles.
 # 2. The throughput benchmark at S = 1 (local pipeline vs global backprop, one process).
 # 3. The throughput benchmark with two stages sharing the GPU (local pipeline, local in one
 #    process, backprop, DDP on 2 ranks).
 # 4. bf16 vs fp32 (and bf16 + channels-last): speed and final error of real training runs.
+# 5. The data path alone (benchmarks.loader): batches/s of every dataset path next to the
+#    demand of the model that trains on it.
 # Everything is written under OUT_DIR (JSON, Markdown, logs); the summary is printed last.
 # DEVICE=cpu runs the same steps on the CPU (a dry run of this script; slow).
 set -uo pipefail
@@ -18,6 +28,8 @@ out=${1:-gpu_check}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$out"
+export LOCALLOSS_PP_SYNC_DEBUG=${LOCALLOSS_PP_SYNC_DEBUG:-error}
+export TORCH_LOGS=${TORCH_LOGS:-recompiles,graph_breaks}
 declare -a summary
 status=0
 step() {  # step NAME LIMIT_S command...
@@ -39,6 +51,9 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"cuda:{i} {p.name} {p.total_memory / 2**30:.0f} GiB")
+if torch.cuda.device_count() < 2:
+    print(f"{torch.cuda.device_count()} GPU(s): NCCL between two ranks cannot be tested here "
+          "(NCCL needs one GPU per rank); the NCCL tests skip, the CUDA paths are checked")
 try:
     print(subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip())
@@ -47,12 +62,12 @@ except OSError:
 PYEOF
 
 if [[ $DEVICE == cuda ]]; then
-  step gpu-tests 240 "$PY" -m pytest tests/gpu -v -p no:cacheprovider
+  step gpu-tests 250 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider
 fi
-step throughput-s1 60 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 1 \
+step throughput-s1 50 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 1 \
   --variants local,backprop1 --repeats 1 --batches 40 --warmup 5 --no-costmodel \
   --json "$out/throughput_s1.json"
-step throughput-s2-shared 90 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 2 \
+step throughput-s2-shared 70 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 2 \
   --variants local,local1,backprop1,ddp --losses predsim --repeats 1 --batches 40 --warmup 5 \
   --no-costmodel --json "$out/throughput_s2_shared.json"
 
@@ -85,7 +100,9 @@ PYEOF
 }
 export -f precision_run precision_all
 export PY DEVICE out
-step precision 75 bash -c precision_all
+step precision 70 bash -c precision_all
+step loader 35 "$PY" -m benchmarks.loader --device "$DEVICE" --batches 45 \
+  --json "$out/loader.json"
 
 echo
 echo "=== summary"

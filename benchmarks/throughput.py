@@ -28,7 +28,8 @@ import torch
 from localloss_pp.config import LossConfig, ModelConfig
 from localloss_pp.partition import balanced_split, fold_output
 
-from .costmodel import predict, profile_blocks, project
+from .costmodel import (PROJECTION_ASSUMPTIONS, count_flops, matmul_peak_flops, predict,
+                        profile_blocks, project)
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
@@ -124,8 +125,9 @@ def combine(reps: list[dict]) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | loss | variant | ranks x threads | samples/s | windows min-max | vs (a) "
-             "| pipeline efficiency | idle/bubble | peak MB/rank | bytes/sample |",
-             "|" + "---|" * 11]
+             "| pipeline efficiency | idle/bubble | GFLOP/s per rank | MFU | peak MB/rank "
+             "| bytes/sample |",
+             "|" + "---|" * 13]
     for r in rows:
         eff = f"{r['pipeline_efficiency']:.3f}" if r["variant"] == "local" else "-"
         bub = f"{r['bubble_fraction']:.2f}" if "bubble_fraction" in r and \
@@ -134,7 +136,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['loss']} | {r['label']} | {r['ranks']}x"
                      f"{r['threads_per_rank']} | {r['samples_per_s']:.0f} | "
                      f"{min(w):.0f}-{max(w):.0f} | {r['samples_per_s'] / r['vs_local']:.2f} | "
-                     f"{eff} | {bub} | {max(r['peak_memory_mb']):.0f} | "
+                     f"{eff} | {bub} | {r['flop_per_s_per_rank'] / 1e9:.2f} | "
+                     f"{100 * r['mfu']:.1f}% | {max(r['peak_memory_mb']):.0f} | "
                      f"{r['bytes_per_sample']:.0f} |")
     return "\n".join(lines)
 
@@ -167,7 +170,7 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, default=2, help="pipeline stages / DDP ranks (2)")
@@ -198,10 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600, help="per variant, seconds")
     args, rest = p.parse_known_args(argv)
     if args.time_to_accuracy:
-        from .tta import main as tta_main
-        return tta_main(rest + (["--data-dir", args.data_dir] if args.data_dir else []) +
-                        (["--json", str(args.json)] if args.json else []) +
-                        (["--plot", str(args.plot)] if args.plot else []))
+        return args, rest
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.quick:
@@ -214,71 +214,90 @@ def main(argv=None) -> int:
     if args.stages == 1 and any(v in chosen for v in ("ddp", "gpipe", "1f1b")):
         p.error("--stages 1: the ddp, gpipe and 1f1b variants need 2 or more ranks; leave them "
                 "out with --variants local,local1,backprop1")
-    variants = [v for v in VARIANTS if v in chosen or v == "local"]
+    args.variant_list = [v for v in VARIANTS if v in chosen or v == "local"]
     if args.batch_size % args.microbatches or args.batch_size % args.stages:
         p.error("--batch-size must be divisible by --microbatches and by --stages")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+    args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
-    cores = os.cpu_count() or 1
-    env_info = environment()
-    print("# localloss-pp throughput benchmark")
-    print(json.dumps({"environment": env_info, "config": {k: (str(v) if isinstance(v, Path)
-                                                             else v)
-                                                         for k, v in vars(args).items()}},
-                     indent=1))
-    S = args.stages
-    torch.set_num_threads(1)  # per-block costs at one thread, as each validated stage runs
-    results, costmodel_rows, projection = [], [], []
-    for model_name, mcfg in models(args):
-        mcfg = dict(mcfg, dropout=0.0)
-        base = {"model": mcfg, "batch_size": args.batch_size, "warmup": args.warmup,
-                "batches": args.batches, "microbatches": args.microbatches, "device": device}
-        costs = profile_blocks(ModelConfig(**mcfg), LossConfig(), INPUT_SHAPE, NUM_CLASSES,
-                               args.batch_size, torch.device(device)) \
-            if not args.no_costmodel else None
-        if costs is None:
-            counts = None
-        else:
-            counts = balanced_split(fold_output([c.local_ms for c in costs]), S)
-        jobs = []
-        for i, loss in enumerate(args.losses.split(",")):
-            for variant in variants:
-                if variant in ("backprop1", "ddp", "gpipe", "1f1b") and i > 0:
-                    continue  # global backprop does not use the local loss: measured once
-                ranks = 1 if variant in ("local1", "backprop1") else S
-                threads = cores if ranks == 1 else max(1, cores // S)
-                jobs.append((loss, variant, ranks, dict(
-                    base, loss={"loss_sup": loss}, threads=threads,
-                    counts=counts or balanced_split([1.0] * _num_blocks(mcfg), S))))
-        summaries = {j[:2]: [] for j in jobs}
-        for rep in range(args.repeats):  # repeats interleaved: slow phases hit every variant
-            for loss, variant, ranks, spec in jobs:
-                print(f"- {model_name} {loss} {LABELS[variant]} (repeat {rep + 1}) ...",
-                      flush=True)
-                summaries[(loss, variant)].append(summarise(
-                    variant, run_variant(variant, spec, ranks, args.timeout), spec,
-                    args.windows))
-        for loss in args.losses.split(","):
-            for variant in variants:
-                key = (loss, variant) if (loss, variant) in summaries else \
-                    (args.losses.split(",")[0], variant)
-                row = combine(summaries[key])
-                row.update(model=model_name, loss=loss, counts=jobs[0][3]["counts"])
-                results.append(row)
-        if costs is not None:
-            costmodel_rows += validate(model_name, args.losses.split(",")[0], mcfg, costs,
-                                       base, args, cores)
-        if costs is not None:
-            flops = {"model": model_name, "backbone_flops_per_sample":
-                     sum(c.backbone_flops for c in costs) / args.batch_size,
-                     "local_train_flops_per_sample":
-                     sum(c.local_flops for c in costs) / args.batch_size,
-                     "blocks": [vars(c) for c in costs]}
-            flops["heads_flops_per_sample"] = (flops["local_train_flops_per_sample"]
-                                               - flops["backbone_flops_per_sample"])
-            projection.append({"model": model_name, "flops": flops,
-                               "rows": project(costs, args.batch_size,
-                                               microbatches=args.microbatches)})
+    return args, rest
+
+
+def _jobs(args, mcfg: dict, counts, cores: int) -> list[tuple]:
+    """(loss, variant, ranks, spec) of every run of one model."""
+    base = {"model": mcfg, "batch_size": args.batch_size, "warmup": args.warmup,
+            "batches": args.batches, "microbatches": args.microbatches, "device": args.device}
+    S, jobs = args.stages, []
+    for i, loss in enumerate(args.losses.split(",")):
+        for variant in args.variant_list:
+            if variant in ("backprop1", "ddp", "gpipe", "1f1b") and i > 0:
+                continue  # global backprop does not use the local loss: measured once
+            ranks = 1 if variant in ("local1", "backprop1") else S
+            threads = cores if ranks == 1 else max(1, cores // S)
+            jobs.append((loss, variant, ranks, dict(
+                base, loss={"loss_sup": loss}, threads=threads,
+                counts=counts or balanced_split([1.0] * _num_blocks(mcfg), S))))
+    return jobs
+
+
+def utilisation(row: dict, flops_per_sample: float, peak_1: float, device: str) -> None:
+    """Achieved training FLOP/s per rank and as a fraction (MFU) of the matmul peak measured
+    in this run: on the CPU the one-thread peak times the threads the variant uses, on CUDA
+    the peak of one GPU times the GPUs it uses."""
+    achieved = row["samples_per_s"] * flops_per_sample
+    if device == "cuda":
+        peak = peak_1 * min(row["ranks"], max(1, torch.cuda.device_count()))
+    else:
+        peak = peak_1 * row["ranks"] * row["threads_per_rank"]
+    row.update(flops_per_sample=flops_per_sample, flop_per_s_per_rank=achieved / row["ranks"],
+               mfu=achieved / peak)
+
+
+def run_model(args, model_name: str, mcfg: dict, cores: int, peak_1: float) -> tuple:
+    """Every variant of one model: (result rows, cost-model rows, projection or None)."""
+    mcfg = dict(mcfg, dropout=0.0)
+    device = torch.device(args.device)
+    costs = None if args.no_costmodel else profile_blocks(
+        ModelConfig(**mcfg), LossConfig(), INPUT_SHAPE, NUM_CLASSES, args.batch_size, device)
+    counts = balanced_split(fold_output([c.local_ms for c in costs]), args.stages) \
+        if costs else None
+    jobs = _jobs(args, mcfg, counts, cores)
+    summaries = {j[:2]: [] for j in jobs}
+    for rep in range(args.repeats):  # repeats interleaved: slow phases hit every variant
+        for loss, variant, ranks, spec in jobs:
+            print(f"- {model_name} {loss} {LABELS[variant]} (repeat {rep + 1}) ...", flush=True)
+            summaries[(loss, variant)].append(summarise(
+                variant, run_variant(variant, spec, ranks, args.timeout), spec, args.windows))
+    losses = args.losses.split(",")
+    backbone = None
+    rows = []
+    for loss in losses:
+        local_flops, backbone = count_flops(ModelConfig(**mcfg), LossConfig(loss_sup=loss),
+                                            INPUT_SHAPE, NUM_CLASSES, args.batch_size)
+        for variant in args.variant_list:
+            key = (loss, variant) if (loss, variant) in summaries else (losses[0], variant)
+            row = combine(summaries[key])
+            row.update(model=model_name, loss=loss, counts=jobs[0][3]["counts"])
+            utilisation(row, local_flops if variant.startswith("local") else backbone, peak_1,
+                        args.device)
+            rows.append(row)
+    if costs is None:
+        return rows, [], None
+    checks = validate(model_name, losses[0], mcfg, costs,
+                      {"model": mcfg, "batch_size": args.batch_size, "warmup": args.warmup,
+                       "batches": args.batches, "microbatches": args.microbatches,
+                       "device": args.device}, args, cores)
+    flops = {"model": model_name, "backbone_flops_per_sample":
+             sum(c.backbone_flops for c in costs) / args.batch_size,
+             "local_train_flops_per_sample": sum(c.local_flops for c in costs) / args.batch_size,
+             "blocks": [vars(c) for c in costs]}
+    flops["heads_flops_per_sample"] = (flops["local_train_flops_per_sample"]
+                                       - flops["backbone_flops_per_sample"])
+    return rows, checks, {"model": model_name, "flops": flops,
+                          "rows": project(costs, args.batch_size,
+                                          microbatches=args.microbatches)}
+
+
+def report(results, costmodel_rows, projection, peak_1: float, device: str) -> None:
     for group in sorted({(r["model"], r["loss"]) for r in results}):
         rows = [r for r in results if (r["model"], r["loss"]) == group]
         ref = next(r for r in rows if r["variant"] == "local")["samples_per_s"]
@@ -286,6 +305,9 @@ def main(argv=None) -> int:
             r["vs_local"] = ref
     print("\n## Throughput (samples/s: median over windows; 'vs (a)': this / local pipeline)\n")
     print(markdown(results))
+    print(f"\nMFU: achieved matmul/conv training FLOP/s over the fp32 matmul peak measured in "
+          f"this run ({peak_1 / 1e9:.1f} GFLOP/s per {'GPU' if device == 'cuda' else 'thread'})"
+          f", times the {'GPUs' if device == 'cuda' else 'threads'} each variant uses.")
     for group in sorted({(r["model"], r["loss"]) for r in results}):
         rows = [r for r in results if (r["model"], r["loss"]) == group]
         print(f"\n### Ratios, {group[0]} {group[1]} (row samples/s / column samples/s)\n")
@@ -315,6 +337,7 @@ def main(argv=None) -> int:
     if projection:
         print("\n## PROJECTION (not measured): S GPUs, a network of S blocks like the model's "
               "average block\n")
+        print(PROJECTION_ASSUMPTIONS + "\n")
         print("| model | link | S | local / 1 GPU | GPipe,1F1B / 1 GPU | DDP / 1 GPU | bubble |")
         print("|---|---|---|---|---|---|---|")
         for pj in projection:
@@ -323,11 +346,40 @@ def main(argv=None) -> int:
                     print(f"| {pj['model']} | {r['link']} | {r['stages']} | "
                           f"{r['local_vs_one_gpu']:.2f} | {r['pp_vs_one_gpu']:.2f} | "
                           f"{r['ddp_vs_one_gpu']:.2f} | {r['bubble']:.2f} |")
+
+
+def main(argv=None) -> int:
+    args, rest = parse_args(argv)
+    if args.time_to_accuracy:
+        from .tta import main as tta_main
+        return tta_main(rest + (["--data-dir", args.data_dir] if args.data_dir else []) +
+                        (["--json", str(args.json)] if args.json else []) +
+                        (["--plot", str(args.plot)] if args.plot else []))
+    cores = os.cpu_count() or 1
+    env_info = environment()
+    print("# localloss-pp throughput benchmark")
+    print(json.dumps({"environment": env_info, "config": {k: (str(v) if isinstance(v, Path)
+                                                             else v)
+                                                         for k, v in vars(args).items()}},
+                     indent=1))
+    torch.set_num_threads(1)  # per-block costs and the matmul peak at one thread
+    peak_1 = matmul_peak_flops(torch.device(args.device))
+    print(f"fp32 matmul peak: {peak_1 / 1e9:.1f} GFLOP/s per "
+          f"{'GPU' if args.device == 'cuda' else 'thread'}", flush=True)
+    results, costmodel_rows, projection = [], [], []
+    for model_name, mcfg in models(args):
+        rows, checks, pj = run_model(args, model_name, mcfg, cores, peak_1)
+        results += rows
+        costmodel_rows += checks
+        if pj is not None:
+            projection.append(pj)
+    report(results, costmodel_rows, projection, peak_1, args.device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"environment": env_info, "config": vars(args) | {
             "json": str(args.json), "plot": str(args.plot)}, "results": results,
-            "costmodel": costmodel_rows, "projection": projection}, indent=1, default=str))
+            "matmul_peak_flops": peak_1, "costmodel": costmodel_rows,
+            "projection": projection}, indent=1, default=str))
         print(f"\nwrote {args.json}")
     if args.plot:
         plot(results, args.plot)

@@ -16,7 +16,6 @@ time at which every measured batch finished. Each rank writes OUT_DIR/rank<k>.js
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from localloss_pp.cli import import_before_process_group
 from localloss_pp.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, \
     TrainConfig
 from localloss_pp.distributed import init_distributed, shutdown
@@ -67,6 +67,37 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+class Stamps:
+    """End-of-batch times of the measured batches, taken the same way for every variant: on
+    CUDA an event recorded on the stream after each batch's work and read once after the run
+    (no synchronisation inside the measured window), on the CPU the wall clock."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self, *_) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def clear(self) -> None:
+        self.marks.clear()
+
+    def seconds(self) -> list[float]:
+        """The marks as seconds (from the first mark on CUDA)."""
+        if not self.cuda:
+            return list(self.marks)
+        if not self.marks:
+            return []
+        self.marks[-1].synchronize()
+        first = self.marks[0]
+        return [first.elapsed_time(e) / 1000.0 for e in self.marks]
+
+
 def _measure_link(env, sample_shape, bs, repeats=10) -> float | None:
     """Bytes/s of one activation message from rank 0 to rank 1 (blocking send/recv)."""
     if env.world_size < 2 or env.rank > 1:
@@ -97,16 +128,16 @@ def run_local(spec: dict, env) -> dict:
     model.setup_units(part.units_of(k), env.device, cfg.optim)
     link = None
     if S > 1:
-        dist.barrier()
+        dist.barrier(group=env.meta_group)  # gloo: no extra world-wide NCCL communicator
         link = _measure_link(env, model.blocks[part.bounds[0][1] - 1].out_shape,
                              cfg.data.batch_size)
     sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint("bench"))
-    stamps: list[float] = []
+    stamps = Stamps(env.device)
     runner = StageRunner(blocks=model.blocks[a:b], output=model.output if k == S - 1 else None,
                          stage_index=k, num_stages=S, device=env.device,
                          num_classes=NUM_CLASSES, sender=sender, receiver=receiver,
                          with_stats=False, check_every=10 ** 9,
-                         on_batch=lambda seq: stamps.append(time.perf_counter()))
+                         on_batch=stamps.mark)
     runner.set_lr(1e-4)
     # the first stage's batches: input and labels on the device, labels also on the host (they
     # go into the message headers), as the data sources of localloss_pp deliver them
@@ -118,7 +149,8 @@ def run_local(spec: dict, env) -> dict:
     stamps.clear()
     measured = runner.train_epoch(2, loader_m)
     runner.stop()
-    return {"timestamps": stamps if k == S - 1 else None, "times": measured.times.as_dict(),
+    return {"timestamps": stamps.seconds() if k == S - 1 else None,
+            "times": measured.times.as_dict(),
             # the measured epoch's traffic (its end-of-epoch marker included) per batch
             "bytes_per_batch": measured.times.bytes_sent / max(measured.times.batches, 1),
             "link_bytes_per_s": link,
@@ -133,13 +165,12 @@ def run_backprop1(spec: dict, env) -> dict:
         unit.setup(env.device, cfg.optim)
         unit.set_lr(1e-4)
     model.train()
-    stamps = []
+    stamps = Stamps(env.device)
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
         global_step(model.blocks, model.output, x, y, onehot(y, NUM_CLASSES), "backprop")
         if i >= spec["warmup"]:
-            _sync(env.device)
-            stamps.append(time.perf_counter())
-    return {"timestamps": stamps, "report": True}
+            stamps.mark()
+    return {"timestamps": stamps.seconds(), "report": True}
 
 
 def run_ddp(spec: dict, env) -> dict:
@@ -152,7 +183,7 @@ def run_ddp(spec: dict, env) -> dict:
         unit.set_lr(1e-4)
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     local_bs = spec["batch_size"] // S
-    stamps = []
+    stamps = Stamps(env.device)
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device,
                                         batch_size=local_bs)):
         loss = F.cross_entropy(ddp(x), y)
@@ -160,12 +191,11 @@ def run_ddp(spec: dict, env) -> dict:
         for unit in model.units():
             unit.step()
         if i >= spec["warmup"]:
-            _sync(env.device)
-            stamps.append(time.perf_counter())
+            stamps.mark()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     # ring all-reduce: each rank sends 2 (S-1)/S of the gradient bytes per step
-    return {"timestamps": stamps if env.rank == 0 else None, "report": env.rank == 0,
-            "bytes_per_batch": 2 * (S - 1) / S * params}
+    return {"timestamps": stamps.seconds() if env.rank == 0 else None,
+            "report": env.rank == 0, "bytes_per_batch": 2 * (S - 1) / S * params}
 
 
 def run_pipelining(spec: dict, env, schedule: str) -> dict:
@@ -184,7 +214,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     sched = cls(stage, n_microbatches=spec["microbatches"],
                 loss_fn=lambda out, target: F.cross_entropy(out, target))
-    stamps = []
+    stamps = Stamps(env.device)
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
         if k == 0:
             sched.step(x)
@@ -195,12 +225,11 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
         for unit in units:
             unit.step()
         if i >= spec["warmup"]:
-            _sync(env.device)
-            stamps.append(time.perf_counter())
+            stamps.mark()
     # every boundary carries each sample's activation forward and its gradient backward
     act = sum(4 * torch.Size(model.blocks[bnd - 1].out_shape).numel()
               for _, bnd in part.bounds[:-1])
-    return {"timestamps": stamps if k == 0 else None, "report": k == 0,
+    return {"timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
             "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
 
 
@@ -209,6 +238,7 @@ def main(argv=None) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     out_dir = Path(argv[1])
     cfg = _config(spec)
+    import_before_process_group()
     env = init_distributed(cfg.train)
     variant = spec["variant"]
     if variant in ("local", "local1"):
@@ -226,9 +256,8 @@ def main(argv=None) -> int:
                   device=str(env.device))
     (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
     shutdown(env)
-    sys.stdout.flush()
-    os._exit(0)  # skip the backend's thread teardown at interpreter exit
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

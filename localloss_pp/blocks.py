@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import types
 
 import torch
 import torch.nn as nn
@@ -86,6 +87,24 @@ def _default_init(module: nn.Module, gen: torch.Generator) -> None:
     w.uniform_(-bound, bound, generator=gen)
     if getattr(module, "bias", None) is not None:
         module.bias.uniform_(-bound, bound, generator=gen)
+
+
+def _own_code(method, tag: int):
+    """`method` rebound to a copy of its function with a code object of its own.
+
+    torch.compile keeps its cache of compiled graphs, and its recompile budget
+    (torch._dynamo.config.recompile_limit), per code object. Compiling the bound methods
+    directly would make every block of a class share one code object: each block shape x
+    train/eval x grad mode x last-batch size would be another entry against one budget, and
+    past it dynamo silently runs the rest eagerly. With its own code object every block
+    compiles a few graphs of its own (fixed shapes, then a dynamic batch size)."""
+    fn = method.__func__
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_block{tag}")
+    clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                               fn.__closure__)
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    clone.__qualname__ = f"{fn.__qualname__}[block {tag}]"
+    return types.MethodType(clone, method.__self__)
 
 
 def make_pool(kind: str) -> nn.Module:
@@ -184,12 +203,14 @@ class LocalBlock(nn.Module):
 
     def setup(self, device: torch.device, optim: OptimConfig, *, replica: int = 0,
               precision: str = "fp32", channels_last: bool = False,
-              compile: bool = False) -> None:
+              compile: bool | str = False) -> None:
         """Move to `device`, create the dropout generator there and the block's optimizer.
 
         Replica r > 0 of a data-parallel run draws its own dropout masks. Under bf16 precision
         the forward passes and local losses run under autocast and the block's output (what
-        travels to the next block) is bf16; weights and optimizer state stay fp32."""
+        travels to the next block) is bf16; weights and optimizer state stay fp32. `compile`:
+        torch.compile the forward and the local loss (True: inductor; a string names the
+        backend)."""
         self.to(device)
         if channels_last and self.channels_last_capable:
             self.to(memory_format=torch.channels_last)
@@ -201,8 +222,10 @@ class LocalBlock(nn.Module):
         self._amp = _amp_settings(device, precision)
         self.act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         if compile:
-            self.encode = torch.compile(self.encode)
-            self.local_loss = torch.compile(self.local_loss)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.encode = torch.compile(_own_code(self.encode, self.index), backend=backend)
+            self.local_loss = torch.compile(_own_code(self.local_loss, self.index),
+                                            backend=backend)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -412,7 +435,7 @@ class OutputLayer(nn.Module):
 
     def setup(self, device: torch.device, optim: OptimConfig, *, replica: int = 0,
               precision: str = "fp32", channels_last: bool = False,
-              compile: bool = False) -> None:
+              compile: bool | str = False) -> None:
         self.to(device)
         self.optimizer = make_optimizer(self.parameters(), optim)
         self._amp = _amp_settings(device, precision)

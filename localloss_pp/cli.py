@@ -14,7 +14,7 @@ from . import __version__
 from .config import DATASET_NAMES, MODEL_NAMES, ModelConfig, add_config_arguments, \
     config_from_args, first_line
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "import_before_process_group"]
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,14 @@ def _cmd_train(args) -> int:
     if world > 1:
         log.info("pid %d", os.getpid())
     cfg = config_from_args(args)
+    import_before_process_group()
     if world == 1:
         return _report(run_training(cfg))
     if os.environ.get("LOCALLOSS_PP_DEBUG"):
         logging.getLogger("localloss_pp").setLevel(logging.DEBUG)
     try:
-        _report(run_training(cfg))
+        # success: the process group is destroyed normally and main returns
+        return _report(run_training(cfg))
     except BaseException as exc:  # a pipeline stage: say what failed, then leave at once
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             log.exception("failed")
@@ -119,11 +121,16 @@ def _cmd_train(args) -> int:
         sys.stdout.flush()
         # no interpreter teardown: gloo closes the links and the neighbours stop promptly
         os._exit(2 if isinstance(exc, ValueError) else 1)
-    # Success: everything is written (atomically) and the process group is closed. Skip the
-    # interpreter's teardown of the backend's threads, which can abort a finished process.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+
+
+def import_before_process_group() -> None:
+    """Import the modules that a run would otherwise import lazily after joining the process
+    group (torchvision, and torch._dynamo through it, torch.compile and the profiler). Imported
+    later, they kept references to the default group alive past destroy_process_group(), and
+    gloo's threads were then torn down during interpreter finalisation, which aborted about
+    one finished three-stage run in eight ("terminate called without an active exception")."""
+    import torch._dynamo  # noqa: F401
+    import torchvision  # noqa: F401
 
 
 def _report(result) -> int:

@@ -16,6 +16,7 @@ events read once per epoch (`StageClock`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from .metrics import EpochStats, NonFiniteLossError, progress
 from .transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN, Kind, PeerLostError,
                         Receiver, Sender, ShapeMismatchError)
 
-__all__ = ["StageRunner", "StageTimes", "StageClock", "StageFailure", "FiniteWatch",
+__all__ = ["StageRunner", "StageTimes", "StageClock", "StageFailure", "FiniteWatch", "SyncDebug",
            "local_forward_update", "forwards", "local_updates"]
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,44 @@ class FiniteWatch:
                                      "lower --lr or check the input data")
 
 
+class SyncDebug:
+    """Steady-state batches under `torch.cuda.set_sync_debug_mode` when LOCALLOSS_PP_SYNC_DEBUG
+    is "warn" or "error": then any host synchronisation inside a batch (an `.item()`, a
+    pageable copy, a stream synchronisation) warns or fails the run. The first `warmup`
+    batches of a stream (allocations, autotuning, compilation), checkpoints and the end of a
+    stream run without it. A no-op on the CPU."""
+
+    MODES = ("", "warn", "error")
+
+    def __init__(self, device, warmup: int = 2):
+        self.mode = os.environ.get("LOCALLOSS_PP_SYNC_DEBUG", "").strip().lower()
+        if self.mode not in self.MODES:
+            raise ValueError(f"LOCALLOSS_PP_SYNC_DEBUG={self.mode!r}: use 'warn' or 'error' "
+                             "(or leave it unset)")
+        self.active = bool(self.mode) and device.type == "cuda"
+        self.warmup = warmup
+
+    def after_batch(self, batches_done: int) -> None:
+        if self.active and batches_done == self.warmup:
+            torch.cuda.set_sync_debug_mode(self.mode)
+
+    def off(self) -> None:
+        if self.active:
+            torch.cuda.set_sync_debug_mode(0)
+
+    @contextmanager
+    def paused(self):
+        """Work that may synchronise on purpose (a checkpoint's copies to the host)."""
+        mode = torch.cuda.get_sync_debug_mode() if self.active else 0
+        if mode:
+            torch.cuda.set_sync_debug_mode(0)
+        try:
+            yield
+        finally:
+            if mode:
+                torch.cuda.set_sync_debug_mode(mode)
+
+
 @dataclass
 class StageTimes:
     wall_s: float = 0.0
@@ -316,6 +355,7 @@ class StageRunner:
         bar = progress(None, total=total or 0, enabled=self.show_progress,
                        desc=f"{'train' if kind == TRAIN else 'test'} {epoch}")
         seq = -1
+        sync_debug = SyncDebug(self.device)
         try:
             for seq, x, y, y_host in self._batches(source, kind, epoch, start_seq):
                 step_fn(result.stats, watch, epoch, seq, x, y, y_host)
@@ -323,11 +363,14 @@ class StageRunner:
                     self.on_batch(seq)
                 done = seq + 1
                 if checkpoint_every and done % checkpoint_every == 0 and done < (total or 0):
-                    on_checkpoint(epoch, done, result.stats)
+                    with sync_debug.paused():
+                        on_checkpoint(epoch, done, result.stats)
                 times.batches += 1
                 times.samples += y_host.size(0)
                 if bar is not None:
                     bar.update(1)
+                sync_debug.after_batch(times.batches)
+            sync_debug.off()
             watch.finish(epoch, seq)
             self._send(END_TRAIN if kind == TRAIN else END_EVAL, epoch, max(seq + 1, start_seq))
         except (StageFailure, NonFiniteLossError, PeerLostError, ShapeMismatchError):
@@ -336,6 +379,7 @@ class StageRunner:
             raise StageFailure(f"{self._name()} failed at {KIND_NAMES[kind]} {seq + 1} of epoch "
                                f"{epoch}: {type(exc).__name__}: {exc}") from exc
         finally:
+            sync_debug.off()
             if bar is not None:
                 bar.close()
         times.take(self.clock.read())

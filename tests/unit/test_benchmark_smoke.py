@@ -21,11 +21,31 @@ def test_quick_benchmark_runs_every_variant(tmp_path):
     assert data["environment"]["cores"] and "torch" in data["environment"]
     variants = {r["variant"] for r in data["results"]}
     assert variants == {"local", "local1", "backprop1", "ddp", "gpipe", "1f1b"}
+    assert data["matmul_peak_flops"] > 1e8
     for r in data["results"]:
         assert r["samples_per_s"] > 0 and all(m > 0 for m in r["peak_memory_mb"])
+        assert 0 < r["mfu"] < 2 and r["flop_per_s_per_rank"] > 0
+    assert "MFU" in proc.stdout and "What the projection models" in proc.stdout
     local = next(r for r in data["results"] if r["variant"] == "local")
     assert 0 < local["pipeline_efficiency"] and len(local["stages"]) == 2
     assert [c["stages"] for c in data["costmodel"]] == [1, 2]
     assert data["projection"][0]["rows"]
     assert "## Cost model vs measurement" in proc.stdout and "PROJECTION" in proc.stdout
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_loader_benchmark_measures_every_data_path(tmp_path):
+    out = tmp_path / "loader.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.loader", "--batches", "9",
+                           "--json", str(out), "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    paths = {(r["dataset"], r["path"]) for r in rows}
+    assert ("mnist5k", "in-memory, batched") in paths
+    assert ("mnist5k", "per image (PIL), 0 workers") in paths
+    assert any(d == "ImageNet-like" for d, _ in paths)
+    assert all(r["batches_per_s"] > 0 for r in rows)
+    assert any(r.get("demand_samples_per_s") for r in rows)
+    assert "loader / pipeline demand" in proc.stdout
