@@ -28,8 +28,8 @@ from .blocks import derive_seed
 from .config import DataConfig
 from .replicas import shard_bounds
 
-__all__ = ["BatchAugment", "NClassRandomSampler", "EpochBatches", "ShardedBatches", "TensorBatches", "LoaderBatches",
-           "normalize", "augment_seed"]
+__all__ = ["BatchAugment", "NClassRandomSampler", "EpochBatches", "ShardedBatches",
+           "TensorBatches", "LoaderBatches", "normalize", "augment_seed"]
 
 
 def augment_seed(seed: int, epoch: int, replica: int, seq: int) -> int:
@@ -286,13 +286,11 @@ class TensorBatches(_Source):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batches, augment: BatchAugment,
                  *, device: torch.device, seed: int, replica: int = 0, train: bool = True):
         super().__init__(batches, len(labels), device)
-        pin = device.type == "cuda"
         self.images = images.to(device)
         self.labels_host = labels.to(torch.int64).contiguous()
         self.labels = self.labels_host.to(device)
         self.augment, self.seed, self.replica, self.train = augment, seed, replica, train
         self.gen = torch.Generator(device=device) if train and augment.random else None
-        self._pin = pin
 
     def _device_copy(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device; from pinned memory, asynchronously, on CUDA."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LossConfig, OptimConfig
-from .losses import LinearFAFunction, pred_bio_loss, pred_loss, sim_loss, similarity_matrix
+from .losses import LinearFAFunction, LocalLoss
 
 __all__ = ["derive_seed", "LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
            "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS", "make_optimizer"]
@@ -155,6 +155,8 @@ class LocalBlock(nn.Module):
         self.use_sim = self.local and (loss.loss_sup in ("sim", "predsim")
                                        or loss.loss_unsup == "sim")
         self.use_recon = self.local and loss.loss_unsup == "recon" and not first_layer
+        self.loss_fn = LocalLoss(loss, local=self.local, use_pred=self.use_pred,
+                                 use_sim=self.use_sim, use_recon=self.use_recon)
         self.post = nn.Sequential()  # max-pools that follow this block travel with it
         self.optimizer: torch.optim.Optimizer | None = None
         self._seed = seed
@@ -279,37 +281,7 @@ class LocalBlock(nn.Module):
     def local_loss(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor):
         """(loss, stats) of one batch; stats = STAT_FIELDS as a detached float tensor."""
         x, h = ctx
-        cfg = self.cfg
-        beta = cfg.beta
-        zero = h.new_zeros(())
-        rh = similarity_matrix(self.sim_input(h), cfg.similarity_std) if self.use_sim else None
-        if cfg.loss_unsup == "sim":
-            loss_unsup = sim_loss(rh, similarity_matrix(x.detach(), cfg.similarity_std))
-        elif self.use_recon:
-            loss_unsup = F.mse_loss(self.nonlin(self.decoder_x(h)), x.detach())
-        else:
-            loss_unsup = zero
-        lsim = lpred = zero
-        correct = zero
-        if cfg.loss_sup in ("sim", "predsim"):
-            target = y_onehot.matmul(self.proj_y.t()) if cfg.bio else y_onehot
-            lsim = sim_loss(rh, similarity_matrix(target, cfg.similarity_std))
-        if self.use_pred:
-            logits = self.decoder_y(self.pred_input(h).flatten(1))
-            if cfg.bio:
-                lpred = pred_bio_loss(logits, y_onehot.matmul(self.proj_y.t()))
-                codes = (self.proj_y > 0).to(logits.dtype) * 2 - 1  # P x C class codes
-                guess = logits.detach().matmul(codes).argmax(1)
-            else:
-                lpred = pred_loss(logits, y)
-                guess = logits.detach().argmax(1)
-            correct = (guess == y).sum().float()  # exact counts also under bf16
-        if cfg.loss_sup == "predsim":
-            lpred, lsim = (1 - beta) * lpred, beta * lsim
-        loss_sup = lpred + lsim
-        loss = cfg.alpha * loss_unsup + (1 - cfg.alpha) * loss_sup
-        stats = torch.stack([t.detach().float() for t in (loss, lsim, lpred, correct)])
-        return loss, stats
+        return self.loss_fn(self, x, h, y, y_onehot)
 
     def train_update(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
         """Local loss, backward into this block only, optimizer step; returns the stats."""

@@ -250,6 +250,8 @@ def _check_type(where: str, value: Any, fld: dataclasses.Field) -> None:
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
     }[expected]
     if not ok:
+        if fld.name == "num_workers":
+            expected = '"auto" or an integer'
         raise ValueError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["similarity_matrix", "sim_loss", "pred_loss", "pred_bio_loss", "onehot",
-           "LinearFAFunction"]
+           "LinearFAFunction", "LocalLoss", "UnsupervisedSim", "Reconstruction",
+           "SupervisedSim", "Prediction"]
 
 
 def similarity_matrix(x: torch.Tensor, use_std: bool = True) -> torch.Tensor:
@@ -74,3 +75,84 @@ class LinearFAFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)
         return grad_x, grad_w, grad_b, None
+
+
+# --- a block's local loss, composed once from the config ----------------------------------------
+# Each term reads the block's own heads (decoder_y, proj_y, decoder_x, sim_input, pred_input)
+# through the `block` argument; the composition replaces a switchboard of flags in the block.
+
+class UnsupervisedSim:
+    """Unsupervised similarity matching: the block's similarity against its input's."""
+
+    def __init__(self, use_std: bool):
+        self.use_std = use_std
+
+    def __call__(self, block, x, h, rh):
+        return sim_loss(rh, similarity_matrix(x.detach(), self.use_std))
+
+
+class Reconstruction:
+    """Reconstruction of the block's input through its transposed decoder."""
+
+    def __call__(self, block, x, h, rh):
+        return F.mse_loss(block.nonlin(block.decoder_x(h)), x.detach())
+
+
+class SupervisedSim:
+    """Similarity matching against the labels' similarity (their fixed random projection
+    under bio)."""
+
+    def __init__(self, use_std: bool, bio: bool):
+        self.use_std, self.bio = use_std, bio
+
+    def __call__(self, block, rh, y_onehot):
+        target = y_onehot.matmul(block.proj_y.t()) if self.bio else y_onehot
+        return sim_loss(rh, similarity_matrix(target, self.use_std))
+
+
+class Prediction:
+    """The local classifier's loss and its number of correct guesses: cross-entropy, or under
+    bio BCE against the projected label's sign, decoded by the closest class code."""
+
+    def __init__(self, bio: bool):
+        self.bio = bio
+
+    def __call__(self, block, h, y, y_onehot):
+        logits = block.decoder_y(block.pred_input(h).flatten(1))
+        if self.bio:
+            loss = pred_bio_loss(logits, y_onehot.matmul(block.proj_y.t()))
+            codes = (block.proj_y > 0).to(logits.dtype) * 2 - 1  # P x C class codes
+            guess = logits.detach().matmul(codes).argmax(1)
+        else:
+            loss = pred_loss(logits, y)
+            guess = logits.detach().argmax(1)
+        return loss, (guess == y).sum().float()  # exact counts also under bf16
+
+
+class LocalLoss:
+    """alpha * unsupervised + (1 - alpha) * (pred + sim), with pred and sim weighted
+    (1 - beta, beta) under predsim; absent terms are zero. Returns (loss, stats) with stats =
+    (loss, sim, pred, correct) detached as float32 (blocks.STAT_FIELDS)."""
+
+    def __init__(self, cfg, *, local: bool, use_pred: bool, use_sim: bool, use_recon: bool):
+        self.alpha, self.use_std, self.use_sim = cfg.alpha, cfg.similarity_std, use_sim
+        self.unsupervised = None
+        if local and cfg.loss_unsup == "sim":
+            self.unsupervised = UnsupervisedSim(cfg.similarity_std)
+        elif use_recon:
+            self.unsupervised = Reconstruction()
+        self.sim = SupervisedSim(cfg.similarity_std, cfg.bio) \
+            if local and cfg.loss_sup in ("sim", "predsim") else None
+        self.pred = Prediction(cfg.bio) if use_pred else None
+        self.weights = (1 - cfg.beta, cfg.beta) if cfg.loss_sup == "predsim" else None
+
+    def __call__(self, block, x, h, y, y_onehot):
+        zero = h.new_zeros(())
+        rh = similarity_matrix(block.sim_input(h), self.use_std) if self.use_sim else None
+        unsup = self.unsupervised(block, x, h, rh) if self.unsupervised else zero
+        lsim = self.sim(block, rh, y_onehot) if self.sim else zero
+        lpred, correct = self.pred(block, h, y, y_onehot) if self.pred else (zero, zero)
+        if self.weights:
+            lpred, lsim = self.weights[0] * lpred, self.weights[1] * lsim
+        loss = self.alpha * unsup + (1 - self.alpha) * (lpred + lsim)
+        return loss, torch.stack([t.detach().float() for t in (loss, lsim, lpred, correct)])

@@ -1,18 +1,25 @@
-"""Logging, per-epoch statistics, JSONL metrics and the progress bar."""
+"""Logging, per-epoch statistics, a stage's clock and its steady-state checks (non-finite
+losses, host synchronisation), JSONL metrics and the progress bar."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from .blocks import STAT_FIELDS
 
-__all__ = ["setup_logging", "EpochStats", "append_jsonl", "read_jsonl", "progress",
-           "NonFiniteLossError", "merge_stage_summaries", "stage_summary",
-           "log_blocks", "log_epoch"]
+__all__ = ["setup_logging", "EpochStats", "StageClock", "StageTimes", "FiniteWatch", "SyncDebug",
+           "append_jsonl", "read_jsonl", "progress", "NonFiniteLossError",
+           "merge_stage_summaries", "stage_summary", "log_blocks", "log_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,186 @@ class EpochStats:
                               "loss_pred": b[_I_PRED] / n,
                               "error": (100.0 - 100.0 * b[_I_CORRECT] / n) if dec else None})
         return glob, per_block
+
+
+# --- a stage's clock and its checks of the steady state ---------------------------------------
+class StageClock:
+    """The one clock of a stage. `section(name)` times a part of the work (data, recv,
+    compute, send, sync) and opens a `record_function` range of the same name for the
+    profiler. Sections nest: an inner section's time is not counted in the outer one. On CUDA
+    the compute sections are also bracketed by events, whose GPU time (read once per epoch by
+    `read`) is the busy time: timing never stalls the CPU's run-ahead of the GPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack: list[list] = []
+        self._events: list = []
+
+    def _event(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    @contextmanager
+    def section(self, name: str):
+        now = time.perf_counter()
+        if self._stack:  # pause the enclosing section
+            outer = self._stack[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        entry = [name, now]
+        self._stack.append(entry)
+        begin = self._event() if self.cuda and name == "compute" else None
+        try:
+            with record_function(f"localloss_pp.{name}"):
+                yield
+        finally:
+            end = time.perf_counter()
+            self._stack.pop()
+            self.seconds[name] += end - entry[1]
+            if self._stack:
+                self._stack[-1][1] = end
+            if begin is not None:
+                self._events.append((begin, self._event()))
+
+    def read(self) -> dict[str, float]:
+        """Seconds per section since the last read (compute: GPU time on CUDA)."""
+        out = dict(self.seconds)
+        if self.cuda:
+            out["compute"] = 0.0
+            for a, b in self._events:
+                b.synchronize()  # once per epoch, after the stream
+                out["compute"] += a.elapsed_time(b) / 1000.0
+        self.seconds.clear()
+        self._events.clear()
+        return out
+
+
+class FiniteWatch:
+    """The non-finite-loss check without a host synchronisation per batch.
+
+    Per batch the losses' finiteness is folded into a flag per unit on the device. On the CPU
+    the flags are read every `every` batches (1: the exact step is named). On CUDA they are
+    copied to pinned host memory asynchronously every `every` batches and read once that copy
+    has completed (an event query, no waiting); `finish` reads them for sure at the end of the
+    stream."""
+
+    def __init__(self, names: list[str], device, every: int, where: str):
+        self.names, self.where, self.every = names, where, max(1, every)
+        self.cuda = device.type == "cuda"
+        self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)
+        self._host = torch.zeros(len(names), dtype=torch.bool, pin_memory=self.cuda)
+        self._pending = None  # (event, first step, last step) of the copy in flight
+        self._since = 0
+
+    def add(self, losses: list[torch.Tensor], epoch: int, seq: int) -> None:
+        if not losses:
+            return
+        self.bad |= ~torch.isfinite(torch.stack([t.reshape(()).float() for t in losses]))
+        due = seq - self._since + 1 >= self.every
+        if not self.cuda:
+            if due:
+                self._raise_if_bad(self.bad.tolist(), self._when(self._since, seq, epoch))
+                self._since = seq + 1
+            return
+        if self._pending is not None and self._pending[0].query():
+            self._read()
+        if self._pending is None and due:
+            self._host.copy_(self.bad, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (done, self._since, seq, epoch)
+            self._since = seq + 1
+
+    @staticmethod
+    def _when(first: int, last: int, epoch: int) -> str:
+        steps = f"step {last}" if first >= last else f"steps {first} to {last}"
+        return f"at {steps} of epoch {epoch}"
+
+    def _read(self) -> None:
+        _, first, last, epoch = self._pending
+        self._pending = None
+        self._raise_if_bad(self._host.tolist(), self._when(first, last, epoch))
+
+    def finish(self, epoch: int, seq: int) -> None:
+        """At the end of a stream: every batch checked."""
+        if self._pending is not None:
+            self._pending[0].synchronize()
+            self._read()
+        self._raise_if_bad(self.bad.tolist(), self._when(self._since, seq, epoch))
+
+    def _raise_if_bad(self, flags: list[bool], when: str) -> None:
+        if any(flags):
+            which = ", ".join(n for n, f in zip(self.names, flags) if f)
+            raise NonFiniteLossError(f"non-finite loss in {which} on {self.where} {when}; "
+                                     "lower --lr or check the input data")
+
+
+class SyncDebug:
+    """Steady-state batches under `torch.cuda.set_sync_debug_mode` when LOCALLOSS_PP_SYNC_DEBUG
+    is "warn" or "error": then any host synchronisation inside a batch (an `.item()`, a
+    pageable copy, a stream synchronisation) warns or fails the run. The first `warmup`
+    batches of a stream (allocations, autotuning, compilation), checkpoints and the end of a
+    stream run without it. A no-op on the CPU."""
+
+    MODES = ("", "warn", "error")
+
+    def __init__(self, device, warmup: int = 2):
+        self.mode = os.environ.get("LOCALLOSS_PP_SYNC_DEBUG", "").strip().lower()
+        if self.mode not in self.MODES:
+            raise ValueError(f"LOCALLOSS_PP_SYNC_DEBUG={self.mode!r}: use 'warn' or 'error' "
+                             "(or leave it unset)")
+        self.active = bool(self.mode) and device.type == "cuda"
+        self.warmup = warmup
+
+    def after_batch(self, batches_done: int) -> None:
+        if self.active and batches_done == self.warmup:
+            torch.cuda.set_sync_debug_mode(self.mode)
+
+    def off(self) -> None:
+        if self.active:
+            torch.cuda.set_sync_debug_mode(0)
+
+    @contextmanager
+    def paused(self):
+        """Work that may synchronise on purpose (a checkpoint's copies to the host)."""
+        mode = torch.cuda.get_sync_debug_mode() if self.active else 0
+        if mode:
+            torch.cuda.set_sync_debug_mode(0)
+        try:
+            yield
+        finally:
+            if mode:
+                torch.cuda.set_sync_debug_mode(mode)
+
+
+@dataclass
+class StageTimes:
+    wall_s: float = 0.0
+    busy_s: float = 0.0
+    data_s: float = 0.0
+    wait_recv_s: float = 0.0
+    wait_send_s: float = 0.0
+    wait_sync_s: float = 0.0  # waiting for the replicas' gradient averaging
+    batches: int = 0
+    samples: int = 0
+    bytes_sent: int = 0
+
+    def take(self, seconds: dict[str, float]) -> None:
+        """The clock's sections: compute -> busy, data, recv, send, sync -> waits."""
+        self.busy_s = seconds.get("compute", 0.0)
+        self.data_s = seconds.get("data", 0.0)
+        self.wait_recv_s = seconds.get("recv", 0.0)
+        self.wait_send_s = seconds.get("send", 0.0)
+        self.wait_sync_s = seconds.get("sync", 0.0)
+
+    def as_dict(self) -> dict:
+        wall = self.wall_s or float("nan")
+        return {"wall_s": self.wall_s, "busy_s": self.busy_s, "busy_fraction": self.busy_s / wall,
+                "data_s": self.data_s, "data_fraction": self.data_s / wall,
+                "wait_recv_s": self.wait_recv_s, "wait_send_s": self.wait_send_s,
+                "wait_sync_s": self.wait_sync_s, "batches": self.batches,
+                "samples_per_s": self.samples / wall, "bytes_sent": self.bytes_sent}
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -315,10 +315,11 @@ class Receiver(_Link):
         self._pending = (s, [self._issue(dist.irecv, self._meta[s], self.meta_group, what),
                              self._issue(dist.irecv, self._payload[s], self.group, what)])
 
-    def recv(self) -> Message:
+    def recv(self, hold_after=None) -> Message:
         """The next message. Its tensors stay valid until the next call of recv(). The labels
         come on the host (`labels`) and on this stage's device (`labels_device`, copied
-        asynchronously from pinned memory on CUDA)."""
+        asynchronously from pinned memory on CUDA). `hold_after(seq)` true: do not pre-post the
+        next receive after this batch (a checkpoint follows it)."""
         if self._pending is None:
             self._post()
         slot, works = self._pending
@@ -333,7 +334,8 @@ class Receiver(_Link):
         kind = Kind(kind)
         if kind not in (TRAIN, EVAL):  # the end of a stream: post nothing more for now
             return Message(kind, epoch, seq)
-        self._post()  # the next message of the stream arrives while this one computes
+        if hold_after is None or not hold_after(seq):
+            self._post()  # the next message of the stream arrives while this one computes
         labels = self._meta[slot][HEADER_LEN:HEADER_LEN + bs]
         activation = self._payload[slot][:bs]
         if self.device.type != "cuda":

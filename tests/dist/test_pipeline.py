@@ -59,6 +59,29 @@ def test_pipeline_equals_one_process(tmp_path, name, args, stage_counts):
             assert parts <= 1.01 * t["wall_s"] + 0.01
 
 
+def test_partial_last_batches_on_every_stage_count(tmp_path):
+    # 4000 training and 1000 test examples in batches of 96: the last ones hold 64 and 40
+    args = [a for a in MLP if a not in ("--epochs", "2")] + ["--epochs", "1", "--batch-size", "96"]
+    runs = {s: run_stages(tmp_path, "partial", s, args)[0] for s in (1, 2, 3)}
+    ref = comparable(runs[1])
+    assert ref[0]["train"]["num_examples"] == 4000 and ref[0]["test"]["num_examples"] == 1000
+    for s in (2, 3):
+        assert digest(runs[s]) == digest(runs[1]), f"{s} stages"
+        assert comparable(runs[s]) == ref, f"{s} stages"
+
+
+def test_finished_runs_exit_normally(tmp_path):
+    # success destroys the process group and returns from main (no os._exit); the modules a
+    # run imports lazily are imported before the group exists, so no finished run aborts in
+    # the interpreter's teardown ("terminate called without an active exception")
+    args = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden", "32",
+            "--epochs", "1", "--no-print-stats"]
+    for i in range(5):
+        _, results = run_stages(tmp_path, f"exit{i}", 3, args)
+        for r in results:
+            assert "terminate called" not in r.stderr and "Abort" not in r.stderr
+
+
 def test_explicit_and_auto_partitions_keep_the_result(tmp_path):
     ref, _ = run_stages(tmp_path, "ref", 1, CONV)
     manual, _ = run_stages(tmp_path, "manual", 3, CONV, ["--partition", "1,1,5"])

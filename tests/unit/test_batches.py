@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from localloss_pp.batches import BatchAugment, EpochBatches, TensorBatches, augment_seed, normalize
+from localloss_pp.batches import BatchAugment, augment_seed, normalize
 from localloss_pp.config import DataConfig
 from localloss_pp.data import DATASETS, Cutout, Mnist5k, build_sources, dataset_arrays
 
