@@ -13,13 +13,14 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
     "QUICKSTART", "REFERENCE_FLAGS", "add_config_arguments", "config_from_args", "load_toml",
-    "build_config", "validate", "to_toml", "lr_at_epoch", "first_line",
+    "build_config", "validate", "to_toml", "lr_at_epoch", "first_line", "RunMode",
 ]
 
 MODEL_NAMES = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
@@ -30,6 +31,19 @@ LOSS_SUP = ("pred", "sim", "predsim")
 LOSS_UNSUP = ("none", "sim", "recon")
 OPTIMS = ("adam", "amsgrad", "sgd")
 NONLINS = ("relu", "leakyrelu")
+
+
+class RunMode(StrEnum):
+    """How the blocks learn: from their local losses (pipelinable), or end to end."""
+    LOCAL = "local"          # local losses, detached blocks: the pipeline
+    BACKPROP = "backprop"    # --backprop: global backprop, no local losses
+    NODETACH = "nodetach"    # --no-detach: local and global losses through the whole net
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "RunMode":
+        if cfg.loss.backprop:
+            return cls.BACKPROP
+        return cls.LOCAL if cfg.loss.detach else cls.NODETACH
 
 
 @dataclass(kw_only=True)

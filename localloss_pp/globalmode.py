@@ -7,12 +7,13 @@ runner is the StageRunner without links; only the training step differs.
 """
 from __future__ import annotations
 
+from .config import RunMode
 from .stage import StageRunner
 
 __all__ = ["GlobalRunner", "global_step"]
 
 
-def global_step(blocks, output, x, y, y1h, detach_mode: str, sync=None):
+def global_step(blocks, output, x, y, y1h, detach_mode: RunMode | str, sync=None):
     """--backprop (no local losses) or --no-detach (local + global losses through the net):
     one forward and backward pass through every block, then every unit's step (after the
     average of its gradients across the replicas, with `sync`).
@@ -20,7 +21,7 @@ def global_step(blocks, output, x, y, y1h, detach_mode: str, sync=None):
     Returns (per-block stats tensors, empty for --backprop; (logits, loss) of the output)."""
     stats, losses = [], []
     for block in blocks:
-        if detach_mode == "backprop":
+        if detach_mode == RunMode.BACKPROP:
             x = block(x)
             continue
         x, ctx = block.train_forward(x, detach=False)
@@ -41,9 +42,10 @@ def global_step(blocks, output, x, y, y1h, detach_mode: str, sync=None):
 
 
 class GlobalRunner(StageRunner):
-    """--backprop / --no-detach (`mode` "backprop" or "nodetach") over the whole model."""
+    """--backprop / --no-detach (`mode` RunMode.BACKPROP or RunMode.NODETACH) over the whole
+    model."""
 
-    def __init__(self, *, mode: str, **kw):
+    def __init__(self, *, mode: RunMode, **kw):
         super().__init__(**kw)
         self.mode = mode
 

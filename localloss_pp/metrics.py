@@ -357,9 +357,14 @@ def log_epoch(rec: dict, epochs: int, num_stages: int) -> None:
              "test loss_global %.4f error %.2f%% | %.1fs", rec["epoch"], epochs, rec["lr"],
              tr["loss_local"], tr["loss_global"], tr["error"], te["loss_global"], te["error"],
              rec["epoch_time_s"])
-    if num_stages > 1:
-        parts = [f"{s['stage'] + 1}: busy {100 * s['train']['busy_fraction']:.0f}% "
-                 f"recv-wait {s['train']['wait_recv_s']:.1f}s send-wait "
-                 f"{s['train']['wait_send_s']:.1f}s" for s in rec["stages"]]
-        log.info("  stages (train) %s | %.0f samples/s", "; ".join(parts),
-                 rec["train_samples_per_s"] or 0)
+    parts = []
+    for s in rec["stages"]:
+        t = s["train"]
+        part = f"{s['stage'] + 1}: busy {100 * t['busy_fraction']:.0f}%"
+        if s["stage"] == 0:  # the first stage's share of time producing batches
+            part += f" data {100 * t['data_s'] / t['wall_s']:.1f}%" if t["wall_s"] else ""
+        if num_stages > 1:
+            part += f" recv-wait {t['wait_recv_s']:.1f}s send-wait {t['wait_send_s']:.1f}s"
+        parts.append(part)
+    log.info("  stages (train) %s | %.0f samples/s", "; ".join(parts),
+             rec["train_samples_per_s"] or 0)

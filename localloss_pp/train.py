@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_bytes, load_model_state, save_model, unit_states
-from .config import Config, first_line, lr_at_epoch, to_toml
+from .config import Config, RunMode, first_line, lr_at_epoch, to_toml
 from .globalmode import GlobalRunner
 from .data import DATASETS, build_sources, resolve_num_workers
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
@@ -119,12 +119,6 @@ def _check_shared_run_dir(env, layout, nodes, run_dir: Path, writer: int) -> Non
         probe.unlink(missing_ok=True)
 
 
-def _mode(cfg: Config) -> str:
-    if cfg.loss.backprop:
-        return "backprop"
-    return "local" if cfg.loss.detach else "nodetach"
-
-
 def run_training(cfg: Config) -> RunResult | None:
     """Train as configured. Returns the result on the writer rank, None on the other ranks.
 
@@ -174,9 +168,9 @@ def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0
 def _check_launch(cfg: Config, world: int) -> Layout:
     """The stages x replicas layout of a world of `world` processes, or a clear error."""
     layout = layout_for(world, cfg.train.num_replicas)
-    S, mode = layout.num_stages, _mode(cfg)
-    if S > 1 and mode != "local":
-        flag = "--backprop" if mode == "backprop" else "--no-detach"
+    S, mode = layout.num_stages, RunMode.of(cfg)
+    if S > 1 and mode != RunMode.LOCAL:
+        flag = "--backprop" if mode == RunMode.BACKPROP else "--no-detach"
         raise ValueError(f"{flag} trains end to end and cannot be pipelined across {S} "
                          "stages; run it in one process, or data-parallel with --replicas "
                          f"{world} (one replica per process)")
@@ -190,7 +184,7 @@ class _Run:
     k: int                 # stage index
     replica: int
     writer: int            # the rank that writes metrics and model.pt (last stage, replica 1)
-    mode: str
+    mode: RunMode
     run_dir: Path
     plan: object           # resume.ResumePlan
     sizes: list[int]       # train examples, test examples, train batches, test batches
@@ -278,7 +272,7 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
                              model.output if k == S - 1 else None, part.counts, model.name,
                              sync)
-    run = _Run(layout=layout, k=k, replica=r, writer=writer, mode=_mode(cfg), run_dir=run_dir,
+    run = _Run(layout=layout, k=k, replica=r, writer=writer, mode=RunMode.of(cfg), run_dir=run_dir,
                plan=plan, sizes=sizes, sources=sources, sync=sync, model=model, names=names,
                part=part, ckpt=ckpt, config_toml=to_toml(cfg))
     run.start = _resume(cfg, env, run)
@@ -343,11 +337,11 @@ def _resume(cfg: Config, env: DistEnv, run: _Run) -> tuple[int, int, dict | None
 
 def _make_runner(cfg: Config, env: DistEnv, run: _Run, sender, receiver) -> StageRunner:
     last = run.k == run.S - 1
-    cls = StageRunner if run.mode == "local" else partial(GlobalRunner, mode=run.mode)
+    cls = StageRunner if run.mode == RunMode.LOCAL else partial(GlobalRunner, mode=run.mode)
     return cls(blocks=run.blocks, output=run.model.output if last else None,
                stage_index=run.k, num_stages=run.S, device=env.device,
                num_classes=DATASETS[cfg.data.dataset].num_classes, sender=sender,
-               receiver=receiver, with_stats=cfg.train.print_stats and run.mode != "backprop",
+               receiver=receiver, with_stats=cfg.train.print_stats and run.mode != RunMode.BACKPROP,
                show_progress=cfg.train.progress and run.replica == 0,
                check_every=1 if env.device.type == "cpu" else 50, sync=run.sync)
 
@@ -388,10 +382,10 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
         log.info("epoch %d: weights sha256 %s, identical on all %d replicas", epoch,
                  agreed[:16], run.layout.num_replicas)
     a, b = run.part.bounds[run.k]
-    with_stats = cfg.train.print_stats and run.mode != "backprop"
+    with_stats = cfg.train.print_stats and run.mode != RunMode.BACKPROP
     summary = stage_summary(run.k, run.names[a:b], [hasattr(blk, "decoder_y")
                                                     for blk in run.blocks], tr, te, with_stats,
-                            backprop=run.mode == "backprop")
+                            backprop=run.mode == RunMode.BACKPROP)
     gathered = gather_to(env, summary if run.replica == 0 else None, run.writer)
     rec = None
     if env.rank == run.writer:

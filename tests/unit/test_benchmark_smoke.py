@@ -38,7 +38,7 @@ def test_quick_benchmark_runs_every_variant(tmp_path):
 def test_loader_benchmark_measures_every_data_path(tmp_path):
     out = tmp_path / "loader.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.loader", "--batches", "9",
-                           "--json", str(out), "--device", "cpu"], cwd=ROOT,
+                           "--batch-size", "32", "--json", str(out), "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
