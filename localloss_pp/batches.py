@@ -327,8 +327,8 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, key):
         seed, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, restored afterwards
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

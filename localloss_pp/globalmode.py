@@ -49,6 +49,11 @@ class GlobalRunner(StageRunner):
         super().__init__(**kw)
         self.mode = mode
 
+    def loss_names(self) -> list[str]:
+        if self.mode == RunMode.BACKPROP:  # no local losses: the global loss only
+            return ["the output layer (global loss)"]
+        return super().loss_names()
+
     def forwards(self, x):
         """Nothing to hand on (the whole model is this stage); the input is the context."""
         return None, x

@@ -116,6 +116,7 @@ class StageClock:
         self.seconds: dict[str, float] = defaultdict(float)
         self._stack: list[list] = []
         self._events: list = []
+        self._gpu_s = 0.0
 
     def _event(self):
         ev = torch.cuda.Event(enable_timing=True)
@@ -142,15 +143,24 @@ class StageClock:
                 self._stack[-1][1] = end
             if begin is not None:
                 self._events.append((begin, self._event()))
+                if len(self._events) >= 256:
+                    self._fold()
+
+    def _fold(self) -> None:
+        """Add up the event pairs the GPU has passed already (a query, no waiting), so that a
+        long epoch does not hold thousands of events."""
+        while self._events and self._events[0][1].query():
+            a, b = self._events.pop(0)
+            self._gpu_s += a.elapsed_time(b) / 1000.0
 
     def read(self) -> dict[str, float]:
         """Seconds per section since the last read (compute: GPU time on CUDA)."""
         out = dict(self.seconds)
         if self.cuda:
-            out["compute"] = 0.0
             for a, b in self._events:
                 b.synchronize()  # once per epoch, after the stream
-                out["compute"] += a.elapsed_time(b) / 1000.0
+                self._gpu_s += a.elapsed_time(b) / 1000.0
+            out["compute"], self._gpu_s = self._gpu_s, 0.0
         self.seconds.clear()
         self._events.clear()
         return out
@@ -165,17 +175,19 @@ class FiniteWatch:
     has completed (an event query, no waiting); `finish` reads them for sure at the end of the
     stream."""
 
-    def __init__(self, names: list[str], device, every: int, where: str):
+    def __init__(self, names: list[str], device, every: int, where: str, start: int = 0):
         self.names, self.where, self.every = names, where, max(1, every)
         self.cuda = device.type == "cuda"
         self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)
         self._host = torch.zeros(len(names), dtype=torch.bool, pin_memory=self.cuda)
         self._pending = None  # (event, first step, last step) of the copy in flight
-        self._since = 0
+        self._since = start  # the first step not yet checked
 
     def add(self, losses: list[torch.Tensor], epoch: int, seq: int) -> None:
+        """`losses`: one scalar per name, in the order of the names."""
         if not losses:
             return
+        assert len(losses) == len(self.names), (len(losses), self.names)
         self.bad |= ~torch.isfinite(torch.stack([t.reshape(()).float() for t in losses]))
         due = seq - self._since + 1 >= self.every
         if not self.cuda:

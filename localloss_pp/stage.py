@@ -121,11 +121,15 @@ class StageRunner:
     def _name(self) -> str:
         return f"stage {self.stage_index + 1}/{self.num_stages}"
 
-    def _watch(self) -> FiniteWatch:
+    def loss_names(self) -> list[str]:
+        """What the losses checked per batch belong to (the order of `_statistics`)."""
         names = [f"block {b.index} ({b.describe()})" for b in self.blocks]
         if self.output is not None:
             names.append("the output layer")
-        return FiniteWatch(names, self.device, self.check_every, self._name())
+        return names
+
+    def _watch(self, start: int) -> FiniteWatch:
+        return FiniteWatch(self.loss_names(), self.device, self.check_every, self._name(), start)
 
     # --- the message stream ------------------------------------------------------------------
     def _batches(self, source, kind: Kind, epoch: int, start_seq: int = 0, hold_after=None):
@@ -168,7 +172,7 @@ class StageRunner:
         self.clock.read()  # start from zero
         start = time.perf_counter()
         bytes_before = self.sender.bytes if self.sender is not None else 0
-        watch = self._watch()
+        watch = self._watch(start_seq)
         bar = progress(None, total=total or 0, enabled=self.show_progress,
                        desc=f"{'train' if kind == TRAIN else 'test'} {epoch}")
         seq = -1
