@@ -51,9 +51,12 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"cuda:{i} {p.name} {p.total_memory / 2**30:.0f} GiB")
-if torch.cuda.device_count() < 2:
-    print(f"{torch.cuda.device_count()} GPU(s): NCCL between two ranks cannot be tested here "
-          "(NCCL needs one GPU per rank); the NCCL tests skip, the CUDA paths are checked")
+n = torch.cuda.device_count()
+if n == 0:
+    print("no GPU: neither the CUDA paths nor NCCL can be checked here (a DEVICE=cpu dry run)")
+elif n < 2:
+    print(f"{n} GPU: NCCL between two ranks cannot be tested here (NCCL needs one GPU per "
+          "rank); the NCCL tests skip, the CUDA paths are checked")
 try:
     print(subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip())
