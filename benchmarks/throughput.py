@@ -222,10 +222,15 @@ def parse_args(argv):
     return args, rest
 
 
+def _base_spec(args, mcfg: dict) -> dict:
+    """What every run of one model shares."""
+    return {"model": mcfg, "batch_size": args.batch_size, "warmup": args.warmup,
+            "batches": args.batches, "microbatches": args.microbatches, "device": args.device}
+
+
 def _jobs(args, mcfg: dict, counts, cores: int) -> list[tuple]:
     """(loss, variant, ranks, spec) of every run of one model."""
-    base = {"model": mcfg, "batch_size": args.batch_size, "warmup": args.warmup,
-            "batches": args.batches, "microbatches": args.microbatches, "device": args.device}
+    base = _base_spec(args, mcfg)
     S, jobs = args.stages, []
     for i, loss in enumerate(args.losses.split(",")):
         for variant in args.variant_list:
@@ -282,10 +287,7 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peak_1: float) -> t
             rows.append(row)
     if costs is None:
         return rows, [], None
-    checks = validate(model_name, losses[0], mcfg, costs,
-                      {"model": mcfg, "batch_size": args.batch_size, "warmup": args.warmup,
-                       "batches": args.batches, "microbatches": args.microbatches,
-                       "device": args.device}, args, cores)
+    checks = validate(model_name, losses[0], mcfg, costs, _base_spec(args, mcfg), args, cores)
     flops = {"model": model_name, "backbone_flops_per_sample":
              sum(c.backbone_flops for c in costs) / args.batch_size,
              "local_train_flops_per_sample": sum(c.local_flops for c in costs) / args.batch_size,

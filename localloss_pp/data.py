@@ -151,12 +151,9 @@ def _transforms(info: DatasetInfo, cfg: DataConfig, train: bool):
             [T.Resize(256), T.CenterCrop(224)]
     elif not train or info.augment == "none":
         head = []
-    elif info.augment == "jitter":
-        head = [T.RandomCrop(size, padding=2)]
-    elif info.augment == "jitter_flip":
-        head = [T.RandomCrop(size, padding=2), T.RandomHorizontalFlip()]
     else:
-        head = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()]
+        head = [T.RandomCrop(size, padding=info.crop_padding)] + \
+            ([T.RandomHorizontalFlip()] if info.flips else [])
     if train and cfg.cutout:
         tail.append(Cutout(cfg.n_holes, cfg.length))
     return T.Compose(head + tail)

@@ -27,7 +27,7 @@ from .metrics import (EpochStats, FiniteWatch, NonFiniteLossError, StageClock, S
 from .transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN, Kind, PeerLostError,
                         Receiver, Sender, ShapeMismatchError)
 
-__all__ = ["StageRunner", "StageFailure", "local_forward_update", "forwards", "local_updates"]
+__all__ = ["StageRunner", "StageFailure", "forwards", "local_updates"]
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,6 @@ def local_updates(blocks, ctxs, x, y, y1h, output=None, sync=None):
         sync.finish(work)
         unit.step()
     return stats, out
-
-
-def local_forward_update(blocks, x, y, y1h, on_output=None, output=None, sync=None):
-    """Local-mode step of a run of blocks: forwards, `on_output(output)`, updates.
-    Returns (output of the last block, per-block stats, (logits, loss) or None)."""
-    x, ctxs = forwards(blocks, x)
-    if on_output is not None:
-        on_output(x)
-    stats, out = local_updates(blocks, ctxs, x, y, y1h, output, sync)
-    return x, stats, out
 
 
 @dataclass
@@ -220,8 +210,10 @@ class StageRunner:
         """(per-block stats, (logits, loss) or None): the local updates of this stage."""
         return local_updates(self.blocks, ctxs, x, y, y1h, self.output, self.replica_sync)
 
-    def _statistics(self, stats: EpochStats, watch: FiniteWatch, epoch, seq, block_stats, out,
-                    y) -> None:
+    @staticmethod
+    def _statistics(stats: EpochStats, block_stats, out, y) -> list:
+        """Add a batch's numbers to the epoch's sums (on the device); returns the losses in the
+        order of `loss_names`."""
         losses = [s[0] for s in block_stats]
         if out is not None:
             logits, gloss = out
@@ -230,7 +222,7 @@ class StageRunner:
         if block_stats:
             stats.add_blocks(block_stats, y.size(0))
         stats.add_count(y.size(0))
-        watch.add(losses, epoch, seq)
+        return losses
 
     def _train_step(self, stats, watch, epoch, seq, x, y, y_host) -> None:
         with self.clock.section("compute"):
@@ -239,7 +231,7 @@ class StageRunner:
         self._send(TRAIN, epoch, seq, h, y_host)
         with self.clock.section("compute"):
             block_stats, out = self.updates(ctxs, h, y, y1h)
-            self._statistics(stats, watch, epoch, seq, block_stats, out, y)
+            watch.add(self._statistics(stats, block_stats, out, y), epoch, seq)
 
     @torch.no_grad()
     def _eval_step(self, stats, watch, epoch, seq, x, y, y_host) -> None:
@@ -250,12 +242,8 @@ class StageRunner:
                 x, s = block.evaluate(x, y, y1h, self.with_stats)
                 if s is not None:
                     block_stats.append(s)
-            if self.output is not None:
-                logits, loss = self.output.predict(x, y)
-                stats.add_global(loss, logits, y)
-            if block_stats:
-                stats.add_blocks(block_stats, y.size(0))
-            stats.add_count(y.size(0))
+            out = self.output.predict(x, y) if self.output is not None else None
+            self._statistics(stats, block_stats, out, y)
         self._send(EVAL, epoch, seq, x, y_host)
 
     # --- train and eval ----------------------------------------------------------------------

@@ -267,12 +267,12 @@ class Receiver(_Link):
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        pin = self.device.type == "cuda"  # labels go to the device from pinned memory
-        self._meta = [torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64,
-                                  pin_memory=pin) for _ in range(2)]
+        # on CUDA labels (and staged activations) are copied off these buffers into fresh
+        # pinned blocks before they go to the device (_pinned_copy)
+        self._meta = [torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
+                      for _ in range(2)]
         self._payload = [torch.empty((self.max_batch, *self.shape), dtype=self.dtype,
-                                     device=self.wire_device, pin_memory=pin and self.staging)
-                         for _ in range(2)]
+                                     device=self.wire_device) for _ in range(2)]
         self._slot = 0
         self._pending = None
 
@@ -302,11 +302,6 @@ class Receiver(_Link):
             raise ShapeMismatchError(
                 f"{self._name(self.peer_stage)} sends {_describe(theirs)}, but "
                 f"{self._name(self.stage_index)} expects {_describe(mine.tolist())}")
-
-    @property
-    def posted(self) -> bool:
-        """Whether a receive is pending (between the messages of a stream)."""
-        return self._pending is not None
 
     def _post(self) -> None:
         s = self._slot

@@ -4,7 +4,7 @@ from localloss_pp.blocks import LocalConvBlock, LocalLinearBlock
 from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
 from localloss_pp.losses import onehot
 from localloss_pp.models import build_model
-from localloss_pp.stage import local_forward_update
+from localloss_pp.stage import forwards, local_updates
 
 CPU = torch.device("cpu")
 
@@ -128,7 +128,8 @@ def test_run_of_blocks_equals_block_by_block_reference_order():
     x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
     Y = onehot(y, 10)
     for _ in range(2):
-        out_a, stats_a, _ = local_forward_update(a.blocks, x, y, Y)  # forwards, then updates
+        out_a, ctxs = forwards(a.blocks, x)  # forwards, then updates
+        stats_a, _ = local_updates(a.blocks, ctxs, out_a, y, Y)
         h, stats_b = x, []
         for block in b.blocks:  # the reference: forward, update, next block
             h, ctx = block.train_forward(h)
@@ -152,7 +153,8 @@ def test_backprop_and_nodetach_steps_reach_earlier_blocks():
             unit.setup(CPU, OptimConfig())
             unit.set_lr(1e-3)
         if mode == "local":
-            h, _, _ = local_forward_update(m.blocks, x, y, Y)
+            h, ctxs = forwards(m.blocks, x)
+            local_updates(m.blocks, ctxs, h, y, Y)
             m.output.train_update(h, y)
         else:
             global_step(m.blocks, m.output, x, y, Y, mode)
