@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import first_line
+from .faults import fault_point
 from .models import LocalModel
 
 __all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "load_model_state", "unit_states",
@@ -29,15 +30,29 @@ class CheckpointError(ValueError):
     """A model or checkpoint file is missing, damaged, foreign, or of another model."""
 
 
-def _atomic(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Every file a run writes gets the permissions the user's umask gives (0644 with the usual
+# 022), like the files of any other program; read once, at import.
+FILE_MODE = 0o666 & ~_umask()
+
+
+def _atomic(path: Path, write, before_rename=None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -45,9 +60,9 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, before_rename=None) -> None:
     """Write `data` to `path` through a temporary file and a rename."""
-    _atomic(path, lambda fh: fh.write(data))
+    _atomic(path, lambda fh: fh.write(data), before_rename)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -88,12 +103,32 @@ def load_model_state(model: LocalModel, path: Path, only=None) -> dict:
     for unit, sd in zip(units, state["units"]):
         if only is not None and unit.index not in only:
             continue
+        _check_fits(path, unit, sd)
         try:
             unit.load_state_dict(sd)
         except RuntimeError as exc:
             raise CheckpointError(f"{path} does not fit unit {unit.index}: "
                                   f"{first_line(exc)}") from None
     return state
+
+
+def _check_fits(path, unit, saved: dict) -> None:
+    """A CheckpointError naming the first tensor of `unit` that `saved` lacks, has too many, or
+    holds in another shape (with both shapes)."""
+    own = unit.state_dict()
+    where = f"{path} does not fit unit {unit.index} ({type(unit).__name__} {unit.describe()})"
+    for name, tensor in own.items():
+        if name not in saved:
+            raise CheckpointError(f"{where}: the file has no {name}; it was written for "
+                                  "another model")
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}: {name} has shape {list(saved[name].shape)} in the "
+                                  f"file but {list(tensor.shape)} in this model; resume with "
+                                  "the model settings it was trained with (see its config)")
+    extra = [n for n in saved if n not in own]
+    if extra:
+        raise CheckpointError(f"{where}: the file has {extra[0]}, which this model does not; "
+                              "it was written for another model")
 
 
 # --- training checkpoints: one file per stage plus a manifest --------------------------------
@@ -137,30 +172,48 @@ def restore_unit(unit, saved: dict) -> None:
         unit._drop_gen.set_state(saved["generator"])
 
 
-def save_stage_checkpoint(folder: Path, stage_index: int, payload: dict) -> None:
-    """Atomically write stage{k}.pt, then its sidecar stage{k}.json with the sha256."""
+def save_stage_checkpoint(folder: Path, stage_index: int, payload: dict, token: str = "",
+                          epoch: int | None = None, step: int | None = None) -> None:
+    """Atomically write stage{k}.pt, then its sidecar stage{k}.json with the sha256 and the
+    run attempt's `token`. A manifest left in the folder by an earlier attempt goes first: the
+    folder is not a complete checkpoint again until the last stage writes the new one."""
+    (Path(folder) / MANIFEST).unlink(missing_ok=True)
     buf = io.BytesIO()
     torch.save(dict(payload, format=CKPT_FORMAT, stage=stage_index), buf)
     data = buf.getvalue()
     name = f"stage{stage_index}.pt"
-    atomic_write_bytes(folder / name, data)
+    atomic_write_bytes(folder / name, data, before_rename=lambda: fault_point(
+        "inside-stage-checkpoint", epoch, step))
     side = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-            "units": sorted(int(u) for u in payload.get("units", {}))}
+            "units": sorted(int(u) for u in payload.get("units", {})), "token": token}
     atomic_write_bytes(folder / f"stage{stage_index}.json", json.dumps(side).encode())
 
 
-def write_manifest(folder: Path, num_stages: int, info: dict, timeout_s: float) -> dict:
-    """Wait until every stage's sidecar is there, then write the manifest (last, atomically)."""
+def _sidecar(path: Path, token: str) -> dict | None:
+    """A stage's sidecar if it is there and belongs to this attempt (an earlier, killed
+    attempt may have left one of the same name)."""
+    try:
+        side = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return side if side.get("token", "") == token else None
+
+
+def write_manifest(folder: Path, num_stages: int, info: dict, timeout_s: float,
+                   token: str = "") -> dict:
+    """Wait until every stage's sidecar of this attempt is there, then write the manifest
+    (last, atomically)."""
     deadline = time.monotonic() + timeout_s
     sides = []
     for k in range(num_stages):
         path = folder / f"stage{k}.json"
-        while not path.exists():
+        while (side := _sidecar(path, token)) is None:
             if time.monotonic() > deadline:
                 raise CheckpointError(f"stage {k + 1}/{num_stages} did not write its part of "
                                       f"checkpoint {folder} within {timeout_s:.0f}s")
             time.sleep(0.01)
-        sides.append(json.loads(path.read_text()))
+        sides.append(side)
+    fault_point("before-manifest", info.get("epoch"), info.get("step"))
     manifest = dict(info, format=CKPT_FORMAT, num_stages=num_stages,
                     files={s["file"]: s["sha256"] for s in sides},
                     units={str(u): s["file"] for s in sides for u in s["units"]},
@@ -244,8 +297,10 @@ def load_units(folder: Path, manifest: dict, wanted) -> tuple[dict, dict]:
     return units, extra
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (and older incomplete ones)."""
+def prune_checkpoints(run_dir: Path, keep: int, epoch=None, step=None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and older incomplete ones). A
+    folder's manifest goes first, so that a folder half deleted is never taken for a
+    checkpoint."""
     folders = list_checkpoints(run_dir)
     complete = [f for f in folders if (f / MANIFEST).exists()]
     if len(complete) <= keep:
@@ -253,4 +308,6 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     cutoff = _order(complete[-keep].name)
     for folder in folders:
         if _order(folder.name) < cutoff:
+            (folder / MANIFEST).unlink(missing_ok=True)
+            fault_point("during-pruning", epoch, step)
             shutil.rmtree(folder, ignore_errors=True)

@@ -103,6 +103,11 @@ def _cmd_train(args) -> int:
     if world > 1:
         log.info("pid %d", os.getpid())
     cfg = config_from_args(args)
+    from .faults import armed
+    armed()  # a malformed LOCALLOSS_PP_FAULT is bad input like any other
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker dies with its agent
+        from .rundir import stop_with_parent
+        stop_with_parent()
     import_before_process_group()
     if world == 1:
         return _report(run_training(cfg))

@@ -237,6 +237,11 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
             raw = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {exc.start} cannot be "
+                         "decoded); save it as UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
     for section, values in raw.items():
         if section not in _SECTION_CLASSES:
             raise ValueError(f"{path}: unknown section [{section}]; sections are: "

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,21 +161,58 @@ def _transforms(info: DatasetInfo, cfg: DataConfig, train: bool):
     return T.Compose(head + tail)
 
 
+_DAMAGED_FIX = ("delete it and run with --download (needs the internet), or put a good copy of "
+                "the official file there")
+
+
 def _extract_mnist_gz(folder: Path) -> None:
     """Decompress MNIST-format raw/*.gz files in place (no network) if not done yet."""
-    for gz in folder.glob("*-ubyte.gz"):
+    for gz in sorted(folder.glob("*-ubyte.gz")):
         target = gz.with_suffix("")
         if not target.exists():
             tmp = target.with_name(target.name + ".part")
             try:
                 with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+                if tmp.stat().st_size == 0:
+                    raise EOFError("it holds no data")
             except PermissionError:
                 raise DatasetNotFoundError(
                     f"{folder} holds only the compressed files and is read-only, so they "
                     "cannot be decompressed there; copy the dataset folder somewhere writable "
                     "and pass that as --data-dir") from None
+            except (EOFError, OSError, zlib.error) as exc:  # truncated, empty, not gzip
+                tmp.unlink(missing_ok=True)
+                raise DatasetNotFoundError(f"dataset file {gz} is damaged or incomplete "
+                                           f"({first_line(exc)}); {_DAMAGED_FIX}") from None
             tmp.replace(target)
+
+
+# MNIST-format (IDX) files: magic number 0x0000 08 <ndim>, then ndim big-endian sizes, then
+# the uint8 data
+def _check_idx_file(path: Path) -> None:
+    """A clear DatasetNotFoundError naming `path` if its header is wrong or its size does not
+    match the header (torchvision would fail with an AssertionError or a shape error)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        ndim = head[3] if len(head) == 4 else 0
+        if len(head) < 4 or head[:3] != b"\x00\x00\x08" or not 1 <= ndim <= 3:
+            what = "it is empty" if size == 0 else \
+                f"bad magic number {head.hex() or 'none'}, not an IDX file of uint8 data"
+            raise DatasetNotFoundError(f"dataset file {path} is damaged ({what}); "
+                                       f"{_DAMAGED_FIX}")
+        dims_raw = fh.read(4 * ndim)
+    if len(dims_raw) < 4 * ndim:
+        raise DatasetNotFoundError(f"dataset file {path} is incomplete (its header is cut "
+                                   f"short); {_DAMAGED_FIX}")
+    dims = [int.from_bytes(dims_raw[4 * i:4 * i + 4], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if size != expected:
+        raise DatasetNotFoundError(
+            f"dataset file {path} is {'incomplete' if size < expected else 'damaged'} (its "
+            f"header says {'x'.join(map(str, dims))} bytes of data, {expected} bytes in all; "
+            f"the file has {size}); {_DAMAGED_FIX}")
 
 
 def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, transform):
@@ -183,6 +222,8 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, tra
         raw = root / cls.__name__ / "raw"
         if raw.is_dir():
             _extract_mnist_gz(raw)
+            for f in sorted(raw.glob("*-ubyte")):
+                _check_idx_file(f)
         return cls(str(root), train=train, download=download, transform=transform)
     if name == "CIFAR10":
         return D.CIFAR10(str(root), train=train, download=download, transform=transform)

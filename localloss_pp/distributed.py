@@ -4,6 +4,7 @@ Rank r runs pipeline stage r (stage_index = rank); a run without torchrun is the
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .config import TrainConfig
 from .transport import guarded
 
 __all__ = ["DistEnv", "init_distributed", "shutdown", "torchrun_world", "all_agree",
-           "gather_to", "broadcast_from", "gather_all", "replica_groups"]
+           "gather_to", "broadcast_from", "gather_all", "all_gather_json", "replica_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +150,41 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+# --- set-up and per-epoch exchanges: JSON over tensors ---------------------------------------
+# What the ranks exchange outside the data stream (errors, layouts, the resume plan, the
+# partition, statistics, digests) is data: it travels as UTF-8 JSON in uint8 tensors, so no
+# rank ever unpickles bytes another process sent (the *_object collectives would).
+def _encode(obj) -> torch.Tensor:
+    data = json.dumps(obj, allow_nan=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.zeros(0, dtype=torch.uint8)
+
+
+def _decode(t: torch.Tensor, n: int):
+    return json.loads(bytes(t[:n].numpy()).decode())
+
+
+def all_gather_json(obj, group, what: str = "setup", lost: str | None = None) -> list:
+    """Every member's JSON-serialisable `obj`, on every member of `group` (rank order)."""
+    world = dist.get_world_size(group)
+    mine = _encode(obj)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    kw = {"lost": lost} if lost else {}
+    guarded(what, dist.all_gather, sizes, torch.tensor([mine.numel()], dtype=torch.int64),
+            group=group, **kw)
+    n = max(1, max(int(x) for x in sizes))
+    buf = torch.zeros(n, dtype=torch.uint8)
+    buf[:mine.numel()] = mine
+    out = [torch.empty(n, dtype=torch.uint8) for _ in range(world)]
+    guarded(what, dist.all_gather, out, buf, group=group, **kw)
+    return [_decode(t, int(x)) for t, x in zip(out, sizes)]
+
+
 def gather_all(env: DistEnv, obj) -> list:
-    """Every rank's picklable `obj`, on every rank (rank order)."""
+    """Every rank's JSON-serialisable `obj`, on every rank (rank order)."""
     if not env.distributed:
         return [obj]
-    out = [None] * env.world_size
-    guarded("setup", dist.all_gather_object, out, obj, group=env.meta_group)
-    return out
+    return all_gather_json(obj, env.meta_group)
 
 
 def all_agree(env: DistEnv, error: str | None) -> None:
@@ -170,19 +199,21 @@ def all_agree(env: DistEnv, error: str | None) -> None:
 
 
 def gather_to(env: DistEnv, obj, dst: int) -> list | None:
-    """Gather a picklable object from every rank to rank `dst` (None elsewhere)."""
+    """Every rank's JSON-serialisable `obj` on rank `dst` (None elsewhere)."""
     if not env.distributed:
         return [obj]
-    out = [None] * env.world_size if env.rank == dst else None
-    guarded("the gathering of results", dist.gather_object, obj, out, dst=dst,
-                group=env.meta_group)
-    return out
+    out = all_gather_json(obj, env.meta_group, "the gathering of results")
+    return out if env.rank == dst else None
 
 
 def broadcast_from(env: DistEnv, obj, src: int):
-    """Rank `src`'s object on every rank."""
+    """Rank `src`'s JSON-serialisable `obj` on every rank."""
     if not env.distributed:
         return obj
-    box = [obj]
-    guarded("setup", dist.broadcast_object_list, box, src=src, group=env.meta_group)
-    return box[0]
+    data = _encode(obj) if env.rank == src else None
+    size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64)
+    guarded("setup", dist.broadcast, size, src=src, group=env.meta_group)
+    buf = data if data is not None else torch.empty(int(size), dtype=torch.uint8)
+    if int(size):
+        guarded("setup", dist.broadcast, buf, src=src, group=env.meta_group)
+    return _decode(buf, int(size))

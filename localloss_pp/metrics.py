@@ -16,9 +16,10 @@ import torch
 from torch.profiler import record_function
 
 from .blocks import STAT_FIELDS
+from .config import first_line
 
 __all__ = ["setup_logging", "EpochStats", "StageClock", "StageTimes", "FiniteWatch", "SyncDebug",
-           "append_jsonl", "read_jsonl", "progress", "NonFiniteLossError",
+           "append_jsonl", "read_jsonl", "read_records", "progress", "NonFiniteLossError",
            "merge_stage_summaries", "stage_summary", "log_blocks", "log_epoch"]
 
 log = logging.getLogger(__name__)
@@ -301,9 +302,36 @@ def append_jsonl(path: Path, record: dict) -> None:
         fh.flush()
 
 
+def read_records(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """(the intact records of a metrics.jsonl, [(line number, what is wrong)] of the damaged
+    lines): a line that is not a JSON object with an integer "epoch" (a run killed while
+    appending leaves half a line; a disk error, bytes that are not UTF-8)."""
+    records, damaged = [], []
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+                if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+                    raise ValueError("not a record of an epoch")
+            except (UnicodeDecodeError, ValueError) as exc:
+                damaged.append((n, first_line(exc)))
+                continue
+            records.append(rec)
+    return records, damaged
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of a metrics.jsonl; a ValueError naming the file and the first damaged
+    line."""
+    records, damaged = read_records(path)
+    if damaged:
+        line, why = damaged[0]
+        raise ValueError(f"{path} line {line} is damaged ({why}); repair or delete that line "
+                         "(a run resumed with --resume auto drops damaged lines after its "
+                         "newest checkpoint and recomputes those epochs)")
+    return records
 
 
 def progress(iterable, *, total: int, enabled: bool, desc: str):

@@ -15,7 +15,7 @@ from .blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, make_pool
 from .config import LossConfig, ModelConfig
 
 __all__ = ["VGG_CFGS", "LocalModel", "build_model", "count_params", "model_digest", "unit_digest",
-           "combine_digests"]
+           "state_digest", "combine_digests"]
 
 VGG_CFGS: dict[str, list] = {
     "vgg6a": [128, "M", 256, "M", 512, "M", 512],
@@ -167,10 +167,15 @@ def count_params(model: ModelConfig, input_shape, num_classes: int) -> int:
 
 def unit_digest(unit: nn.Module) -> str:
     """sha256 over one unit's parameters and buffers (names, dtypes, shapes and bytes)."""
+    return state_digest(unit.index, unit.state_dict())
+
+
+def state_digest(index: int, state: dict) -> str:
+    """unit_digest of the unit `index` whose state dict is `state` (e.g. read from a file)."""
     h = hashlib.sha256()
-    for name, tensor in unit.state_dict().items():
+    for name, tensor in state.items():
         t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{unit.index}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(f"{index}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

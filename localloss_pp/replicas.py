@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .distributed import all_gather_json
 from .models import combine_digests, unit_digest
 from .transport import guarded
 
@@ -167,19 +168,26 @@ class ReplicaSync:
         return {"blocks": flat[:nb].view_as(stats.blocks).clone(),
                 "glob": flat[nb:nb + 2].clone(), "count": int(round(float(flat[-1])))}
 
-    def gather(self, obj) -> list | None:
-        """Every replica's `obj`, on replica 0 (None on the others)."""
-        out = [None] * self.num_replicas if self.replica == 0 else None
-        self._call("gathering replica state", dist.gather_object, obj, out, group_dst=0,
+    def gather_generators(self, states: list[torch.Tensor]) -> list[list[torch.Tensor]] | None:
+        """Every replica's generator states (uint8 tensors of fixed sizes) on replica 0 (None
+        on the others), as tensors: nothing is unpickled."""
+        if not states:
+            return [[] for _ in range(self.num_replicas)] if self.replica == 0 else None
+        flat = torch.cat([t.reshape(-1) for t in states])
+        out = [torch.empty_like(flat) for _ in range(self.num_replicas)]
+        self._call("gathering replica state", dist.all_gather, out, flat,
                    group=self.object_group)
-        return out
+        if self.replica != 0:
+            return None
+        sizes = [t.numel() for t in states]
+        return [[t.clone() for t in torch.split(f, sizes)] for f in out]  # own storage
 
     def check_identical(self, units) -> str:
         """Raise if the replicas' weights (and buffers) differ; returns the common digest."""
         mine = combine_digests([unit_digest(u) for u in units])
-        every = [None] * self.num_replicas
-        self._call("comparing replicas", dist.all_gather_object, every, mine,
-                   group=self.object_group)
+        every = all_gather_json(mine, self.object_group, "comparing replicas",
+                                lost=f"lost a replica of stage {self.stage_index + 1}/"
+                                     f"{self.num_stages} while")
         if len(set(every)) != 1:
             bad = [r for r, d in enumerate(every) if d != every[0]]
             raise RuntimeError(f"the replicas of stage {self.stage_index + 1}/{self.num_stages} "

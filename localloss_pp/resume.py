@@ -21,10 +21,12 @@ from .checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes, checkpoi
                          restore_unit, save_stage_checkpoint, semantic_config, unit_checkpoint,
                          write_manifest)
 from .blocks import derive_seed
-from .config import first_line
-from .metrics import read_jsonl
+from .config import build_config, first_line, load_toml
+from .faults import fault_point
+from .metrics import read_records
 
-__all__ = ["ResumePlan", "plan_resume", "StageCheckpointer", "reconcile_metrics"]
+__all__ = ["ResumePlan", "plan_resume", "StageCheckpointer", "kept_metrics",
+           "reconcile_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,26 @@ def _holds_run(run_dir: Path) -> bool:
     return (run_dir / "metrics.jsonl").exists() or (run_dir / "model.pt").exists()
 
 
+def _config_diffs(saved: dict, cfg, label: str = "checkpoint") -> list[str]:
+    now = semantic_config(cfg)
+    return [f"{s}.{k}: {label} {saved.get(s, {}).get(k)!r}, now {v!r}" for s in now
+            for k, v in now[s].items() if saved.get(s, {}).get(k) != v]
+
+
+def _other_run(run_dir: Path, cfg) -> str | None:
+    """None when the run in `run_dir` was started with this config (the parts that change the
+    numbers); otherwise what differs."""
+    path = run_dir / "config.toml"
+    try:
+        saved = semantic_config(build_config(load_toml(path)))
+    except (OSError, ValueError) as exc:
+        return f"its config.toml cannot be read: {first_line(exc)}"
+    diffs = _config_diffs(saved, cfg, "there")
+    return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "") if diffs else None
+
+
 def _check_config(manifest: dict, cfg, where) -> None:
-    saved, now = manifest["config"], semantic_config(cfg)
-    diffs = [f"{s}.{k}: checkpoint {saved[s].get(k)!r}, now {v!r}" for s in now
-             for k, v in now[s].items() if saved.get(s, {}).get(k) != v]
+    diffs = _config_diffs(manifest["config"], cfg)
     if diffs:
         raise CheckpointError(f"{where} was written with another config ({'; '.join(diffs[:4])}"
                               f"{'; ...' if len(diffs) > 4 else ''}); resume with the same "
@@ -72,8 +90,17 @@ def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
     if spec == "auto":
         if found is None:
             if _holds_run(run_dir):
-                raise CheckpointError(f"run directory {run_dir} holds a run but no complete, "
-                                      "intact checkpoint to resume from; choose another --run-dir")
+                # killed before its first checkpoint was complete: the same run starts again
+                other = _other_run(run_dir, cfg)
+                if other is None and not (run_dir / "model.pt").exists():
+                    log.warning("run directory %s holds the start of this run but no complete "
+                                "checkpoint yet: training again from epoch 1", run_dir)
+                    return ResumePlan()
+                raise CheckpointError(
+                    f"run directory {run_dir} holds " + (
+                        f"another run ({other})" if other else "a finished run (model.pt)") +
+                    " and no complete, intact checkpoint to resume from; choose another "
+                    "--run-dir")
             return ResumePlan()  # nothing to resume yet: start from scratch
         folder, manifest = found
     else:
@@ -99,28 +126,59 @@ def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
             raise ValueError(f"run directory {run_dir} already holds a run; choose another "
                              "--run-dir for the continued run")
     _check_config(manifest, cfg, folder)
+    in_place = folder.parent.parent.resolve() == run_dir.resolve()
+    if in_place and manifest["complete_epochs"] == cfg.train.epochs and manifest["step"] is None:
+        # the run was killed after its final checkpoint: only the end is left to do
+        log.info("checkpoint %s holds all %d epochs: finishing the run from it", folder.name,
+                 cfg.train.epochs)
+        return ResumePlan("checkpoint", str(folder), manifest)
     if manifest["complete_epochs"] >= cfg.train.epochs:
         raise ValueError(f"{folder} already completed {manifest['complete_epochs']} epochs and "
                          f"--epochs is {cfg.train.epochs}; raise --epochs to train further")
     return ResumePlan("checkpoint", str(folder), manifest)
 
 
-def reconcile_metrics(run_dir: Path, first_epoch: int) -> None:
-    """Keep only the records of epochs before `first_epoch` (they are recomputed identically)."""
+def kept_metrics(run_dir: Path, first_epoch: int) -> list[dict] | None:
+    """The records of metrics.jsonl that a run starting at `first_epoch` keeps: those of the
+    epochs before it (the later ones are recomputed identically). A damaged line is dropped
+    with a warning when the kept records are complete without it, and a clear error (file,
+    line, what to do) when a kept epoch's record is missing. None if there is no file."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return
-    keep = [r for r in read_jsonl(path) if r["epoch"] < first_epoch]
-    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                      for r in keep).encode())
+        return None
+    records, damaged = read_records(path)
+    keep = [r for r in records if r["epoch"] < first_epoch]
+    missing = sorted(set(range(1, first_epoch)) - {r["epoch"] for r in keep})
+    if damaged and missing:
+        line, why = damaged[0]
+        raise CheckpointError(
+            f"{path} line {line} is damaged ({why}), and the record of epoch {missing[0]} that "
+            f"the run resumed at epoch {first_epoch} keeps is not intact: repair that line, or "
+            "start again in a new --run-dir (records after the newest checkpoint would be "
+            "recomputed)")
+    for line, why in damaged:
+        log.warning("%s line %d is damaged (%s): dropped; the epochs from %d on are recomputed",
+                    path, line, why, first_epoch)
+    return keep
+
+
+def reconcile_metrics(run_dir: Path, first_epoch: int, keep: list[dict] | None = None) -> None:
+    """Keep only the records of epochs before `first_epoch` (see kept_metrics)."""
+    if keep is None:
+        keep = kept_metrics(run_dir, first_epoch)
+        if keep is None:
+            return
+    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                          for r in keep).encode())
 
 
 class StageCheckpointer:
     """Writes this stage's part of every checkpoint; the last stage adds the manifest."""
 
     def __init__(self, cfg, run_dir: Path, stage_index: int, num_stages: int, blocks, output,
-                 counts: list[int], model_name: str, sync=None):
+                 counts: list[int], model_name: str, sync=None, token: str = ""):
         self.cfg, self.run_dir = cfg, run_dir
+        self.token = token  # this attempt's mark on its checkpoint parts
         self.k, self.S = stage_index, num_stages
         self.blocks, self.output = list(blocks), output
         self.counts, self.model_name = counts, model_name
@@ -135,7 +193,7 @@ class StageCheckpointer:
         generator states gathered) and replica 1 writes."""
         gens = None
         if self.sync is not None:
-            gens = self.sync.gather([b._drop_gen.get_state() for b in self.blocks])
+            gens = self.sync.gather_generators([b._drop_gen.get_state() for b in self.blocks])
             if stats is not None:
                 totals = self.sync.sum_stats(stats)
                 stats = type(stats)(stats.block_indices, "cpu")
@@ -157,15 +215,16 @@ class StageCheckpointer:
             units[str(self.output.index)] = unit_checkpoint(self.output)
             if stats is not None:
                 payload["global_stats"] = {"glob": stats.glob.cpu(), "count": stats.count}
-        save_stage_checkpoint(folder, self.k, payload)
+        save_stage_checkpoint(folder, self.k, payload, self.token, epoch, step)
         if self.output is not None:  # the last stage completes the checkpoint
             write_manifest(folder, self.S, {
                 "epoch": epoch, "step": step,
                 "complete_epochs": epoch if step is None else epoch - 1,
                 "config": semantic_config(self.cfg), "model": self.model_name,
                 "partition": self.counts, "num_replicas": self.num_replicas},
-                self.cfg.train.timeout_s)
-            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+                self.cfg.train.timeout_s, self.token)
+            fault_point("after-manifest", epoch, step)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, epoch, step)
             log.info("checkpoint %s written", folder.name)
 
     def restore(self, plan: ResumePlan) -> dict | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .faults import armed, fault_point
 from .losses import onehot
 from .metrics import (EpochStats, FiniteWatch, NonFiniteLossError, StageClock, StageTimes,
                       SyncDebug, progress)
@@ -167,6 +168,7 @@ class StageRunner:
                        desc=f"{'train' if kind == TRAIN else 'test'} {epoch}")
         seq = -1
         sync_debug = SyncDebug(self.device)
+        point = ("mid-epoch" if kind == TRAIN else "during-eval") if armed() else None
         try:
             # no receive stays posted across a checkpoint (its collectives and file writes)
             hold = (lambda n: (n + 1) % checkpoint_every == 0) if checkpoint_every else None
@@ -175,6 +177,8 @@ class StageRunner:
                 if self.on_batch is not None:
                     self.on_batch(seq)
                 done = seq + 1
+                if point is not None:
+                    fault_point(point, epoch, done)
                 if checkpoint_every and done % checkpoint_every == 0 and done < (total or 0):
                     with sync_debug.paused():
                         on_checkpoint(epoch, done, result.stats)

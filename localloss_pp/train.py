@@ -6,6 +6,7 @@ config.toml, partition.json, metrics.jsonl and model.pt.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,18 +18,21 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes, load_model_state, save_model, unit_states
+from .checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint, load_model_state,
+                         load_units, save_model)
 from .config import Config, RunMode, first_line, lr_at_epoch, to_toml
 from .globalmode import GlobalRunner
 from .data import DATASETS, build_sources, resolve_num_workers
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
     gather_all, replica_groups, shutdown, torchrun_world
-from .metrics import (append_jsonl, log_blocks, log_epoch, merge_stage_summaries, setup_logging,
-                      stage_summary)
-from .models import build_model, combine_digests, count_params, unit_digest
-from .partition import choose_partition
+from .faults import fault_point
+from .metrics import (append_jsonl, log_blocks, log_epoch, merge_stage_summaries, read_jsonl,
+                      setup_logging, stage_summary)
+from .models import build_model, combine_digests, count_params, state_digest
+from .partition import Partition, choose_partition
 from .replicas import Layout, ReplicaSync, layout_for, shard_bounds
-from .resume import StageCheckpointer, plan_resume, reconcile_metrics
+from .resume import ResumePlan, StageCheckpointer, kept_metrics, plan_resume, reconcile_metrics
+from .rundir import RunDirLock, clean_run_dir, release_locks
 from .stage import StageRunner
 from .transport import Receiver, Sender, config_fingerprint
 
@@ -128,14 +132,21 @@ def run_training(cfg: Config) -> RunResult | None:
     _, world, _, _ = torchrun_world()
     layout = _check_launch(cfg, world)  # 1. launch checks: every rank refuses alike
     env = init_distributed(cfg.train)
-    # 2. every collective of the set-up, the resume state included (loaded and checked before
-    # anything is written, so a bad --resume leaves the run directory untouched)
-    run = _setup_collectives(cfg, env, layout)
-    sender, receiver = build_links(cfg, env, run.model, run.part, run.k, run.S,  # 3. links
-                                   config_fingerprint(run.config_toml), layout, run.replica)
-    runner = _make_runner(cfg, env, run, sender, receiver)
-    rec = _train_epochs(cfg, env, run, runner, *run.start)  # 4. epochs from the resume point
-    result = _finish(cfg, env, run, runner, rec)  # 5. model.pt, final line
+    failed = True
+    try:
+        # 2. every collective of the set-up: the run directory checked and locked first, the
+        # resume state loaded and checked before anything is written (a bad --resume leaves
+        # the run directory untouched)
+        run = _setup_collectives(cfg, env, layout)
+        sender, receiver = build_links(cfg, env, run.model, run.part, run.k, run.S,  # 3. links
+                                       config_fingerprint(run.config_toml), layout, run.replica)
+        fault_point("after-links")
+        runner = _make_runner(cfg, env, run, sender, receiver)
+        rec = _train_epochs(cfg, env, run, runner, *run.start)  # 4. epochs from the resume point
+        result = _finish(cfg, env, run, runner, rec)  # 5. model.pt, final line
+        failed = False
+    finally:
+        release_locks(failed)  # a process that dies releases its lock anyway
     shutdown(env)
     log.debug("process group closed")
     return result
@@ -207,20 +218,33 @@ class _Run:
         return self.model.blocks[a:b]
 
 
-def _read_data(cfg, env, layout, run_dir, nodes, k, r):
-    """(resume plan, batch sources of this rank or None). The first stage of every replica
-    reads its share of the data; on every node one of them first (it may extract or download
-    the files), then the others. Every file-system decision is taken on rank 0 and shared."""
+def _lock_and_plan(cfg, env, run_dir: Path, writer: int) -> ResumePlan:
+    """The writer (the one process that coordinates the run's files) checks the run directory,
+    locks it and decides where the run starts, before any data or model is built; every rank
+    gets its decision."""
+    plan, err = None, None
+    if env.rank == writer:
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        try:  # a restarted attempt waits a little for its killed predecessor's lock
+            RunDirLock(run_dir).acquire(wait_s=30.0 if restarted else 0.0)
+            plan = dataclasses.asdict(plan_resume(cfg, run_dir, restarted))
+        except Exception as exc:
+            err = first_line(exc)
+    all_agree(env, err)
+    return ResumePlan(**broadcast_from(env, plan, writer))
+
+
+def _read_data(cfg, env, layout, nodes, k, r):
+    """The batch sources of this rank (None off the first stage). The first stage of every
+    replica reads its share of the data; on every node one of them first (it may extract or
+    download the files), then the others."""
     R = layout.num_replicas
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     readers = [layout.rank_of(0, i) for i in range(R)]
     first = {n: min(q for q in readers if nodes[q] == n) for n in {nodes[q] for q in readers}}
-    sources, plan = None, None
+    sources = None
     for turn in (True, False):
         err = None
         try:
-            if turn and env.rank == 0:
-                plan = plan_resume(cfg, run_dir, restarted)
             if k == 0 and (env.rank == first[nodes[env.rank]]) == turn:
                 workers = resolve_num_workers(cfg.data.num_workers, env.device,
                                               env.local_world_size, env.threads)
@@ -229,7 +253,7 @@ def _read_data(cfg, env, layout, run_dir, nodes, k, r):
         except Exception as exc:  # every rank must hear of it, not only this one
             err = first_line(exc)
         all_agree(env, err)
-    return broadcast_from(env, plan, 0), sources
+    return sources
 
 
 def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
@@ -241,10 +265,15 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     if R > 1:
         setup_logging(k, S, logging.getLogger("localloss_pp").level, r, R)
     info = DATASETS[cfg.data.dataset]
-    run_dir = broadcast_from(env, resolve_run_dir(cfg) if env.rank == 0 else None, 0)
-    where = gather_all(env, (env.node_rank, str(env.device)))
+    # the run directory, and this attempt's mark on its checkpoint parts
+    run_dir, token = broadcast_from(env, [str(resolve_run_dir(cfg)), os.urandom(8).hex()]
+                                    if env.rank == 0 else None, 0)
+    run_dir = Path(run_dir)
+    writer = layout.rank_of(S - 1, 0)
+    plan = _lock_and_plan(cfg, env, run_dir, writer)
+    where = gather_all(env, [env.node_rank, str(env.device)])
     nodes = [w[0] for w in where]
-    plan, sources = _read_data(cfg, env, layout, run_dir, nodes, k, r)
+    sources = _read_data(cfg, env, layout, nodes, k, r)
     sizes = broadcast_from(env, [sources[0].num_examples, sources[1].num_examples,
                                  len(sources[0]), len(sources[1])] if env.rank == 0 else None, 0)
     sync = None
@@ -263,28 +292,35 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
         except Exception as exc:
             err = first_line(exc)
     all_agree(env, err)
-    part = broadcast_from(env, part, 0)
+    part = Partition(**broadcast_from(env, dataclasses.asdict(part) if part else None, 0))
     a, b = part.bounds[k]
     t = cfg.train
     model.setup_units(part.units_of(k), env.device, cfg.optim, replica=r,
                       precision=t.precision, channels_last=t.channels_last, compile=t.compile)
-    writer = layout.rank_of(S - 1, 0)
     ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
                              model.output if k == S - 1 else None, part.counts, model.name,
-                             sync)
+                             sync, token)
     run = _Run(layout=layout, k=k, replica=r, writer=writer, mode=RunMode.of(cfg), run_dir=run_dir,
                plan=plan, sizes=sizes, sources=sources, sync=sync, model=model, names=names,
                part=part, ckpt=ckpt, config_toml=to_toml(cfg))
     run.start = _resume(cfg, env, run)
     if env.rank == 0:
         _log_header(cfg, env, run, nodes, where)
-    if env.rank == writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        reconcile_metrics(run_dir, run.start[0])
-        atomic_write_bytes(run_dir / "config.toml", run.config_toml.encode())
-        atomic_write_bytes(run_dir / "partition.json",
-                           json.dumps(part.to_dict(), indent=2).encode())
-        log.info("run directory: %s", run_dir)
+    err = None
+    if env.rank == writer:  # the first writes of the run: the resume state is good
+        try:
+            keep = kept_metrics(run_dir, run.start[0])  # (raises before anything is changed)
+            clean_run_dir(run_dir)
+            if keep is not None:
+                reconcile_metrics(run_dir, run.start[0], keep)
+            atomic_write_bytes(run_dir / "config.toml", run.config_toml.encode())
+            atomic_write_bytes(run_dir / "partition.json",
+                               json.dumps(part.to_dict(), indent=2).encode())
+            log.info("run directory: %s", run_dir)
+        except Exception as exc:
+            err = first_line(exc)
+    all_agree(env, err)  # no stage writes a checkpoint part before the clean-up is done
+    fault_point("setup")
     _check_shared_run_dir(env, layout, nodes, run_dir, writer)
     return run
 
@@ -330,8 +366,12 @@ def _resume(cfg: Config, env: DistEnv, run: _Run) -> tuple[int, int, dict | None
         err = first_line(exc)
     all_agree(env, err)
     if plan.kind != "fresh" and env.rank == 0:
-        log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
-                 f", after batch {start_seq}" if start_seq else "")
+        if start_epoch > cfg.train.epochs:
+            log.info("all %d epochs are in %s: writing model.pt from it", cfg.train.epochs,
+                     plan.path)
+        else:
+            log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
+                     f", after batch {start_seq}" if start_seq else "")
     return start_epoch, start_seq, initial
 
 
@@ -395,6 +435,7 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
             rec["replicas_identical"] = True  # check_identical raised otherwise
         log_epoch(rec, cfg.train.epochs, run.S)
         append_jsonl(run.run_dir / "metrics.jsonl", rec)
+        fault_point("after-metrics-record", epoch)
     if cfg.train.print_stats and run.replica == 0:
         log_blocks(summary)  # every stage logs its own blocks
     run.ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one
@@ -402,21 +443,31 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
 
 
 def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> RunResult | None:
-    """Phase 5: the stop message down the chain, every unit's state to the writer, model.pt."""
+    """Phase 5: the stop message down the chain; the writer writes model.pt from the final
+    checkpoint (every stage's part of it is on disk: the manifest says so). A run killed
+    after that checkpoint, or after model.pt, is restarted into this phase alone."""
     runner.stop()
-    mine = None
-    if run.replica == 0:
-        mine = [(u.index, unit_digest(u), s)
-                for u, s in zip(runner.units, unit_states(runner.units))]
-    everything = gather_to(env, mine, run.writer)
     if env.rank != run.writer:
         return None
-    units = sorted((u for part_units in everything[:run.S] for u in part_units),
-                   key=lambda u: u[0])
-    digest = combine_digests([u[1] for u in units])
-    save_model(run.run_dir / "model.pt", run.model.name, [u[2] for u in units],
-               run.config_toml, cfg.train.epochs, digest)
+    epochs = cfg.train.epochs
+    if rec is None:  # nothing trained in this attempt: the record is on disk
+        rec = next((r for r in read_jsonl(run.run_dir / "metrics.jsonl")
+                    if r["epoch"] == epochs), None)
+        if rec is None:
+            raise CheckpointError(f"{run.run_dir / 'metrics.jsonl'} has no record of epoch "
+                                  f"{epochs}, the last one; resume in a new --run-dir")
+    fault_point("before-model")
+    found = latest_checkpoint(run.run_dir, log)
+    if found is None or found[1]["complete_epochs"] != epochs or found[1]["step"] is not None:
+        raise CheckpointError(f"the final checkpoint (e{epochs:05d}-end) of {run.run_dir} is "
+                              "missing or damaged; resume with --resume auto")
+    folder, manifest = found
+    indices = [u.index for u in run.model.units()]
+    saved, _ = load_units(folder, manifest, indices)
+    states = [saved[i]["state"] for i in indices]
+    digest = combine_digests([state_digest(i, sd) for i, sd in zip(indices, states)])
+    save_model(run.run_dir / "model.pt", run.model.name, states, run.config_toml, epochs, digest)
+    fault_point("after-model")
     log.info("final test error %.2f%%; model saved to %s", rec["test"]["error"],
              run.run_dir / "model.pt")
-    return RunResult(run.run_dir, digest, rec["test"]["error"], rec["train"]["error"],
-                     cfg.train.epochs)
+    return RunResult(run.run_dir, digest, rec["test"]["error"], rec["train"]["error"], epochs)

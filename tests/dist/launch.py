@@ -1,6 +1,7 @@
 """Helpers that start real multi-process runs of the command line (one process per stage)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -98,6 +99,23 @@ class Streamed:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+# the fields of a metrics record that are timings (they differ between equal runs)
+TIMING = {"train_time_s", "epoch_time_s", "train_samples_per_s", "stages"}
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The metrics records of a run, timing fields left out."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def ok(results: list[subprocess.CompletedProcess]) -> list[subprocess.CompletedProcess]:
+    """`results` of `launch`, after asserting that every process succeeded."""
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return results
 
 
 def digest(run_dir: Path) -> str:

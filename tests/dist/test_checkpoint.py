@@ -1,27 +1,15 @@
-"""Checkpoints, resume (also with another number of stages), restarts and receive timeouts."""
+"""Checkpoints, resume (also with another number of stages) and receive timeouts. Restarts after
+a SIGKILL at every phase of a run: test_faults.py."""
 import json
 import os
 import signal
-import sys
 import time
 
-from launch import Ranks, Streamed, digest, launch
+from launch import Ranks, digest, launch, ok, records
 
 ARGS = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden", "64",
         "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "3",
         "--threads-per-rank", "1", "--no-progress", "--no-print-stats"]
-TIMING = {"train_time_s", "epoch_time_s", "train_samples_per_s", "stages"}
-
-
-def records(run_dir):
-    with open(run_dir / "metrics.jsonl") as fh:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in fh]
-
-
-def ok(results):
-    for r in results:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return results
 
 
 def test_resume_mid_epoch_and_at_epoch_end_with_other_stage_counts(tmp_path):
@@ -56,25 +44,6 @@ def test_resume_auto_continues_an_interrupted_run_in_place(tmp_path):
     assert digest(run) == digest(ref) and records(run) == records(ref)
     assert [p.name for p in sorted((run / "checkpoints").iterdir())][-1] == "e00003-end"
     assert len(list((run / "checkpoints").iterdir())) <= 3  # --keep-checkpoints default
-
-
-def test_torchrun_restart_after_sigkill_resumes_by_itself(tmp_path):
-    args = [*ARGS, "--num-hidden", "256", "--epochs", "4", "--checkpoint-every", "8"]
-    s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  "--max-restarts", "1", "--nproc-per-node", "3", "-m", "localloss_pp", "train",
-                  *args, "--run-dir", str(tmp_path / "r")])
-    try:
-        pid = int(s.wait_for(r"\[stage 2/3\] pid (\d+)", 90).group(1))
-        s.wait_for(r"checkpoint e00002-s0000008 written", 180)
-        os.kill(pid, signal.SIGKILL)  # mid-epoch 2
-        rc = s.wait(300)
-    finally:
-        s.kill()
-    assert rc == 0, s.text[-3000:]
-    assert "resuming from" in s.text and "e00002-s00000" in s.text
-    ref = tmp_path / "ref"
-    ok(launch(1, ["train", *args, "--run-dir", str(ref)]))
-    assert f"model-digest: {digest(ref)}" in s.text
 
 
 def test_receive_timeout_names_the_peer(tmp_path):

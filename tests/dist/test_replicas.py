@@ -8,19 +8,12 @@ import sys
 
 import pytest
 
-from launch import ROOT, Streamed, digest, free_port, launch
+from launch import ROOT, Streamed, digest, free_port, launch, records as comparable
 
 MLP = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4", "--num-hidden", "64",
        "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "2"]
-TIMING = {"train_time_s", "epoch_time_s", "train_samples_per_s", "stages"}
 DIGEST_LINE = re.compile(r"\[stage (\d+)/(\d+), replica (\d+)/(\d+)\] epoch (\d+): weights "
                          r"sha256 (\w+)")
-
-
-def comparable(run_dir):
-    with open(run_dir / "metrics.jsonl") as fh:
-        records = [json.loads(line) for line in fh]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 def replica_digests(text: str) -> dict:

@@ -3,8 +3,10 @@
 Rows that need several processes (more stages than blocks, a partition that does not fit, a
 non-pipelinable mode on several stages, stages with different configs) are in
 tests/dist/test_pipeline.py."""
+import gzip
 import hashlib
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,9 @@ def good_run(tmp_path_factory):
 
 
 def snapshot(root: Path) -> dict:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    # the run directory's .lock records its last holder (host, pid): not part of the run
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
+            if p.is_file() and p.name != ".lock"}
 
 
 def ckpt(run: Path) -> Path:
@@ -62,6 +66,60 @@ def toml(text):
         (run.parent / "bad.toml").write_text(text)
     return make
 
+
+def a_file(run):
+    (run.parent / "afile").write_text("not a directory")
+
+
+def mnist_files(damage):
+    """DIR/mn/MNIST/raw with small MNIST-format files (.gz and decompressed), one of them
+    damaged by `damage`."""
+    def make(run):
+        raw = run.parent / "mn" / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for split, n in (("train", 30), ("t10k", 12)):
+            for kind, magic, shape in (("images", 2051, (n, 28, 28)), ("labels", 2049, (n,))):
+                data = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in shape)
+                data += bytes(n * (784 if kind == "images" else 1))
+                name = f"{split}-{kind}-idx{len(shape)}-ubyte"
+                (raw / name).write_bytes(data)
+                (raw / f"{name}.gz").write_bytes(gzip.compress(data))
+        damage(raw)
+    return make
+
+
+def truncated_gz(raw):  # not decompressed yet, and its download was cut short
+    (raw / "train-images-idx3-ubyte").unlink()
+    f = raw / "train-images-idx3-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:60])
+
+
+def empty_gz(raw):
+    (raw / "train-labels-idx1-ubyte").unlink()
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b""))
+
+
+def truncated_raw(raw):
+    f = raw / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:5000])
+
+
+def bad_magic(raw):
+    f = raw / "t10k-labels-idx1-ubyte"
+    f.write_bytes(b"\x00\x00\x09\x01" + f.read_bytes()[4:])
+
+
+def latin1_toml(run):
+    (run.parent / "bad.toml").write_bytes('[model]\nname = "mlp"  # café\n'.encode("latin-1"))
+
+
+def damaged_metrics(run):
+    f = run / "metrics.jsonl"
+    f.write_text('{"epoch": 1, "tr\n')
+
+
+MNIST = ["--dataset", "MNIST", "--data-dir", "DIR/mn"]
+FIX = "delete it and run with --download"
 
 ROWS = [
     # (id, prepare, argv (RUN = the good run, NEW = a fresh run dir, DIR = its parent), code, message)
@@ -107,6 +165,27 @@ ROWS = [
     ("replicas-zero", None, ["--replicas", "0"], 2, "--replicas must be >= 1"),
     ("replicas-world", None, ["--replicas", "2"], 2,
      "needs a world size that is a multiple of 2"),
+    ("run-dir-is-a-file", a_file, ["--run-dir", "DIR/afile"], 2,
+     "run directory DIR/afile is an existing file"),
+    ("run-dir-under-a-file", a_file, ["--run-dir", "DIR/afile/run"], 2,
+     "run directory DIR/afile/run cannot be created: a part of its path is a file"),
+    ("truncated-gz", mnist_files(truncated_gz), MNIST, 2,
+     "dataset file DIR/mn/MNIST/raw/train-images-idx3-ubyte.gz is damaged or incomplete"),
+    ("empty-gz", mnist_files(empty_gz), MNIST, 2,
+     "dataset file DIR/mn/MNIST/raw/train-labels-idx1-ubyte.gz is damaged or incomplete"),
+    ("truncated-raw", mnist_files(truncated_raw), MNIST, 2,
+     "dataset file DIR/mn/MNIST/raw/train-images-idx3-ubyte is incomplete (its header says "
+     "30x28x28"),
+    ("bad-magic", mnist_files(bad_magic), MNIST, 2,
+     "dataset file DIR/mn/MNIST/raw/t10k-labels-idx1-ubyte is damaged (bad magic number "
+     "00000901"),
+    ("toml-not-utf8", latin1_toml, ["--config", "DIR/bad.toml"], 2,
+     "config file DIR/bad.toml is not UTF-8 text"),
+    ("metrics-damaged", damaged_metrics, ["--run-dir", "RUN", "--resume", "auto"], 2,
+     "RUN/metrics.jsonl line 1 is damaged"),
+    ("model-other-width", None, ["--num-hidden", "48", "--resume", "RUN/model.pt"], 2,
+     "RUN/model.pt does not fit unit 0 (LocalLinearBlock Linear(784->48)): encoder.weight has "
+     "shape [32, 784] in the file but [48, 784] in this model"),
 ]
 
 
@@ -124,7 +203,10 @@ def test_bad_input(good_run, tmp_path, capsys, prepare, argv, code, message):
     assert main(["train", *TINY, "--epochs", "2", *subst]) == code
     err = capsys.readouterr().err.strip()
     errors = [line for line in err.splitlines() if line.startswith("localloss-pp train: error")]
+    message = message.replace("RUN", str(run)).replace("DIR", str(tmp_path))
     assert len(errors) == 1 and message in errors[0], err
+    if "damaged" in message and "dataset" in message:
+        assert FIX in errors[0]
     assert "Traceback" not in err
     assert snapshot(tmp_path) == before  # nothing written, nothing damaged
     assert not (tmp_path / "new").exists()
@@ -143,3 +225,15 @@ def test_non_finite_loss_stops_names_the_block_and_keeps_the_last_checkpoint(tmp
     folder, manifest = latest_checkpoint(run)
     assert folder.name == "e00001-end" and read_manifest(folder)["complete_epochs"] == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("after-everything", "unknown fault point 'after-everything'; the points are: setup,"),
+    ("mid-epoch:batch=3", "'batch=3' in 'mid-epoch:batch=3' is not one of epoch=N, step=N"),
+    ("during-eval:epoch=two", "epoch must be an integer in 'during-eval:epoch=two'")])
+def test_malformed_fault_spec_is_one_line(tmp_path, capsys, monkeypatch, spec, message):
+    monkeypatch.setenv("LOCALLOSS_PP_FAULT", spec)
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"LOCALLOSS_PP_FAULT: {message}" in err, err
+    assert not (tmp_path / "r").exists()

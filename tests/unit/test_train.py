@@ -64,6 +64,21 @@ def test_run_directory_contents(tmp_path):
     # the same directory is never overwritten
     assert main(["train", "--epochs", "1", "--run-dir", str(run)]) == 2
     assert len(read_jsonl(run / "metrics.jsonl")) == 2
+    # one permission policy: every file the run wrote has the mode the umask gives
+    from localloss_pp.checkpoint import FILE_MODE
+    modes = {p.relative_to(run): p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
+    assert len(modes) > 8 and set(modes.values()) == {FILE_MODE}, modes
+
+
+def test_a_damaged_line_no_checkpoint_needs_does_not_block_a_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--run-dir", str(run), *SMALL]) == 0
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 2, "train": {"loss_loc')  # a run killed while appending
+    assert main(["train", "--epochs", "2", "--run-dir", str(run), "--resume", "auto",
+                 *SMALL]) == 0
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert f"{run / 'metrics.jsonl'} line 2 is damaged" in capsys.readouterr().err
 
 
 def test_resume_continues_after_the_saved_epoch(tmp_path):
