@@ -1,9 +1,11 @@
 """Throughput of the local-loss pipeline against global backprop, on this machine, in one run.
 
-    python -m benchmarks.throughput [--quick] [--stages S] [--microbatches M] [--json PATH]
+    python -m benchmarks.throughput [--quick] [--models mlp,vgg8b,resnet18] [--stages S]
+                                    [--microbatches M] [--json PATH]
                                     [--plot PATH] [--time-to-accuracy --data-dir DIR]
 
-For each model (mlp 3x1024 and vgg8b at MNIST size, --feat-mult shrinks it) and local loss
+For each model (mlp 3x1024, vgg8b and resnet18 at MNIST size; --feat-mult and
+--resnet-feat-mult shrink the conv nets; --models picks) and local loss
 (predsim, pred) it runs, with the same global batch and the same synthetic in-memory batches:
 (a) local pipeline on S stages, (b) the local algorithm in one process on every core, (c) global
 backprop in one process, (d) global backprop with DDP on S ranks, (e) GPipe and (f) 1F1B from
@@ -51,14 +53,22 @@ def environment() -> dict:
             if torch.cuda.is_available() else None, "git_revision": rev}
 
 
+MODEL_CHOICES = ("mlp", "vgg8b", "resnet18")
+
+
 def models(args) -> list[tuple[str, dict]]:
-    out = [("mlp3x1024", {"name": "mlp", "num_layers": 3, "num_hidden": 1024,
-                          "nonlin": "leakyrelu"})]
-    if not args.mlp_only:
-        out.append((f"vgg8b x{args.feat_mult:g}", {"name": "vgg8b", "feat_mult": args.feat_mult,
-                                                   "dim_in_decoder": 1024,
-                                                   "nonlin": "leakyrelu"}))
-    return out
+    every = {
+        "mlp": ("mlp3x1024", {"name": "mlp", "num_layers": 3, "num_hidden": 1024,
+                              "nonlin": "leakyrelu"}),
+        "vgg8b": (f"vgg8b x{args.feat_mult:g}", {"name": "vgg8b", "feat_mult": args.feat_mult,
+                                                 "dim_in_decoder": 1024, "nonlin": "leakyrelu"}),
+        # a residual network: units are whole residual blocks (9 of them)
+        "resnet18": (f"resnet18 x{args.resnet_feat_mult:g}", {
+            "name": "resnet18", "feat_mult": args.resnet_feat_mult, "dim_in_decoder": 1024,
+            "nonlin": "leakyrelu"}),
+    }
+    chosen = ["mlp"] if args.mlp_only else args.models
+    return [every[m] for m in chosen]
 
 
 def run_variant(variant: str, spec: dict, ranks: int, timeout: float) -> list[dict]:
@@ -177,6 +187,10 @@ def parse_args(argv):
     p.add_argument("--microbatches", type=int, default=4, help="GPipe/1F1B micro-batches (4)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--feat-mult", type=float, default=0.25, help="vgg8b width (0.25)")
+    p.add_argument("--resnet-feat-mult", type=float, default=0.125,
+                   help="resnet18 width (0.125)")
+    p.add_argument("--models", default=",".join(MODEL_CHOICES),
+                   help=f"which models, comma-separated (default: {','.join(MODEL_CHOICES)})")
     p.add_argument("--losses", default="predsim,pred")
     p.add_argument("--batches", type=int, default=60, help="measured batches per variant")
     p.add_argument("--warmup", type=int, default=8)
@@ -207,6 +221,11 @@ def parse_args(argv):
     if args.quick:
         args.mlp_only, args.losses, args.batches, args.warmup = True, "predsim", 30, 5
         args.repeats = 1
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in MODEL_CHOICES]
+    if bad or not args.models:
+        p.error(f"--models: unknown {', '.join(bad) or 'nothing given'}; choose from "
+                f"{', '.join(MODEL_CHOICES)}")
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:

@@ -166,6 +166,7 @@ class LocalBlock(nn.Module):
         self._channels_last = False
 
     channels_last_capable = False
+    init_purpose = "init"  # what the initialisation seed is derived for (with seed and index)
 
     # --- construction -------------------------------------------------------------------------
     def materialize(self) -> None:
@@ -174,7 +175,7 @@ class LocalBlock(nn.Module):
         Blocks are built on the meta device (shapes only); a process materializes just the
         blocks of its own pipeline stage."""
         self.to_empty(device="cpu")
-        gen = torch.Generator().manual_seed(derive_seed(self._seed, self.index, "init"))
+        gen = torch.Generator().manual_seed(derive_seed(self._seed, self.index, self.init_purpose))
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
@@ -346,13 +347,14 @@ class LocalConvBlock(LocalBlock):
     """Conv -> BatchNorm2d -> nonlin -> Dropout2d, with pooled pred decoder and 3x3 sim head."""
 
     def __init__(self, ch_in: int, ch_out: int, *, kernel_size: int, stride: int, padding: int,
-                 dim_out: int, dim_in_decoder: int, batch_norm: bool = True, **kw):
+                 dim_out: int, dim_in_decoder: int, batch_norm: bool = True, bias: bool = True,
+                 **kw):
         super().__init__(**kw)
         self.ch_in, self.ch_out, self.dim_out = ch_in, ch_out, dim_out
         pool, self.pool_h, self.pool_w, dec_in = decoder_pool(ch_out, dim_out, dim_in_decoder)
         self.decoder_in = dec_in
         with torch.device("meta"):
-            self.encoder = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding, bias=True)
+            self.encoder = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding, bias=bias)
             self.bn = nn.BatchNorm2d(ch_out) if batch_norm else None
             self.avg_pool = pool if (self.use_pred or (self.cfg.bio and self.local)) else None
             self._build_common_heads(ch_out, dec_in)

@@ -24,7 +24,9 @@ __all__ = [
 ]
 
 MODEL_NAMES = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
-               "vgg16", "vgg19")
+               "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+               "wresnet10-8", "wresnet10-8a", "wresnet16-4", "wresnet16-4a", "wresnet16-8",
+               "wresnet16-8a", "wresnet28-10", "wresnet28-10a", "wresnet40-10", "wresnet40-10a")
 DATASET_NAMES = ("mnist5k", "MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100",
                  "SVHN", "STL10", "ImageNet")
 LOSS_SUP = ("pred", "sim", "predsim")
@@ -57,6 +59,7 @@ class ModelConfig:
     dropout: float = 0.0
     dim_in_decoder: int = 4096
     pre_act: bool = False
+    module: str = ""  # a user's module that registers models (--model-module)
 
 
 @dataclass(kw_only=True)
@@ -172,6 +175,7 @@ REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
     ("--no-batch-norm", "model", "batch_norm", "false"),
     ("--no-detach", "loss", "detach", "false"),
     ("--pre-act", "model", "pre_act", "true"),
+    ("--model-module", "model", "module", str),
     ("--seed", "train", "seed", int),
     ("--save-dir", "train", "save_dir", str),
     ("--resume", "train", "resume", str),
@@ -311,10 +315,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def validate(cfg: Config) -> None:
     """Raise ValueError naming the first bad value and how to fix it; canonicalise names."""
     m, lo, d, o, t = cfg.model, cfg.loss, cfg.data, cfg.optim, cfg.train
-    if m.name.lower().startswith(("resnet", "wresnet")):
-        raise ValueError(f"model {m.name!r} (ResNet/Wide-ResNet) is not available in localloss-pp; "
-                         f"choose one of: {', '.join(MODEL_NAMES)}")
-    m.name = _canonical(m.name, MODEL_NAMES, "model", "--model")
+    if m.module:  # a user's models register themselves when their module is imported
+        from .models import load_model_module
+        load_model_module(m.module)
+    if m.name.lower().startswith("wresnet"):  # any wresnet<6n+4>-<k>[a], not only the table's
+        from .resnets import parse_wresnet
+        m.name = m.name.lower()
+        parse_wresnet(m.name)
+    elif m.name.lower() in (n.lower() for n in MODEL_NAMES):
+        m.name = _canonical(m.name, MODEL_NAMES, "model", "--model")
+    else:
+        from .models import model_builder, registered_models
+        if model_builder(m.name) is None:
+            raise ValueError(f"unknown model {m.name!r} (--model); choose one of: "
+                             f"{', '.join(registered_models())}, wresnet<depth>-<width>[a]; or "
+                             "register your own and name its module with --model-module "
+                             "(README \"Your own model\")")
+    if m.pre_act and not m.name.startswith("resnet"):
+        raise ValueError(f"--pre-act chooses the pre-activation ResNet (resnet18 ... resnet152); "
+                         f"{m.name} has no such variant (Wide-ResNet blocks are always "
+                         "pre-activation): drop --pre-act")
     d.dataset = _canonical(d.dataset, DATASET_NAMES, "dataset", "--dataset")
     lo.loss_sup = _canonical(lo.loss_sup, LOSS_SUP, "supervised loss", "--loss-sup")
     lo.loss_unsup = _canonical(lo.loss_unsup, LOSS_UNSUP, "unsupervised loss", "--loss-unsup")

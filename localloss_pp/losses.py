@@ -14,14 +14,18 @@ def similarity_matrix(x: torch.Tensor, use_std: bool = True) -> torch.Tensor:
 
     A 4-D map (B, C, H, W) with C > 3 and H > 1 is reduced to its per-channel spatial standard
     deviation (unbiased) when `use_std`; otherwise every sample is flattened. Rows are centred,
-    divided by (1e-8 + L2 norm), and multiplied with their transpose.
+    divided by (1e-8 + L2 norm), and multiplied with their transpose. A constant row gets a zero
+    gradient (the reference's gives NaN).
     """
     if x.dim() == 4 and use_std and x.size(1) > 3 and x.size(2) > 1:
         z = x.reshape(x.size(0), x.size(1), -1).std(dim=2)
     else:
         z = x.reshape(x.size(0), -1)
     zc = z - z.mean(dim=1, keepdim=True)
-    zn = zc / (1e-8 + torch.sqrt((zc ** 2).sum(dim=1, keepdim=True)))
+    # clamp: a constant row (a sample whose map is all zero after ReLU) has norm 0, where the
+    # gradient of sqrt is infinite and 0 * inf made every weight NaN; the clamp changes no value
+    # (such a row is 0 either way) and leaves every other row's bits as they were
+    zn = zc / (1e-8 + torch.sqrt((zc ** 2).sum(dim=1, keepdim=True).clamp_min(1e-30)))
     return zn.matmul(zn.t()).clamp(-1, 1)
 
 

@@ -6,16 +6,23 @@ that block (`block.post`), so cutting the block list anywhere gives valid pipeli
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
+import re
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, make_pool
-from .config import LossConfig, ModelConfig
+from .config import LossConfig, ModelConfig, first_line
+from .resnets import build_resnet, build_wresnet
 
 __all__ = ["VGG_CFGS", "LocalModel", "build_model", "count_params", "model_digest", "unit_digest",
-           "state_digest", "combine_digests"]
+           "state_digest", "combine_digests", "register_model", "model_builder",
+           "registered_models", "load_model_module", "build_mlp", "build_vgg", "UNIT_METHODS"]
 
 VGG_CFGS: dict[str, list] = {
     "vgg6a": [128, "M", 256, "M", 512, "M", 512],
@@ -103,20 +110,123 @@ def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, in
     return net
 
 
+# --- the model registry: --model NAME -> builder -----------------------------------------------
+Builder = Callable[[ModelConfig, LossConfig, tuple, int, int], tuple]
+_REGISTRY: dict[str, Builder] = {}
+_PATTERNS: list[tuple[re.Pattern, Builder]] = []
+ENTRY_POINT_GROUP = "localloss_pp.models"
+UNIT_METHODS = ("train_forward", "local_backward", "step", "train_update", "evaluate", "forward",
+                "materialize", "setup", "set_lr", "describe")
+
+
+def register_model(name: str, builder: Builder | None = None, *, pattern: bool = False):
+    """Register `builder` for `--model name` (a regular expression over the whole name with
+    `pattern=True`); usable as a decorator. A builder is called as
+    builder(model_cfg, loss_cfg, input_shape, num_classes, seed) and returns
+    (units, output layer): the ordered pipeline units (index 0..n-1) and the output layer
+    (index n), built on the meta device (README "Your own model")."""
+    def add(fn: Builder) -> Builder:
+        if pattern:
+            _PATTERNS.append((re.compile(name), fn))
+        else:
+            _REGISTRY[name.lower()] = fn
+        return fn
+    return add if builder is None else add(builder)
+
+
+def load_model_module(path: str) -> None:
+    """Import a user's module that registers models (--model-module); a one-line error if it
+    cannot be imported."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules beside the run
+    try:
+        importlib.import_module(path)
+    except Exception as exc:  # ImportError, or any error inside the user's module
+        raise ValueError(f"--model-module {path}: cannot import it ({type(exc).__name__}: "
+                         f"{first_line(exc)}); give an importable module path (on PYTHONPATH "
+                         "or installed), e.g. examples.custom_model") from None
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:
+            raise ValueError(f"the model entry point {ep.name} ({ep.value}) of an installed "
+                             f"package cannot be loaded: {first_line(exc)}") from None
+
+
+def model_builder(name: str) -> Builder | None:
+    """The builder registered for `name` (installed packages' entry points included)."""
+    key = name.lower()
+    for attempt in range(2):
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        for regex, fn in _PATTERNS:
+            if regex.fullmatch(key):
+                return fn
+        if attempt == 0:
+            _load_entry_points()
+    return None
+
+
+def registered_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _check_units(name: str, units: list, output) -> None:
+    """A clear error when a (user's) builder returns something the runtime cannot run."""
+    if not units:
+        raise ValueError(f"model {name}: its builder returned no units")
+    for i, unit in enumerate([*units, output]):
+        missing = [m for m in UNIT_METHODS if not callable(getattr(unit, m, None))]
+        if unit is output:
+            missing = [m for m in ("forward", "materialize", "setup", "set_lr", "describe",
+                                   "train_update", "train_backward", "predict", "loss", "step")
+                       if not callable(getattr(unit, m, None))]
+        if missing or getattr(unit, "index", None) != i:
+            what = f"lacks {', '.join(missing)}" if missing else \
+                f"has index {getattr(unit, 'index', None)}, not {i}"
+            raise ValueError(f"model {name}: {'the output layer' if unit is output else 'unit'} "
+                             f"{i} ({type(unit).__name__}) {what}; see README \"Your own "
+                             "model\"")
+
+
 def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
            seed: int) -> LocalModel:
+    builder = model_builder(model.name)
+    if builder is None:
+        raise ValueError(f"unknown model {model.name!r}; choose one of "
+                         f"{', '.join(registered_models())} or a wresnet<depth>-<width>[a]")
+    units, output = builder(model, loss, input_shape, num_classes, seed)
+    _check_units(model.name, units, output)
+    return LocalModel(units, output, model.name)
+
+
+def _scale(loss: LossConfig) -> float:
+    """The output layer's loss scale: (1 - beta) for local predsim (reference rule)."""
+    return (1 - loss.beta) if (not loss.backprop and loss.loss_sup == "predsim") else 1.0
+
+
+@register_model("mlp")
+def build_mlp(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int, seed: int):
+    """The reference's Net: num_layers local FC blocks and the output layer."""
+    channels, input_dim, _ = input_shape
+    c = _Common(seed, num_classes, loss, model.nonlin, model.dropout, model.batch_norm)
+    blocks = _fc_stack(c, channels * input_dim * input_dim, model.num_layers, model.num_hidden, 0)
+    output = OutputLayer(model.num_hidden, num_classes, index=len(blocks), seed=seed,
+                         zero_init=not loss.backprop, loss_scale=_scale(loss))
+    return blocks, output
+
+
+def build_vgg(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int, seed: int):
+    """The reference's VGGn: local conv blocks (max-pools travel with the block before them),
+    then num_layers local FC blocks, or a plain linear head."""
     channels, input_dim, _ = input_shape
     c = _Common(seed, num_classes, loss, model.nonlin, model.dropout, model.batch_norm)
     local = not loss.backprop
-    scale = (1 - loss.beta) if (local and loss.loss_sup == "predsim") else 1.0
-    if model.name == "mlp":
-        blocks = _fc_stack(c, channels * input_dim * input_dim, model.num_layers,
-                           model.num_hidden, 0)
-        output = OutputLayer(model.num_hidden, num_classes, index=len(blocks), seed=seed,
-                             zero_init=local, loss_scale=scale)
-        return LocalModel(blocks, output, model.name)
-    if model.name not in VGG_CFGS:
-        raise ValueError(f"unknown model {model.name!r}; choose mlp or one of {', '.join(VGG_CFGS)}")
+    scale = _scale(loss)
     blocks: list = []
     ch_in, scale_factor = channels, 1
     for item in VGG_CFGS[model.name]:
@@ -155,7 +265,14 @@ def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
     else:  # a plain linear head, not zero-initialised (reference)
         output = OutputLayer(head_in, num_classes, index=len(blocks), seed=seed,
                              zero_init=False, loss_scale=scale)
-    return LocalModel(blocks, output, model.name)
+    return blocks, output
+
+
+for _name in VGG_CFGS:
+    register_model(_name, build_vgg)
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    register_model(_name, build_resnet)
+register_model(r"wresnet\d+-\d+a?", build_wresnet, pattern=True)
 
 
 def count_params(model: ModelConfig, input_shape, num_classes: int) -> int:

@@ -16,6 +16,8 @@ MLP = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hid
        "--dropout", "0.1", "--epochs", "1", "--no-progress"]
 CONV = ["--model", "vgg8b", "--dataset", "mnist5k", "--feat-mult", "0.25", "--num-hidden", "256",
         "--epochs", "1", "--batch-size", "100", "--no-progress"]
+RESNET = ["--model", "resnet18", "--dataset", "mnist5k", "--feat-mult", "0.125",
+          "--dim-in-decoder", "1024", "--epochs", "1", "--batch-size", "100", "--no-progress"]
 
 
 def records(run_dir):
@@ -38,7 +40,8 @@ def close(a, b, loss_rel=0.02, error_abs=1.5):
         assert abs(ra["test"]["error"] - rb["test"]["error"]) <= error_abs
 
 
-@pytest.mark.parametrize("args", [[*MLP, "--dropout", "0"], CONV], ids=["mlp", "conv"])
+@pytest.mark.parametrize("args", [[*MLP, "--dropout", "0"], CONV, RESNET],
+                         ids=["mlp", "conv", "resnet"])
 def test_cuda_agrees_with_cpu(tmp_path, args):
     # without dropout: CUDA and CPU generators draw different masks from the same seed
     cpu, _ = train(tmp_path, "cpu", [*args, "--device", "cpu", "--threads-per-rank", "8"])
@@ -109,7 +112,7 @@ def test_compiled_blocks_on_cuda(tmp_path, monkeypatch):
 def test_no_host_sync_in_steady_state_batches(tmp_path, monkeypatch, procs, extra):
     # any synchronising CUDA call in a train or eval batch after the first two fails the run
     monkeypatch.setenv("LOCALLOSS_PP_SYNC_DEBUG", "error")
-    for args in (MLP, CONV + ["--cutout"]):
+    for args in (MLP, CONV + ["--cutout"], RESNET + ["--dropout", "0.1"]):
         recs, text = train(tmp_path, f"{args[1]}-{procs}", [*args, *extra], procs)
         assert recs and "synchroniz" not in text.lower(), text[-3000:]
 

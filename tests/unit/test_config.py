@@ -78,7 +78,10 @@ def test_bad_toml_files(tmp_path, text, message):
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "alexnet"], "unknown model 'alexnet'"),
-    (["--model", "resnet18"], "not available"),
+    (["--model", "vgg8b", "--pre-act"], "--pre-act chooses the pre-activation ResNet"),
+    (["--model", "wresnet12-4"], "the depth of a Wide-ResNet is 6n+4"),
+    (["--model", "mine", "--model-module", "no.such.module"],
+     "--model-module no.such.module: cannot import it (ModuleNotFoundError"),
     (["--dataset", "CIFAR11"], "unknown dataset 'CIFAR11'"),
     (["--loss-sup", "predsimm"], "unknown supervised loss"),
     (["--loss-unsup", "ae"], "unknown unsupervised loss"),
@@ -121,7 +124,7 @@ RECIPES = sorted(glob.glob(str(ROOT / "configs" / "**" / "*.toml"), recursive=Tr
 
 def test_every_reference_recipe_has_a_config():
     names = {Path(p).stem for p in RECIPES}
-    assert len(glob.glob(str(ROOT / "configs" / "recipes" / "*.toml"))) == 86
+    assert len(glob.glob(str(ROOT / "configs" / "recipes" / "*.toml"))) == 94
     for required in ["mnist_mlp_predsim", "cifar10_vgg8b_backprop", "cifar100_vgg11bx3_sim",
                      "cifar10_vgg8b_predsim-bio", "stl10_vgg8b_predsim_cutout48", "quickstart"]:
         assert required in names

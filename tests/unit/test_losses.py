@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from localloss_pp.blocks import LinearFA
-from localloss_pp.losses import onehot, pred_bio_loss, similarity_matrix
+from localloss_pp.losses import onehot, pred_bio_loss, sim_loss, similarity_matrix
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])
@@ -66,3 +66,17 @@ def test_pred_bio_loss_targets_are_signs_of_the_projection():
     assert math.isclose(pred_bio_loss(logits, proj).item(), math.log(2), rel_tol=1e-6)
     big = torch.tensor([[9.0, -9.0, 9.0], [-9.0, 9.0, -9.0]])
     assert pred_bio_loss(big, proj).item() < 1e-3
+
+
+def test_a_constant_row_gets_a_zero_gradient_not_nan():
+    # a sample whose map is all zero (after ReLU, few channels) made every weight NaN
+    x = torch.randn(4, 2, 3, 3)
+    x[1] = 0
+    x.requires_grad_(True)
+    sim_loss(similarity_matrix(x), torch.eye(4)).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[1].abs().sum() == 0
+    z = torch.randn(5, 7)  # other rows: the same bits as the plain formula
+    zc = z - z.mean(dim=1, keepdim=True)
+    plain = (zc / (1e-8 + torch.sqrt((zc ** 2).sum(dim=1, keepdim=True)))) @ \
+        (zc / (1e-8 + torch.sqrt((zc ** 2).sum(dim=1, keepdim=True)))).t()
+    assert torch.equal(similarity_matrix(z), plain.clamp(-1, 1))

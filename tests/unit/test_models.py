@@ -137,3 +137,17 @@ def test_heads_built_per_loss():
     bp = build_model(cfg, LossConfig(backprop=True), shape, 10, 0).blocks[0]
     assert not any(hasattr(bp, n) for n in ("decoder_y", "conv_loss", "proj_y", "avg_pool")) \
         or bp.avg_pool is None
+
+
+def test_a_registered_builder_that_returns_bad_units_is_a_clear_error():
+    from localloss_pp.models import register_model
+
+    @register_model("broken-for-test")
+    def build(model, loss, input_shape, num_classes, seed):
+        good = build_model(ModelConfig(name="mlp", num_layers=2, num_hidden=8), loss,
+                           input_shape, num_classes, seed, materialize=())
+        return [good.blocks[0], torch.nn.Linear(3, 3)], good.output
+
+    with pytest.raises(ValueError, match=r"model broken-for-test: unit 1 \(Linear\) lacks "
+                                         r"train_forward, local_backward"):
+        build_model(ModelConfig(name="broken-for-test"), LossConfig(), (1, 28, 28), 10, 0)
