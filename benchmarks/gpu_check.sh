@@ -68,10 +68,10 @@ if [[ $DEVICE == cuda ]]; then
   step gpu-tests 250 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider
 fi
 step throughput-s1 50 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 1 \
-  --variants local,backprop1 --repeats 1 --batches 40 --warmup 5 --no-costmodel \
+  --models mlp,vgg8b --variants local,backprop1 --repeats 1 --batches 40 --warmup 5 --no-costmodel \
   --json "$out/throughput_s1.json"
 step throughput-s2-shared 70 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 2 \
-  --variants local,local1,backprop1,ddp --losses predsim --repeats 1 --batches 40 --warmup 5 \
+  --models mlp,vgg8b --variants local,local1,backprop1,ddp --losses predsim --repeats 1 --batches 40 --warmup 5 \
   --no-costmodel --json "$out/throughput_s2_shared.json"
 
 precision_run() {  # NAME [extra flags]

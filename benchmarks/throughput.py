@@ -213,6 +213,11 @@ def parse_args(argv):
     p.add_argument("--data-dir", default=None, help="with --time-to-accuracy: MNIST or "
                    "FashionMNIST under this folder")
     p.add_argument("--timeout", type=float, default=600, help="per variant, seconds")
+    p.add_argument("--timeline", type=Path, default=None, metavar="PNG",
+                   help="instead: profile a few batches of the local pipeline, GPipe and 1F1B "
+                   "on the first model and draw their timelines one above the other")
+    p.add_argument("--timeline-batches", type=int, default=4,
+                   help="batches per timeline (4)")
     args, rest = p.parse_known_args(argv)
     if args.time_to_accuracy:
         return args, rest
@@ -369,6 +374,37 @@ def report(results, costmodel_rows, projection, peak_1: float, device: str) -> N
                           f"{r['ddp_vs_one_gpu']:.2f} | {r['bubble']:.2f} |")
 
 
+def timelines(args, cores: int) -> int:
+    """Profiler timelines of the local pipeline, GPipe and 1F1B on the same model, split, batch
+    and ranks, one above the other on one time scale (--timeline PNG)."""
+    from localloss_pp.profiling import plot_timelines
+    model_name, mcfg = models(args)[0]
+    S = args.stages
+    counts = balanced_split([1.0] * _num_blocks(mcfg), S)
+    groups = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, title in (("local", "local pipeline (local losses, no backward between "
+                                          "stages)"),
+                               ("gpipe", f"GPipe, {args.microbatches} micro-batches (global "
+                                         "backprop)"),
+                               ("1f1b", f"1F1B, {args.microbatches} micro-batches (global "
+                                        "backprop)")):
+            if variant != "local" and variant not in args.variant_list:
+                continue
+            folder = Path(tmp) / variant
+            spec = dict(_base_spec(args, mcfg), loss={"loss_sup": args.losses.split(",")[0]},
+                        threads=max(1, cores // S), counts=counts,
+                        trace={"dir": str(folder), "start": 2, "steps": args.timeline_batches})
+            print(f"- {model_name} {variant}: tracing {args.timeline_batches} batches ...",
+                  flush=True)
+            run_variant(variant, spec, S, args.timeout)
+            groups.append((f"{model_name}, {S} stages: {title}",
+                           sorted(folder.glob("stage*.json"))))
+        out = plot_timelines(groups, args.timeline)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args, rest = parse_args(argv)
     if args.time_to_accuracy:
@@ -377,6 +413,8 @@ def main(argv=None) -> int:
                         (["--json", str(args.json)] if args.json else []) +
                         (["--plot", str(args.plot)] if args.plot else []))
     cores = os.cpu_count() or 1
+    if args.timeline:
+        return timelines(args, cores)
     env_info = environment()
     print("# localloss-pp throughput benchmark")
     print(json.dumps({"environment": env_info, "config": {k: (str(v) if isinstance(v, Path)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from localloss_pp.cli import import_before_process_group
 from localloss_pp.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, \
@@ -116,6 +117,17 @@ def _measure_link(env, sample_shape, bs, repeats=10) -> float | None:
     return t.numel() * t.element_size() * repeats / (time.perf_counter() - start)
 
 
+def _trace_window(spec: dict, env):
+    """A profiler window over measured batches START .. START+STEPS-1 (the `trace` entry of
+    the spec: {"dir", "start", "steps"}), written to DIR/stage<k>.json; None without it."""
+    t = spec.get("trace")
+    if not t:
+        return None
+    from localloss_pp.profiling import TraceWindow
+    return TraceWindow((2, t["start"], t["steps"]), Path(t["dir"]) / f"stage{env.rank + 1}.json",
+                       env.device)
+
+
 def run_local(spec: dict, env) -> dict:
     cfg = _config(spec)
     S, k = env.world_size, env.rank
@@ -137,7 +149,7 @@ def run_local(spec: dict, env) -> dict:
                          stage_index=k, num_stages=S, device=env.device,
                          num_classes=NUM_CLASSES, sender=sender, receiver=receiver,
                          with_stats=False, check_every=10 ** 9,
-                         on_batch=stamps.mark)
+                         on_batch=stamps.mark, trace=_trace_window(spec, env))
     runner.set_lr(1e-4)
     # the first stage's batches: input and labels on the device, labels also on the host (they
     # go into the message headers), as the data sources of localloss_pp deliver them
@@ -211,21 +223,34 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     for unit in units:
         unit.set_lr(1e-4)
     stage = PipelineStage(nn.Sequential(*units), k, S, env.device)
+    if spec.get("trace"):  # name every micro-batch's forward and backward for the timeline
+        for method, label in (("forward_one_chunk", "Forward"),
+                              ("backward_one_chunk", "Backward")):
+            def ranged(*a, _fn=getattr(stage, method), _label=label, **kw):
+                with record_function(f"{_label} (micro-batch)"):
+                    return _fn(*a, **kw)
+            setattr(stage, method, ranged)
     cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     sched = cls(stage, n_microbatches=spec["microbatches"],
                 loss_fn=lambda out, target: F.cross_entropy(out, target))
     stamps = Stamps(env.device)
+    trace = _trace_window(spec, env)  # counted over the measured batches, as for `local`
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
+        if trace is not None:
+            trace.before(2, i - spec["warmup"])
         if k == 0:
             sched.step(x)
         elif k == S - 1:
             sched.step(target=y, losses=[])
         else:
             sched.step()
-        for unit in units:
-            unit.step()
+        with record_function("localloss_pp.optimizer_step"):
+            for unit in units:
+                unit.step()
         if i >= spec["warmup"]:
             stamps.mark()
+    if trace is not None:
+        trace.finish()
     # every boundary carries each sample's activation forward and its gradient backward
     act = sum(4 * torch.Size(model.blocks[bnd - 1].out_shape).numel()
               for _, bnd in part.bounds[:-1])

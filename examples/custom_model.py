@@ -3,7 +3,7 @@
 Its pipeline units are defined here and registered under `--model residual-mlp`; the trainer
 imports this module when it is named with `--model-module`, on every process of the run:
 
-    torchrun --standalone --nproc-per-node 2 -m localloss_pp train \\
+    torchrun --standalone --nproc-per-node 2 -m localloss_pp train --dataset mnist5k \\
         --model-module examples.custom_model --model residual-mlp --num-layers 3 --epochs 3
 
 (run from the repository root, or put the module anywhere on PYTHONPATH).

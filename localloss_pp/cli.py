@@ -1,4 +1,4 @@
-"""`localloss-pp` command line: train, params, plot.
+"""`localloss-pp` command line: train, params, plot, timeline, compare.
 
 Errors in the input (bad flags, bad config, missing data) print one line and exit with status 2;
 set LOCALLOSS_PP_DEBUG=1 to see the traceback.
@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write PNG curves of a run directory")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    plot.add_argument("--epochs", default=None, metavar="E1,E2,...",
+                      help="epochs of the error-vs-depth picture (default: first, middle, last)")
+    timeline = sub.add_parser("timeline", help="draw the profiled batches of every stage "
+                              "(train with --profile EPOCH:START:STEPS) on one time axis")
+    timeline.add_argument("run_dir")
+    timeline.add_argument("--out", default=None, help="PNG path (default RUN_DIR/timeline.png)")
+    compare = sub.add_parser("compare", help="runs side by side: errors, speed, digests and "
+                             "the config keys that differ")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--plot", default=None, metavar="PNG",
+                         help="also overlay the test-error curves (per epoch and wall time)")
     return parser
 
 
@@ -149,8 +160,32 @@ def _report(result) -> int:
 
 def _cmd_plot(args) -> int:
     from .plots import plot_run
-    for path in plot_run(args.run_dir, args.out):
+    epochs = None
+    if args.epochs:
+        try:
+            epochs = [int(e) for e in args.epochs.split(",")]
+        except ValueError:
+            raise ValueError(f"--epochs {args.epochs}: give epoch numbers separated by commas, "
+                             "e.g. 1,10,20") from None
+    for path in plot_run(args.run_dir, args.out, epochs):
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_timeline(args) -> int:
+    from .profiling import plot_timeline
+    print(f"wrote {plot_timeline(args.run_dir, args.out)}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare_table, load_run, plot_compare
+    if len(args.run_dirs) < 2:
+        raise ValueError("compare needs at least two run directories")
+    runs = [load_run(d) for d in args.run_dirs]
+    print("\n".join(compare_table(runs)))
+    if args.plot:
+        print(f"wrote {plot_compare(runs, args.plot)}")
     return 0
 
 
@@ -160,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": _cmd_train, "params": _cmd_params, "plot": _cmd_plot}[args.command]
+    handler = {"train": _cmd_train, "params": _cmd_params, "plot": _cmd_plot,
+               "timeline": _cmd_timeline, "compare": _cmd_compare}[args.command]
     try:
         return handler(args)
     except (ValueError, FloatingPointError) as exc:

@@ -21,6 +21,7 @@ __all__ = [
     "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
     "QUICKSTART", "REFERENCE_FLAGS", "add_config_arguments", "config_from_args", "load_toml",
     "build_config", "validate", "to_toml", "lr_at_epoch", "first_line", "RunMode",
+    "parse_profile",
 ]
 
 MODEL_NAMES = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
@@ -120,6 +121,9 @@ class TrainConfig:
     resume: str = ""
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
+    tensorboard: str = ""   # "" off; "auto": RUN_DIR/tb; else the folder
+    log_every: int = 0      # TensorBoard scalars every N training batches (0: per epoch only)
+    profile: str = ""       # EPOCH:START:STEPS: profiler traces of those training batches
 
 
 @dataclass(kw_only=True)
@@ -202,6 +206,9 @@ REFERENCE_FLAGS: list[tuple[str, str, str, Any]] = [
     ("--timeout-s", "train", "timeout_s", float),
     ("--checkpoint-every", "train", "checkpoint_every", int),
     ("--keep-checkpoints", "train", "keep_checkpoints", int),
+    ("--tensorboard", "train", "tensorboard", "optional"),
+    ("--log-every", "train", "log_every", int),
+    ("--profile", "train", "profile", str),
     ("--run-dir", "train", "run_dir", str),
     ("--no-progress", "train", "progress", "false"),
 ]
@@ -218,6 +225,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif action == "cpu":
             parser.add_argument(flag, dest=dest, action="store_const", const="cpu",
                                 default=argparse.SUPPRESS, help="same as --device cpu")
+        elif action == "optional":  # --flag alone: "auto"; --flag VALUE
+            parser.add_argument(flag, dest=dest, nargs="?", const="auto",
+                                default=argparse.SUPPRESS)
         elif action == "list":
             parser.add_argument(flag, dest=dest, type=int, nargs="*", default=argparse.SUPPRESS)
         else:
@@ -401,6 +411,14 @@ def validate(cfg: Config) -> None:
     need(t.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")
     need(t.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {t.keep_checkpoints}")
+    need(t.log_every >= 0, f"--log-every must be >= 0 (0 = per epoch only), got {t.log_every}")
+    need(not t.log_every or t.tensorboard, "--log-every writes TensorBoard scalars: add "
+         "--tensorboard (event files in RUN_DIR/tb, or --tensorboard FOLDER)")
+    if t.tensorboard:
+        from .tblog import check_tensorboard
+        check_tensorboard()
+    if t.profile:
+        parse_profile(t.profile)
     need(not (t.checkpoint_every and (lo.backprop or not lo.detach)),
          "--checkpoint-every needs local training; --backprop and --no-detach runs are "
          "checkpointed at the end of every epoch")
@@ -413,6 +431,20 @@ def validate(cfg: Config) -> None:
     need(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
          f"--device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     t.device = dev
+
+
+def parse_profile(spec: str) -> tuple[int, int, int]:
+    """(epoch, first batch, batches) of `--profile EPOCH:START:STEPS`; a ValueError that says
+    what is wrong."""
+    parts = spec.split(":")
+    try:
+        epoch, start, steps = (int(x) for x in parts)
+    except ValueError:
+        raise ValueError(f"--profile {spec}: give EPOCH:START:STEPS (integers), e.g. 1:10:5 "
+                         "traces training batches 10 to 14 of epoch 1") from None
+    if epoch < 1 or start < 0 or steps < 1:
+        raise ValueError(f"--profile {spec}: EPOCH >= 1, START >= 0 and STEPS >= 1, e.g. 1:10:5")
+    return epoch, start, steps
 
 
 def lr_at_epoch(optim: OptimConfig, epoch: int) -> float:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from .faults import armed, fault_point
 from .losses import onehot
@@ -40,9 +41,10 @@ class StageFailure(RuntimeError):
 def forwards(blocks, x):
     """Every block's training forward: (output for the next stage, contexts of the updates)."""
     ctxs = []
-    for block in blocks:
-        x, ctx = block.train_forward(x)
-        ctxs.append(ctx)
+    with record_function("localloss_pp.forward"):
+        for block in blocks:
+            x, ctx = block.train_forward(x)
+            ctxs.append(ctx)
     return x, ctxs
 
 
@@ -57,20 +59,33 @@ def local_updates(blocks, ctxs, x, y, y1h, output=None, sync=None):
 
     Returns (list of per-block stats tensors, (logits, loss) of the output layer or None)."""
     if sync is None:
-        stats = [block.train_update(ctx, y, y1h) for block, ctx in zip(blocks, ctxs)]
-        return stats, (output.train_update(x, y) if output is not None else None)
+        stats, out = [], None
+        for block, ctx in zip(blocks, ctxs):
+            with record_function("localloss_pp.local_backward"):
+                stats.append(block.local_backward(ctx, y, y1h))
+            with record_function("localloss_pp.optimizer_step"):
+                block.step()
+        if output is not None:
+            with record_function("localloss_pp.local_backward"):
+                out = output.train_backward(x, y)
+            with record_function("localloss_pp.optimizer_step"):
+                output.step()
+        return stats, out
     stats, pending = [], []
     for block, ctx in zip(blocks, ctxs):
-        stats.append(block.local_backward(ctx, y, y1h))
+        with record_function("localloss_pp.local_backward"):
+            stats.append(block.local_backward(ctx, y, y1h))
         pending.append(sync.start(block, y.size(0)))
     out = None
     if output is not None:
-        out = output.train_backward(x, y)
+        with record_function("localloss_pp.local_backward"):
+            out = output.train_backward(x, y)
         pending.append(sync.start(output, y.size(0)))
     units = list(blocks) + ([output] if output is not None else [])
     for unit, work in zip(units, pending):
         sync.finish(work)
-        unit.step()
+        with record_function("localloss_pp.optimizer_step"):
+            unit.step()
     return stats, out
 
 
@@ -86,7 +101,7 @@ class StageRunner:
     def __init__(self, *, blocks, output, stage_index: int, num_stages: int, device,
                  num_classes: int, sender: Sender | None, receiver: Receiver | None,
                  with_stats: bool, show_progress: bool = False, check_every: int = 1,
-                 on_batch=None, sync=None):
+                 on_batch=None, sync=None, log_every: int = 0, on_log=None, trace=None):
         self.blocks = list(blocks)
         self.output = output
         self.stage_index, self.num_stages = stage_index, num_stages
@@ -97,6 +112,9 @@ class StageRunner:
         self.check_every = check_every
         self.clock = StageClock(device)
         self.on_batch = on_batch  # called with the sequence number after every batch
+        # every `log_every` training batches on_log(epoch, batches done, the epoch's stats)
+        self.log_every, self.on_log = log_every, on_log
+        self.trace = trace  # a profiling.TraceWindow over some training batches, or None
         self.replica_sync = sync  # averaging among this stage's data-parallel replicas
         if sync is not None:
             sync.clock = self.clock
@@ -148,6 +166,15 @@ class StageRunner:
                                    f"{epoch}, got a {KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
             yield msg.seq, msg.activation, msg.labels_device, msg.labels
 
+    def _quiesce(self) -> None:
+        """No send or receive of this stage left in flight (the end of a profiling window)."""
+        if self.sender is not None:
+            with self.clock.section("send"):
+                self.sender.drain()
+        if self.receiver is not None:
+            with self.clock.section("recv"):
+                self.receiver.settle()
+
     def _send(self, kind: Kind, epoch: int, seq: int, x=None, y_host=None) -> None:
         if self.sender is not None:
             with self.clock.section("send"):
@@ -169,6 +196,9 @@ class StageRunner:
         seq = -1
         sync_debug = SyncDebug(self.device)
         point = ("mid-epoch" if kind == TRAIN else "during-eval") if armed() else None
+        trace = self.trace if kind == TRAIN else None
+        if trace is not None:
+            trace.before(epoch, start_seq)
         try:
             # no receive stays posted across a checkpoint (its collectives and file writes)
             hold = (lambda n: (n + 1) % checkpoint_every == 0) if checkpoint_every else None
@@ -182,6 +212,13 @@ class StageRunner:
                 if checkpoint_every and done % checkpoint_every == 0 and done < (total or 0):
                     with sync_debug.paused():
                         on_checkpoint(epoch, done, result.stats)
+                if kind == TRAIN and self.log_every and done % self.log_every == 0:
+                    with sync_debug.paused():  # reads the device sums: only every N batches
+                        self.on_log(epoch, done, result.stats)
+                if trace is not None:
+                    if trace.stops_at(done):
+                        self._quiesce()
+                    trace.before(epoch, done)  # starts before batch `done`, stops after it
                 times.batches += 1
                 times.samples += y_host.size(0)
                 if bar is not None:
@@ -190,6 +227,9 @@ class StageRunner:
             sync_debug.off()
             watch.finish(epoch, seq)
             self._send(END_TRAIN if kind == TRAIN else END_EVAL, epoch, max(seq + 1, start_seq))
+            if trace is not None and trace.active:  # the window outlasts the epoch
+                self._quiesce()
+                trace.finish()
         except (StageFailure, NonFiniteLossError, PeerLostError, ShapeMismatchError):
             raise
         except Exception as exc:
@@ -199,6 +239,8 @@ class StageRunner:
             sync_debug.off()
             if bar is not None:
                 bar.close()
+            if trace is not None:
+                trace.finish()
         times.take(self.clock.read())
         times.wall_s = time.perf_counter() - start
         if self.sender is not None:
@@ -235,7 +277,8 @@ class StageRunner:
         self._send(TRAIN, epoch, seq, h, y_host)
         with self.clock.section("compute"):
             block_stats, out = self.updates(ctxs, h, y, y1h)
-            watch.add(self._statistics(stats, block_stats, out, y), epoch, seq)
+            with record_function("localloss_pp.statistics"):
+                watch.add(self._statistics(stats, block_stats, out, y), epoch, seq)
 
     @torch.no_grad()
     def _eval_step(self, stats, watch, epoch, seq, x, y, y_host) -> None:

@@ -7,6 +7,7 @@ config.toml, partition.json, metrics.jsonl and model.pt.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import torch
 
 from .checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint, load_model_state,
                          load_units, save_model)
-from .config import Config, RunMode, first_line, lr_at_epoch, to_toml
+from .config import Config, RunMode, first_line, lr_at_epoch, parse_profile, to_toml
 from .globalmode import GlobalRunner
 from .data import DATASETS, build_sources, resolve_num_workers
 from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
@@ -33,7 +34,9 @@ from .partition import Partition, choose_partition
 from .replicas import Layout, ReplicaSync, layout_for, shard_bounds
 from .resume import ResumePlan, StageCheckpointer, kept_metrics, plan_resume, reconcile_metrics
 from .rundir import RunDirLock, clean_run_dir, release_locks
+from .profiling import TraceWindow
 from .stage import StageRunner
+from .tblog import TensorBoardLog, tensorboard_dir
 from .transport import Receiver, Sender, config_fingerprint
 
 __all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "build_links"]
@@ -144,9 +147,14 @@ def run_training(cfg: Config) -> RunResult | None:
         runner = _make_runner(cfg, env, run, sender, receiver)
         rec = _train_epochs(cfg, env, run, runner, *run.start)  # 4. epochs from the resume point
         result = _finish(cfg, env, run, runner, rec)  # 5. model.pt, final line
+        if run.tb is not None:
+            run.tb.close()
         failed = False
     finally:
         release_locks(failed)  # a process that dies releases its lock anyway
+    # collect cyclic garbage while the process group lives: the records of a --profile window,
+    # collected at interpreter exit after the group is destroyed, crashed the process (SIGSEGV)
+    gc.collect()
     shutdown(env)
     log.debug("process group closed")
     return result
@@ -207,6 +215,7 @@ class _Run:
     ckpt: StageCheckpointer
     config_toml: str
     start: tuple = (1, 0, None)  # first epoch, its batches already done, their statistics
+    tb: object = None      # tblog.TensorBoardLog of this stage (replica 1), or None
 
     @property
     def S(self) -> int:
@@ -378,7 +387,21 @@ def _resume(cfg: Config, env: DistEnv, run: _Run) -> tuple[int, int, dict | None
 def _make_runner(cfg: Config, env: DistEnv, run: _Run, sender, receiver) -> StageRunner:
     last = run.k == run.S - 1
     cls = StageRunner if run.mode == RunMode.LOCAL else partial(GlobalRunner, mode=run.mode)
+    t, on_log, trace = cfg.train, None, None
+    if t.tensorboard and run.replica == 0:  # every stage writes its own numbers
+        run.tb = TensorBoardLog(tensorboard_dir(t.tensorboard, run.run_dir), run.k,
+                                writes_global=env.rank == run.writer,
+                                batches_per_epoch=run.sizes[2], start=run.start[:2],
+                                per_batch=t.log_every > 0)
+        if t.log_every:
+            decoders = [hasattr(blk, "decoder_y") for blk in run.blocks]
+            on_log = lambda epoch, done, stats: run.tb.batch(  # noqa: E731
+                epoch, done, *stats.summary(decoders))
+    if t.profile and run.replica == 0:
+        trace = TraceWindow(parse_profile(t.profile),
+                            run.run_dir / "profile" / f"stage{run.k + 1}.json", env.device)
     return cls(blocks=run.blocks, output=run.model.output if last else None,
+               log_every=t.log_every if on_log else 0, on_log=on_log, trace=trace,
                stage_index=run.k, num_stages=run.S, device=env.device,
                num_classes=DATASETS[cfg.data.dataset].num_classes, sender=sender,
                receiver=receiver, with_stats=cfg.train.print_stats and run.mode != RunMode.BACKPROP,
@@ -436,6 +459,8 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
         log_epoch(rec, cfg.train.epochs, run.S)
         append_jsonl(run.run_dir / "metrics.jsonl", rec)
         fault_point("after-metrics-record", epoch)
+    if run.tb is not None:
+        run.tb.epoch(epoch, lr, summary, rec)
     if cfg.train.print_stats and run.replica == 0:
         log_blocks(summary)  # every stage logs its own blocks
     run.ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one

@@ -310,6 +310,15 @@ class Receiver(_Link):
         self._pending = (s, [self._issue(dist.irecv, self._meta[s], self.meta_group, what),
                              self._issue(dist.irecv, self._payload[s], self.group, what)])
 
+    def settle(self) -> None:
+        """Complete the pre-posted receive now (its message stays for the next recv()): no
+        receive issued so far is left in flight."""
+        if self._pending is not None:
+            slot, works = self._pending
+            for work in works:
+                self._wait(work, "waiting for the next message")
+            self._pending = (slot, [])
+
     def recv(self, hold_after=None) -> Message:
         """The next message. Its tensors stay valid until the next call of recv(). The labels
         come on the host (`labels`) and on this stage's device (`labels_device`, copied

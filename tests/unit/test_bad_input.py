@@ -183,6 +183,10 @@ ROWS = [
      "config file DIR/bad.toml is not UTF-8 text"),
     ("metrics-damaged", damaged_metrics, ["--run-dir", "RUN", "--resume", "auto"], 2,
      "RUN/metrics.jsonl line 1 is damaged"),
+    ("log-every-without-tensorboard", None, ["--log-every", "5"], 2,
+     "--log-every writes TensorBoard scalars: add --tensorboard"),
+    ("profile-spec", None, ["--profile", "1:x:3"], 2, "--profile 1:x:3: give EPOCH:START:STEPS"),
+    ("profile-range", None, ["--profile", "0:1:3"], 2, "EPOCH >= 1, START >= 0 and STEPS >= 1"),
     ("model-other-width", None, ["--num-hidden", "48", "--resume", "RUN/model.pt"], 2,
      "RUN/model.pt does not fit unit 0 (LocalLinearBlock Linear(784->48)): encoder.weight has "
      "shape [32, 784] in the file but [48, 784] in this model"),

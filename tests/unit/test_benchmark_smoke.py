@@ -49,3 +49,15 @@ def test_loader_benchmark_measures_every_data_path(tmp_path):
     assert all(r["batches_per_s"] > 0 for r in rows)
     assert any(r.get("demand_samples_per_s") for r in rows)
     assert "loader / pipeline demand" in proc.stdout
+
+
+@pytest.mark.slow
+def test_timelines_of_the_local_pipeline_gpipe_and_1f1b(tmp_path):
+    out = tmp_path / "timelines.png"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--timeline", str(out),
+                           "--models", "mlp", "--losses", "predsim", "--batches", "6",
+                           "--warmup", "2", "--timeline-batches", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert "mlp3x1024 gpipe: tracing 2 batches" in proc.stdout

@@ -98,9 +98,23 @@ def test_plot_writes_pngs(tmp_path):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--run-dir", str(run), *SMALL]) == 0
-    assert main(["plot", str(run)]) == 0
-    for name in ("test_error.png", "local_error.png"):
+    assert main(["plot", str(run), "--epochs", "1,2"]) == 0
+    for name in ("test_error.png", "local_error.png", "local_error_depth.png", "stages.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(run), "--epochs", "3"]) == 2  # no such epoch: one line
+
+
+def test_compare_tells_what_differs(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--epochs", "1", "--run-dir", str(a), *SMALL]) == 0
+    assert main(["train", "--epochs", "1", "--run-dir", str(b), *SMALL, "--lr", "1e-3"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "model-digests: differ" in out and "| optim.lr | 0.0005 | 0.001 |" in out
+    assert f"| {a} | 1 |" in out
+    assert main(["compare", str(a), str(tmp_path / "nothing")]) == 2
+    assert "holds no metrics.jsonl" in capsys.readouterr().err
 
 
 def test_backprop_and_sampler_modes_run(tmp_path):
