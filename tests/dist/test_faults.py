@@ -57,7 +57,13 @@ def uninterrupted(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("point", list(FAULTS))
+# three points in the quick run (the two kill windows that lost work, and pruning); every
+# point with `-m slow` (CI runs both)
+QUICK = {"after-metrics-record", "before-model", "during-pruning"}
+
+
+@pytest.mark.parametrize("point", [p if p in QUICK else pytest.param(p, marks=pytest.mark.slow)
+                                   for p in FAULTS])
 def test_kill_at_fault_point_loses_nothing(tmp_path, uninterrupted, point):
     run = tmp_path / "run"
     rc, text = torchrun(run, FAULTS[point])
