@@ -8,7 +8,7 @@ imports this module when it is named with `--model-module`, on every process of 
 
 (run from the repository root, or put the module anywhere on PYTHONPATH).
 """
-from localloss_pp.blocks import LocalLinearBlock, OutputLayer
+from localloss_pp.blocks import LocalLinearBlock, OutputLayer, output_loss_scale
 from localloss_pp.models import register_model
 
 
@@ -34,9 +34,7 @@ def build(model, loss, input_shape, num_classes, seed):
     for i in range(1, model.num_layers + 1):
         units.append(ResidualLinearUnit(model.num_hidden, model.num_hidden, index=i,
                                         first_layer=False, **common))
-    local = not loss.backprop
     output = OutputLayer(model.num_hidden, num_classes, index=len(units), seed=seed,
-                         zero_init=local,  # the reference's rule for local training
-                         loss_scale=(1 - loss.beta) if local and loss.loss_sup == "predsim"
-                         else 1.0)
+                         zero_init=not loss.backprop,  # the reference's rule for local training
+                         loss_scale=output_loss_scale(loss))
     return units, output

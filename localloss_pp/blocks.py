@@ -25,7 +25,8 @@ from .config import LossConfig, OptimConfig
 from .losses import LinearFAFunction, LocalLoss
 
 __all__ = ["derive_seed", "LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
-           "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS", "make_optimizer"]
+           "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS", "make_optimizer",
+           "output_loss_scale", "OwnOptimizer"]
 
 # Order of the per-batch statistics vector returned by train_update/evaluate.
 STAT_FIELDS = ("loss", "loss_sim", "loss_pred", "correct")
@@ -49,6 +50,31 @@ def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
                                weight_decay=optim.weight_decay, fused=True)
     return torch.optim.Adam(params, lr=0.0, weight_decay=optim.weight_decay,
                             amsgrad=optim.optim == "amsgrad", fused=True)
+
+
+def output_loss_scale(loss: LossConfig) -> float:
+    """The output layer's loss scale: (1 - beta) for local predsim, else 1 (reference rule)."""
+    return (1 - loss.beta) if (not loss.backprop and loss.loss_sup == "predsim") else 1.0
+
+
+class OwnOptimizer:
+    """What every unit does with its own optimizer (`self.optimizer`, made in setup)."""
+
+    optimizer: torch.optim.Optimizer | None
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_update(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
+        """Local loss, backward into this unit only, optimizer step; returns the stats."""
+        stats = self.local_backward(ctx, y, y_onehot)
+        self.step()
+        return stats
 
 
 def _amp_settings(device: torch.device, precision: str) -> tuple | None:
@@ -138,7 +164,7 @@ def decoder_pool(ch_out: int, dim_out: int, dim_in_decoder: int):
     return nn.AvgPool2d((kh, kw), padding=(ph, pw)), oh, ow, d
 
 
-class LocalBlock(nn.Module):
+class LocalBlock(OwnOptimizer, nn.Module):
     """Common machinery of the linear and conv blocks; subclasses build `encoder` and heads."""
 
     def __init__(self, *, index: int, seed: int, num_classes: int, loss: LossConfig,
@@ -230,10 +256,6 @@ class LocalBlock(nn.Module):
             self.local_loss = torch.compile(_own_code(self.local_loss, self.index),
                                             backend=backend)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def describe(self) -> str:
         enc = self.encoder
         if isinstance(enc, nn.Linear):
@@ -284,22 +306,12 @@ class LocalBlock(nn.Module):
         x, h = ctx
         return self.loss_fn(self, x, h, y, y_onehot)
 
-    def train_update(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
-        """Local loss, backward into this block only, optimizer step; returns the stats."""
-        stats = self.local_backward(ctx, y, y_onehot)
-        self.step()
-        return stats
-
     def local_backward(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
         """Local loss and its backward into this block only (gradients left in .grad)."""
         with _autocast(self._amp):
             loss, stats = self.local_loss(ctx, y, y_onehot)
         loss.backward()
         return stats
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def evaluate(self, x, y, y_onehot, with_stats: bool = True):
@@ -382,7 +394,7 @@ class LocalConvBlock(LocalBlock):
         return self.conv_loss(h)
 
 
-class OutputLayer(nn.Module):
+class OutputLayer(OwnOptimizer, nn.Module):
     """The final linear classifier with its own optimizer and the (scaled) global CE."""
 
     def __init__(self, num_in: int, num_classes: int, *, index: int, seed: int,
@@ -414,10 +426,6 @@ class OutputLayer(nn.Module):
         self.optimizer = make_optimizer(self.parameters(), optim)
         self._amp = _amp_settings(device, precision)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def forward(self, x):
         return self.linear(x.flatten(1))
 
@@ -444,7 +452,3 @@ class OutputLayer(nn.Module):
         with _autocast(self._amp):
             logits = self(x)
             return logits, self.loss(logits, y)
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)

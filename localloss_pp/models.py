@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, make_pool
+from .blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, make_pool, output_loss_scale
 from .config import LossConfig, ModelConfig, first_line
 from .resnets import build_resnet, build_wresnet
 
@@ -117,6 +117,8 @@ _PATTERNS: list[tuple[re.Pattern, Builder]] = []
 ENTRY_POINT_GROUP = "localloss_pp.models"
 UNIT_METHODS = ("train_forward", "local_backward", "step", "train_update", "evaluate", "forward",
                 "materialize", "setup", "set_lr", "describe")
+OUTPUT_METHODS = ("forward", "materialize", "setup", "set_lr", "describe", "train_update",
+                  "train_backward", "predict", "loss", "step")
 
 
 def register_model(name: str, builder: Builder | None = None, *, pattern: bool = False):
@@ -180,11 +182,8 @@ def _check_units(name: str, units: list, output) -> None:
     if not units:
         raise ValueError(f"model {name}: its builder returned no units")
     for i, unit in enumerate([*units, output]):
-        missing = [m for m in UNIT_METHODS if not callable(getattr(unit, m, None))]
-        if unit is output:
-            missing = [m for m in ("forward", "materialize", "setup", "set_lr", "describe",
-                                   "train_update", "train_backward", "predict", "loss", "step")
-                       if not callable(getattr(unit, m, None))]
+        wanted = OUTPUT_METHODS if unit is output else UNIT_METHODS
+        missing = [m for m in wanted if not callable(getattr(unit, m, None))]
         if missing or getattr(unit, "index", None) != i:
             what = f"lacks {', '.join(missing)}" if missing else \
                 f"has index {getattr(unit, 'index', None)}, not {i}"
@@ -204,11 +203,6 @@ def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
     return LocalModel(units, output, model.name)
 
 
-def _scale(loss: LossConfig) -> float:
-    """The output layer's loss scale: (1 - beta) for local predsim (reference rule)."""
-    return (1 - loss.beta) if (not loss.backprop and loss.loss_sup == "predsim") else 1.0
-
-
 @register_model("mlp")
 def build_mlp(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int, seed: int):
     """The reference's Net: num_layers local FC blocks and the output layer."""
@@ -216,7 +210,7 @@ def build_mlp(model: ModelConfig, loss: LossConfig, input_shape, num_classes: in
     c = _Common(seed, num_classes, loss, model.nonlin, model.dropout, model.batch_norm)
     blocks = _fc_stack(c, channels * input_dim * input_dim, model.num_layers, model.num_hidden, 0)
     output = OutputLayer(model.num_hidden, num_classes, index=len(blocks), seed=seed,
-                         zero_init=not loss.backprop, loss_scale=_scale(loss))
+                         zero_init=not loss.backprop, loss_scale=output_loss_scale(loss))
     return blocks, output
 
 
@@ -226,7 +220,7 @@ def build_vgg(model: ModelConfig, loss: LossConfig, input_shape, num_classes: in
     channels, input_dim, _ = input_shape
     c = _Common(seed, num_classes, loss, model.nonlin, model.dropout, model.batch_norm)
     local = not loss.backprop
-    scale = _scale(loss)
+    scale = output_loss_scale(loss)
     blocks: list = []
     ch_in, scale_factor = channels, 1
     for item in VGG_CFGS[model.name]:

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import (LocalConvBlock, OutputLayer, _amp_settings, _autocast, _default_init,
-                     derive_seed, make_optimizer)
+from .blocks import (LocalConvBlock, OutputLayer, OwnOptimizer, _amp_settings, _autocast,
+                     _default_init, derive_seed, make_optimizer, output_loss_scale)
 
 __all__ = ["ResConv", "ConvUnit", "NormOutputLayer", "RESNET_DEPTHS", "build_resnet",
            "build_wresnet", "is_resnet", "is_wresnet", "parse_wresnet"]
@@ -103,7 +103,7 @@ class ResConv(LocalConvBlock):
         return h, self.nonlin(self.bn(h) if self.bn is not None else h)
 
 
-class ConvUnit(nn.Module):
+class ConvUnit(OwnOptimizer, nn.Module):
     """A pipeline unit of convs: the stem (one conv) or a residual block (2 or 3 convs and an
     identity or projection shortcut), with the unit interface the runtime calls (see
     blocks.LocalBlock): train_forward, local_loss, local_backward, step, train_update,
@@ -163,10 +163,6 @@ class ConvUnit(nn.Module):
             conv._channels_last = channels_last
         self.optimizer = make_optimizer(self.parameters(), optim)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def describe(self) -> str:
         first, last = self.convs[0], self.convs[-1]
         stride = max(c.encoder.stride[0] for c in self.convs)
@@ -219,15 +215,6 @@ class ConvUnit(nn.Module):
         with _autocast(self._amp):
             loss, stats = self.local_loss(ctxs, y, y_onehot)
         loss.backward()
-        return stats
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def train_update(self, ctxs, y, y_onehot):
-        stats = self.local_backward(ctxs, y, y_onehot)
-        self.step()
         return stats
 
     @torch.no_grad()
@@ -327,10 +314,8 @@ def build_resnet(model, loss, input_shape, num_classes: int, seed: int):
                                   shortcut=shortcut))
             in_planes = out_planes
     units[-1].post.append(nn.AvgPool2d(size))  # to 1x1: the linear layer sees the features
-    local = not loss.backprop
-    scale = (1 - loss.beta) if (local and loss.loss_sup == "predsim") else 1.0
-    output = OutputLayer(in_planes, num_classes, index=len(units), seed=seed, zero_init=local,
-                         loss_scale=scale)
+    output = OutputLayer(in_planes, num_classes, index=len(units), seed=seed,
+                         zero_init=not loss.backprop, loss_scale=output_loss_scale(loss))
     return units, output
 
 
@@ -369,8 +354,7 @@ def build_wresnet(model, loss, input_shape, num_classes: int, seed: int):
     if adapted and size < 2:
         raise ValueError(f"{model.name}: the last map is {size}x{size}, too small for the "
                          "adapted head's max-pool 2; use a larger input or the plain variant")
-    local = not loss.backprop
-    scale = (1 - loss.beta) if (local and loss.loss_sup == "predsim") else 1.0
     output = NormOutputLayer(in_planes, size, num_classes, adapted=adapted, index=len(units),
-                             seed=seed, zero_init=local, loss_scale=scale)
+                             seed=seed, zero_init=not loss.backprop,
+                             loss_scale=output_loss_scale(loss))
     return units, output

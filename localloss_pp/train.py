@@ -7,7 +7,6 @@ config.toml, partition.json, metrics.jsonl and model.pt.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -152,9 +151,6 @@ def run_training(cfg: Config) -> RunResult | None:
         failed = False
     finally:
         release_locks(failed)  # a process that dies releases its lock anyway
-    # collect cyclic garbage while the process group lives: the records of a --profile window,
-    # collected at interpreter exit after the group is destroyed, crashed the process (SIGSEGV)
-    gc.collect()
     shutdown(env)
     log.debug("process group closed")
     return result
