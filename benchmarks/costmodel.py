@@ -21,10 +21,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
-from localloss_pp.losses import onehot
+from localloss_pp.models.losses import onehot
 from localloss_pp.models import build_model
-from localloss_pp.partition import (Partition, fold_output, time_ms, unit_input_shape,
-                                    unit_step)
+from localloss_pp.pipeline.partition import (Partition, fold_output, time_ms, unit_input_shape,
+                                             unit_step)
 
 __all__ = ["BlockCost", "profile_blocks", "predict", "project", "stage_bytes", "count_flops",
            "matmul_peak_flops", "PROJECTION_ASSUMPTIONS"]

@@ -88,7 +88,7 @@ precision_all() {
   "$PY" - "$out/precision" <<'PYEOF'
 import statistics, sys
 from pathlib import Path
-from localloss_pp.metrics import read_jsonl
+from localloss_pp.observe.metrics import read_jsonl
 root = Path(sys.argv[1])
 rows = {}
 for name in ("fp32", "bf16", "bf16-channels-last"):

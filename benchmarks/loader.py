@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from localloss_pp.batches import BatchAugment, EpochBatches, TensorBatches
+from localloss_pp.data.batches import BatchAugment, EpochBatches, TensorBatches
 from localloss_pp.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
-from localloss_pp.data import DATASETS, build_datasets, build_sources, resolve_num_workers
-from localloss_pp.partition import profile_unit_times
+from localloss_pp.data.datasets import DATASETS, build_datasets, build_sources, resolve_num_workers
+from localloss_pp.pipeline.partition import profile_unit_times
 
 from .throughput import environment
 

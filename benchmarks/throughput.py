@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from localloss_pp.config import LossConfig, ModelConfig
-from localloss_pp.partition import balanced_split, fold_output
+from localloss_pp.pipeline.partition import balanced_split, fold_output
 
 from .costmodel import (PROJECTION_ASSUMPTIONS, count_flops, matmul_peak_flops, predict,
                         profile_blocks, project)
@@ -377,7 +377,7 @@ def report(results, costmodel_rows, projection, peak_1: float, device: str) -> N
 def timelines(args, cores: int) -> int:
     """Profiler timelines of the local pipeline, GPipe and 1F1B on the same model, split, batch
     and ranks, one above the other on one time scale (--timeline PNG)."""
-    from localloss_pp.profiling import plot_timelines
+    from localloss_pp.observe.profiling import plot_timelines
     model_name, mcfg = models(args)[0]
     S = args.stages
     counts = balanced_split([1.0] * _num_blocks(mcfg), S)

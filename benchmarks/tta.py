@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from localloss_pp.metrics import read_jsonl
+from localloss_pp.observe.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

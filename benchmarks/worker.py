@@ -27,16 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from localloss_pp.cli import import_before_process_group
-from localloss_pp.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, \
-    TrainConfig
-from localloss_pp.distributed import init_distributed, shutdown
-from localloss_pp.losses import onehot
+from localloss_pp.config import (Config, DataConfig, LossConfig, ModelConfig, OptimConfig,
+                                 TrainConfig)
+from localloss_pp.pipeline.distributed import import_before_process_group, init_distributed, \
+    shutdown
+from localloss_pp.models.losses import onehot
 from localloss_pp.models import build_model
-from localloss_pp.partition import Partition
-from localloss_pp.stage import StageRunner
+from localloss_pp.pipeline.partition import Partition
+from localloss_pp.pipeline.stage import StageRunner
 from localloss_pp.train import build_links
-from localloss_pp.transport import config_fingerprint
+from localloss_pp.pipeline.transport import config_fingerprint
 
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
 
@@ -123,7 +123,7 @@ def _trace_window(spec: dict, env):
     t = spec.get("trace")
     if not t:
         return None
-    from localloss_pp.profiling import TraceWindow
+    from localloss_pp.observe.profiling import TraceWindow
     return TraceWindow((2, t["start"], t["steps"]), Path(t["dir"]) / f"stage{env.rank + 1}.json",
                        env.device)
 
@@ -170,7 +170,7 @@ def run_local(spec: dict, env) -> dict:
 
 
 def run_backprop1(spec: dict, env) -> dict:
-    from localloss_pp.globalmode import global_step
+    from localloss_pp.pipeline.globalmode import global_step
     cfg = _config(spec)
     model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1)
     for unit in model.units():

@@ -1,3 +1,3 @@
-from .cli import main
+from localloss_pp.cli import main
 
 raise SystemExit(main())

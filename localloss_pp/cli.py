@@ -10,15 +10,18 @@ import logging
 import os
 import sys
 
-from . import __version__
-from .config import DATASET_NAMES, MODEL_NAMES, ModelConfig, add_config_arguments, \
-    config_from_args, first_line
+from localloss_pp import __version__
+from localloss_pp.config import DATASET_NAMES, Config, ModelConfig, add_config_arguments, \
+    config_from_args
+from localloss_pp.models.registry import BUILTIN_MODELS, resolve_model
+from localloss_pp.observe.tensorboard import check_tensorboard
+from localloss_pp.errors import first_line
 
-__all__ = ["main", "build_parser", "import_before_process_group"]
+__all__ = ["main", "build_parser", "load_config"]
 
 log = logging.getLogger(__name__)
 
-# (model, dataset, feat-mult, num-layers, num-hidden) rows of SPEC.md section 5.3
+# (model, dataset, feat-mult, num-layers, num-hidden) rows of docs/algorithm.md section 5.3
 PARAM_TABLE = [
     ("mlp", "MNIST", 1, 3, 1024), ("mlp", "CIFAR10", 1, 3, 3000), ("mlp", "CIFAR100", 1, 3, 3000),
     ("vgg8b", "MNIST", 1, 1, 1024), ("vgg8b", "FashionMNIST", 2, 1, 1024),
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "predsim on the embedded mnist5k dataset.")
     add_config_arguments(train)
     params = sub.add_parser("params", help="print the paper's parameter count of a model")
-    params.add_argument("--model", default="vgg8b", help=f"one of {', '.join(MODEL_NAMES)}")
+    params.add_argument("--model", default="vgg8b", help=f"one of {', '.join(BUILTIN_MODELS)}")
     params.add_argument("--dataset", default="CIFAR10", help=f"one of {', '.join(DATASET_NAMES)}")
     params.add_argument("--feat-mult", type=float, default=1.0)
     params.add_argument("--num-layers", type=int, default=None,
@@ -69,13 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _count(model: str, dataset: str, feat_mult: float, num_layers: int, num_hidden: int,
            batch_norm: bool = True) -> tuple[int, list]:
-    from .config import LossConfig, validate, Config, DataConfig
-    from .data import DATASETS
-    from .models import build_model
+    from localloss_pp.config import LossConfig, validate, Config, DataConfig
+    from localloss_pp.data.datasets import DATASETS
+    from localloss_pp.models import build_model, resolve_model
     cfg = Config(model=ModelConfig(name=model, feat_mult=feat_mult, num_layers=num_layers,
                                    num_hidden=num_hidden, batch_norm=batch_norm),
                  data=DataConfig(dataset=dataset))
     validate(cfg)
+    resolve_model(cfg.model)
     info = DATASETS[cfg.data.dataset]
     net = build_model(cfg.model, LossConfig(backprop=True), info.input_shape, info.num_classes, 0,
                       materialize=())
@@ -106,18 +110,18 @@ def _cmd_params(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .distributed import torchrun_world
-    from .metrics import setup_logging
-    from .train import run_training
+    from localloss_pp.pipeline.distributed import import_before_process_group, torchrun_world
+    from localloss_pp.observe.metrics import setup_logging
+    from localloss_pp.train import run_training
     rank, world, _, _ = torchrun_world()
     setup_logging(rank, world)
     if world > 1:
         log.info("pid %d", os.getpid())
-    cfg = config_from_args(args)
-    from .faults import armed
+    cfg = load_config(args)
+    from localloss_pp.faults import armed
     armed()  # a malformed LOCALLOSS_PP_FAULT is bad input like any other
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker dies with its agent
-        from .rundir import stop_with_parent
+        from localloss_pp.run.rundir import stop_with_parent
         stop_with_parent()
     import_before_process_group()
     if world == 1:
@@ -139,14 +143,15 @@ def _cmd_train(args) -> int:
         os._exit(2 if isinstance(exc, ValueError) else 1)
 
 
-def import_before_process_group() -> None:
-    """Import the modules that a run would otherwise import lazily after joining the process
-    group (torchvision, and torch._dynamo through it, torch.compile and the profiler). Imported
-    later, they kept references to the default group alive past destroy_process_group(), and
-    gloo's threads were then torn down during interpreter finalisation, which aborted about
-    one finished three-stage run in eight ("terminate called without an active exception")."""
-    import torch._dynamo  # noqa: F401
-    import torchvision  # noqa: F401
+def load_config(args) -> Config:
+    """The run's config from a parsed `train` command line, with the launch-time checks that
+    need more than the config itself: the model name against the registry (after importing
+    --model-module) and TensorBoard being installed when --tensorboard asks for it."""
+    cfg = config_from_args(args)
+    resolve_model(cfg.model)
+    if cfg.train.tensorboard:
+        check_tensorboard()
+    return cfg
 
 
 def _report(result) -> int:
@@ -159,7 +164,7 @@ def _report(result) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from .plots import plot_run
+    from localloss_pp.observe.plots import plot_run
     epochs = None
     if args.epochs:
         try:
@@ -173,13 +178,13 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_timeline(args) -> int:
-    from .profiling import plot_timeline
+    from localloss_pp.observe.profiling import plot_timeline
     print(f"wrote {plot_timeline(args.run_dir, args.out)}")
     return 0
 
 
 def _cmd_compare(args) -> int:
-    from .compare import compare_table, load_run, plot_compare
+    from localloss_pp.observe.compare import compare_table, load_run, plot_compare
     if len(args.run_dirs) < 2:
         raise ValueError("compare needs at least two run directories")
     runs = [load_run(d) for d in args.run_dirs]

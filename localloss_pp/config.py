@@ -20,14 +20,10 @@ from typing import Any
 __all__ = [
     "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
     "QUICKSTART", "REFERENCE_FLAGS", "add_config_arguments", "config_from_args", "load_toml",
-    "build_config", "validate", "to_toml", "lr_at_epoch", "first_line", "RunMode",
+    "build_config", "validate", "to_toml", "lr_at_epoch", "RunMode",
     "parse_profile",
 ]
 
-MODEL_NAMES = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
-               "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-               "wresnet10-8", "wresnet10-8a", "wresnet16-4", "wresnet16-4a", "wresnet16-8",
-               "wresnet16-8a", "wresnet28-10", "wresnet28-10a", "wresnet40-10", "wresnet40-10a")
 DATASET_NAMES = ("mnist5k", "MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100",
                  "SVHN", "STL10", "ImageNet")
 LOSS_SUP = ("pred", "sim", "predsim")
@@ -322,115 +318,125 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return build_config(file_values, cli)
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
 def validate(cfg: Config) -> None:
-    """Raise ValueError naming the first bad value and how to fix it; canonicalise names."""
-    m, lo, d, o, t = cfg.model, cfg.loss, cfg.data, cfg.optim, cfg.train
-    if m.module:  # a user's models register themselves when their module is imported
-        from .models import load_model_module
-        load_model_module(m.module)
-    if m.name.lower().startswith("wresnet"):  # any wresnet<6n+4>-<k>[a], not only the table's
-        from .resnets import parse_wresnet
-        m.name = m.name.lower()
-        parse_wresnet(m.name)
-    elif m.name.lower() in (n.lower() for n in MODEL_NAMES):
-        m.name = _canonical(m.name, MODEL_NAMES, "model", "--model")
-    else:
-        from .models import model_builder, registered_models
-        if model_builder(m.name) is None:
-            raise ValueError(f"unknown model {m.name!r} (--model); choose one of: "
-                             f"{', '.join(registered_models())}, wresnet<depth>-<width>[a]; or "
-                             "register your own and name its module with --model-module "
-                             "(README \"Your own model\")")
-    if m.pre_act and not m.name.startswith("resnet"):
-        raise ValueError(f"--pre-act chooses the pre-activation ResNet (resnet18 ... resnet152); "
-                         f"{m.name} has no such variant (Wide-ResNet blocks are always "
-                         "pre-activation): drop --pre-act")
-    d.dataset = _canonical(d.dataset, DATASET_NAMES, "dataset", "--dataset")
+    """Raise ValueError naming the first bad value and how to fix it; canonicalise names.
+
+    One check per section, then the rules that span sections. The model's name is checked
+    against the registry at launch (models.registry.resolve_model): the config knows no model
+    code."""
+    _check_model(cfg.model)
+    _check_loss(cfg.loss)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_train(cfg.train)
+    _check_modes(cfg)
+
+
+def _check_model(m: ModelConfig) -> None:
+    m.nonlin = _canonical(m.nonlin, NONLINS, "nonlinearity", "--nonlin")
+    _need(m.num_layers >= 0, f"--num-layers must be >= 0, got {m.num_layers}")
+    _need(m.name.lower() != "mlp" or m.num_layers >= 1,
+          "--num-layers must be >= 1 for the mlp (it is its number of hidden layers)")
+    _need(m.num_hidden >= 1, f"--num-hidden must be >= 1, got {m.num_hidden}")
+    _need(_finite(m.feat_mult) and m.feat_mult > 0, f"--feat-mult must be > 0, got {m.feat_mult}")
+    _need(_finite(m.dropout) and 0 <= m.dropout < 1,
+          f"--dropout must be in [0, 1), got {m.dropout}")
+    _need(m.dim_in_decoder >= 1, f"--dim-in-decoder must be >= 1, got {m.dim_in_decoder}")
+
+
+def _check_loss(lo: LossConfig) -> None:
     lo.loss_sup = _canonical(lo.loss_sup, LOSS_SUP, "supervised loss", "--loss-sup")
     lo.loss_unsup = _canonical(lo.loss_unsup, LOSS_UNSUP, "unsupervised loss", "--loss-unsup")
+    _need(_finite(lo.alpha) and 0 <= lo.alpha <= 1, f"--alpha must be in [0, 1], got {lo.alpha}")
+    _need(_finite(lo.beta) and 0 <= lo.beta <= 1, f"--beta must be in [0, 1], got {lo.beta}")
+    _need(lo.target_proj_size >= 1,
+          f"--target-proj-size must be >= 1, got {lo.target_proj_size}")
+    _need(not (lo.backprop and not lo.detach),
+          "--backprop and --no-detach cannot be combined: --backprop already trains end to end")
+    _need(not (lo.backprop and lo.bio), "--backprop and --bio cannot be combined: --bio changes "
+          "the local losses, which --backprop does not use")
+
+
+def _check_data(d: DataConfig) -> None:
+    d.dataset = _canonical(d.dataset, DATASET_NAMES, "dataset", "--dataset")
+    _need(d.batch_size >= 1, f"--batch-size must be >= 1, got {d.batch_size}")
+    _need(d.classes_per_batch >= 0,
+          f"--classes-per-batch must be >= 0, got {d.classes_per_batch}")
+    _need(d.classes_per_batch_until_epoch >= 0, "--classes-per-batch-until-epoch must be >= 0, "
+          f"got {d.classes_per_batch_until_epoch}")
+    _need(d.n_holes >= 1, f"--n_holes must be >= 1, got {d.n_holes}")
+    _need(d.length >= 1, f"--length must be >= 1, got {d.length}")
+    _need(str(d.num_workers) == "auto" or str(d.num_workers).isdigit(),
+          f"--num-workers must be 'auto' or a count >= 0, got {d.num_workers!r}")
+
+
+def _check_optim(o: OptimConfig) -> None:
     o.optim = _canonical(o.optim, OPTIMS, "optimizer", "--optim")
-    m.nonlin = _canonical(m.nonlin, NONLINS, "nonlinearity", "--nonlin")
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(msg)
-
-    def finite(x: float) -> bool:
-        return math.isfinite(x)
-
-    need(m.num_layers >= 0, f"--num-layers must be >= 0, got {m.num_layers}")
-    need(m.name != "mlp" or m.num_layers >= 1,
-         "--num-layers must be >= 1 for the mlp (it is its number of hidden layers)")
-    need(m.num_hidden >= 1, f"--num-hidden must be >= 1, got {m.num_hidden}")
-    need(finite(m.feat_mult) and m.feat_mult > 0, f"--feat-mult must be > 0, got {m.feat_mult}")
-    need(finite(m.dropout) and 0 <= m.dropout < 1,
-         f"--dropout must be in [0, 1), got {m.dropout}")
-    need(m.dim_in_decoder >= 1, f"--dim-in-decoder must be >= 1, got {m.dim_in_decoder}")
-    need(finite(lo.alpha) and 0 <= lo.alpha <= 1, f"--alpha must be in [0, 1], got {lo.alpha}")
-    need(finite(lo.beta) and 0 <= lo.beta <= 1, f"--beta must be in [0, 1], got {lo.beta}")
-    need(lo.target_proj_size >= 1, f"--target-proj-size must be >= 1, got {lo.target_proj_size}")
-    need(not (lo.backprop and not lo.detach),
-         "--backprop and --no-detach cannot be combined: --backprop already trains end to end")
-    need(not (lo.backprop and lo.bio), "--backprop and --bio cannot be combined: --bio changes the "
-         "local losses, which --backprop does not use")
-    need(d.batch_size >= 1, f"--batch-size must be >= 1, got {d.batch_size}")
-    need(d.classes_per_batch >= 0, f"--classes-per-batch must be >= 0, got {d.classes_per_batch}")
-    need(d.classes_per_batch_until_epoch >= 0, "--classes-per-batch-until-epoch must be >= 0, "
-         f"got {d.classes_per_batch_until_epoch}")
-    need(d.n_holes >= 1, f"--n_holes must be >= 1, got {d.n_holes}")
-    need(d.length >= 1, f"--length must be >= 1, got {d.length}")
-    need(str(d.num_workers) == "auto" or str(d.num_workers).isdigit(),
-         f"--num-workers must be 'auto' or a count >= 0, got {d.num_workers!r}")
-    need(finite(o.lr) and o.lr > 0, f"--lr must be > 0, got {o.lr}")
-    need(finite(o.momentum) and o.momentum >= 0, f"--momentum must be >= 0, got {o.momentum}")
-    need(o.optim == "sgd" or o.momentum == 0,
-         f"--momentum {o.momentum} only applies to --optim sgd; drop it or use --optim sgd")
-    need(finite(o.weight_decay) and o.weight_decay >= 0,
-         f"--weight-decay must be >= 0, got {o.weight_decay}")
-    need(finite(o.lr_decay_fact) and o.lr_decay_fact > 0,
-         f"--lr-decay-fact must be > 0, got {o.lr_decay_fact}")
+    _need(_finite(o.lr) and o.lr > 0, f"--lr must be > 0, got {o.lr}")
+    _need(_finite(o.momentum) and o.momentum >= 0, f"--momentum must be >= 0, got {o.momentum}")
+    _need(o.optim == "sgd" or o.momentum == 0,
+          f"--momentum {o.momentum} only applies to --optim sgd; drop it or use --optim sgd")
+    _need(_finite(o.weight_decay) and o.weight_decay >= 0,
+          f"--weight-decay must be >= 0, got {o.weight_decay}")
+    _need(_finite(o.lr_decay_fact) and o.lr_decay_fact > 0,
+          f"--lr-decay-fact must be > 0, got {o.lr_decay_fact}")
     ms = o.lr_decay_milestones
-    need(all(b > a for a, b in zip(ms, ms[1:])),
-         f"--lr-decay-milestones must be strictly increasing, got {' '.join(map(str, ms))}")
-    need(all(x >= 1 for x in ms), f"--lr-decay-milestones must be epochs >= 1, got {ms}")
-    need(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
-    need(t.threads_per_rank >= 0,
-         f"--threads-per-rank must be >= 0 (0 = cores / local ranks), got {t.threads_per_rank}")
+    _need(all(b > a for a, b in zip(ms, ms[1:])),
+          f"--lr-decay-milestones must be strictly increasing, got {' '.join(map(str, ms))}")
+    _need(all(x >= 1 for x in ms), f"--lr-decay-milestones must be epochs >= 1, got {ms}")
+
+
+def _check_train(t: TrainConfig) -> None:
+    _need(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
+    _need(t.threads_per_rank >= 0,
+          f"--threads-per-rank must be >= 0 (0 = cores / local ranks), got {t.threads_per_rank}")
     t.backend = t.backend.lower()
-    need(t.backend in ("auto", "gloo", "nccl"),
-         f"--backend must be auto, gloo or nccl, got {t.backend!r}")
-    need(t.queue_depth >= 1, f"--queue-depth must be >= 1, got {t.queue_depth}")
-    need(t.num_replicas >= 1, f"--replicas must be >= 1, got {t.num_replicas}")
+    _need(t.backend in ("auto", "gloo", "nccl"),
+          f"--backend must be auto, gloo or nccl, got {t.backend!r}")
+    _need(t.queue_depth >= 1, f"--queue-depth must be >= 1, got {t.queue_depth}")
+    _need(t.num_replicas >= 1, f"--replicas must be >= 1, got {t.num_replicas}")
     t.precision = t.precision.lower()
-    need(t.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {t.precision!r}")
-    need(not ((lo.backprop or not lo.detach) and (t.precision != "fp32" or t.compile
-                                                    or t.channels_last)),
-         "--precision bf16, --channels-last and --compile apply to local training; drop them "
-         "for --backprop and --no-detach runs")
-    need(finite(t.timeout_s) and t.timeout_s > 0, f"--timeout-s must be > 0, got {t.timeout_s}")
-    need(t.checkpoint_every >= 0,
-         f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")
-    need(t.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {t.keep_checkpoints}")
-    need(t.log_every >= 0, f"--log-every must be >= 0 (0 = per epoch only), got {t.log_every}")
-    need(not t.log_every or t.tensorboard, "--log-every writes TensorBoard scalars: add "
-         "--tensorboard (event files in RUN_DIR/tb, or --tensorboard FOLDER)")
-    if t.tensorboard:
-        from .tblog import check_tensorboard
-        check_tensorboard()
+    _need(t.precision in ("fp32", "bf16"),
+          f"--precision must be fp32 or bf16, got {t.precision!r}")
+    _need(_finite(t.timeout_s) and t.timeout_s > 0, f"--timeout-s must be > 0, got {t.timeout_s}")
+    _need(t.checkpoint_every >= 0,
+          f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")
+    _need(t.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _need(t.log_every >= 0, f"--log-every must be >= 0 (0 = per epoch only), got {t.log_every}")
+    _need(not t.log_every or t.tensorboard, "--log-every writes TensorBoard scalars: add "
+          "--tensorboard (event files in RUN_DIR/tb, or --tensorboard FOLDER)")
     if t.profile:
         parse_profile(t.profile)
-    need(not (t.checkpoint_every and (lo.backprop or not lo.detach)),
-         "--checkpoint-every needs local training; --backprop and --no-detach runs are "
-         "checkpointed at the end of every epoch")
     t.partition = t.partition.replace(" ", "").lower()
-    need(t.partition in ("params", "auto") or all(p.isdigit() and int(p) >= 1
-                                                  for p in t.partition.split(",")),
-         f"--partition must be params, auto or block counts per stage like 3,3,2 "
-         f"(each >= 1), got {t.partition!r}")
+    _need(t.partition in ("params", "auto") or all(p.isdigit() and int(p) >= 1
+                                                   for p in t.partition.split(",")),
+          f"--partition must be params, auto or block counts per stage like 3,3,2 "
+          f"(each >= 1), got {t.partition!r}")
     dev = t.device.lower()
-    need(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
-         f"--device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _need(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+          f"--device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     t.device = dev
+
+
+def _check_modes(cfg: Config) -> None:
+    """The rules between sections: what the end-to-end modes do not support."""
+    lo, t = cfg.loss, cfg.train
+    end_to_end = lo.backprop or not lo.detach
+    _need(not (end_to_end and (t.precision != "fp32" or t.compile or t.channels_last)),
+          "--precision bf16, --channels-last and --compile apply to local training; drop them "
+          "for --backprop and --no-detach runs")
+    _need(not (t.checkpoint_every and end_to_end),
+          "--checkpoint-every needs local training; --backprop and --no-detach runs are "
+          "checkpointed at the end of every epoch")
 
 
 def parse_profile(spec: str) -> tuple[int, int, int]:
@@ -476,8 +482,3 @@ def to_toml(cfg: Config) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (its type name when it has none): what a one-line
-    error report shows."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

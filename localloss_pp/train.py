@@ -18,25 +18,31 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint, load_model_state,
-                         load_units, save_model)
-from .config import Config, RunMode, first_line, lr_at_epoch, parse_profile, to_toml
-from .globalmode import GlobalRunner
-from .data import DATASETS, build_sources, resolve_num_workers
-from .distributed import DistEnv, all_agree, broadcast_from, gather_to, init_distributed, \
-    gather_all, replica_groups, shutdown, torchrun_world
-from .faults import fault_point
-from .metrics import (append_jsonl, log_blocks, log_epoch, merge_stage_summaries, read_jsonl,
-                      setup_logging, stage_summary)
-from .models import build_model, combine_digests, count_params, state_digest
-from .partition import Partition, choose_partition
-from .replicas import Layout, ReplicaSync, layout_for, shard_bounds
-from .resume import ResumePlan, StageCheckpointer, kept_metrics, plan_resume, reconcile_metrics
-from .rundir import RunDirLock, clean_run_dir, release_locks
-from .profiling import TraceWindow
-from .stage import StageRunner
-from .tblog import TensorBoardLog, tensorboard_dir
-from .transport import Receiver, Sender, config_fingerprint
+from localloss_pp.run.checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint,
+                                         load_model_state, load_units, save_model)
+from localloss_pp.config import Config, RunMode, lr_at_epoch, parse_profile, to_toml
+from localloss_pp.errors import first_line
+from localloss_pp.pipeline.globalmode import GlobalRunner
+from localloss_pp.data.datasets import DATASETS, build_sources, resolve_num_workers
+from localloss_pp.pipeline.distributed import (DistEnv, all_agree, broadcast_from, gather_to,
+                                               init_distributed, gather_all, replica_groups,
+                                               shutdown, torchrun_world)
+from localloss_pp.faults import fault_point
+from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
+                                          merge_stage_summaries, read_jsonl, setup_logging,
+                                          stage_summary)
+from localloss_pp.models import build_model, combine_digests, count_params, resolve_model, \
+    state_digest
+from localloss_pp.pipeline.partition import Partition, choose_partition
+from localloss_pp.layout import Layout, layout_for, shard_bounds
+from localloss_pp.pipeline.replicas import ReplicaSync
+from localloss_pp.run.resume import (ResumePlan, StageCheckpointer, kept_metrics, plan_resume,
+                                     reconcile_metrics)
+from localloss_pp.run.rundir import RunDirLock, clean_run_dir, release_locks
+from localloss_pp.observe.profiling import TraceWindow
+from localloss_pp.pipeline.stage import StageRunner
+from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
+from localloss_pp.pipeline.transport import Receiver, Sender, config_fingerprint
 
 __all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "build_links"]
 
@@ -53,7 +59,7 @@ class RunResult:
 
 
 def run_tag(cfg: Config) -> str:
-    """The reference's run-tag (SPEC.md 6.6), used under --save-dir."""
+    """The reference's run-tag (docs/algorithm.md 6.6), used under --save-dir."""
     m, lo, d, o = cfg.model, cfg.loss, cfg.data, cfg.optim
     drop = f"drop{m.dropout}" + (f"_cutout{d.n_holes}x{d.length}" if d.cutout else "")
     return "_".join([
@@ -128,7 +134,7 @@ def _check_shared_run_dir(env, layout, nodes, run_dir: Path, writer: int) -> Non
 def run_training(cfg: Config) -> RunResult | None:
     """Train as configured. Returns the result on the writer rank, None on the other ranks.
 
-    The phases of a run, in order (DESIGN.md): launch checks (no process group yet), set-up
+    The phases of a run, in order (docs/architecture.md, "Phases of a run"): launch checks (no process group yet), set-up
     collectives (with the resume state), links, epochs, finish. On an error the caller exits at
     once: no collective teardown."""
     _, world, _, _ = torchrun_world()
@@ -181,7 +187,9 @@ def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0
 
 
 def _check_launch(cfg: Config, world: int) -> Layout:
-    """The stages x replicas layout of a world of `world` processes, or a clear error."""
+    """The stages x replicas layout of a world of `world` processes, or a clear error; the
+    model name checked against the registry."""
+    resolve_model(cfg.model)
     layout = layout_for(world, cfg.train.num_replicas)
     S, mode = layout.num_stages, RunMode.of(cfg)
     if S > 1 and mode != RunMode.LOCAL:

@@ -7,7 +7,7 @@ import sys
 import time
 
 from launch import ROOT, Streamed, _env, digest, launch, ok, records
-from localloss_pp.rundir import RunDirLock, release_locks
+from localloss_pp.run.rundir import RunDirLock, release_locks
 
 ARGS = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden",
         "32", "--dropout", "0.1", "--epochs", "2", "--threads-per-rank", "1", "--no-progress",

@@ -20,7 +20,7 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch.distributed as dist
 
-    from localloss_pp import transport
+    from localloss_pp.pipeline import transport
     from localloss_pp.cli import build_parser
     from localloss_pp.config import config_from_args
     from localloss_pp.train import run_training

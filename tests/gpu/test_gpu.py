@@ -119,7 +119,7 @@ def test_no_host_sync_in_steady_state_batches(tmp_path, monkeypatch, procs, extr
 
 def test_device_resident_batches_match_the_cpu_path():
     from localloss_pp.config import DataConfig
-    from localloss_pp.data import build_sources
+    from localloss_pp.data.datasets import build_sources
     cfg = DataConfig(dataset="mnist5k", batch_size=200, cutout=True)
     cpu_train, cpu_test, _ = build_sources(cfg, 1, torch.device("cpu"))
     gpu_train, gpu_test, _ = build_sources(cfg, 1, torch.device("cuda"))
@@ -141,7 +141,7 @@ def test_image_folder_batches_arrive_pinned_on_the_gpu(tmp_path):
     from PIL import Image
 
     from localloss_pp.config import DataConfig
-    from localloss_pp.data import build_sources
+    from localloss_pp.data.datasets import build_sources
     for split in ("train", "val"):
         for c in ("a", "b"):
             folder = tmp_path / "ImageNet" / split / c

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from localloss_pp.checkpoint import latest_checkpoint, read_manifest
+from localloss_pp.run.checkpoint import latest_checkpoint, read_manifest
 from localloss_pp.cli import main
 
 TINY = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "32",

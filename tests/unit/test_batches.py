@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from localloss_pp.batches import BatchAugment, augment_seed, normalize
+from localloss_pp.data.batches import BatchAugment, normalize
+from localloss_pp.seeds import augment_seed
 from localloss_pp.config import DataConfig
-from localloss_pp.data import DATASETS, Cutout, Mnist5k, build_sources, dataset_arrays
+from localloss_pp.data.datasets import DATASETS, Cutout, Mnist5k, build_sources, dataset_arrays
 
 CPU = torch.device("cpu")
 
@@ -187,7 +188,7 @@ def test_image_folder_batches_do_not_depend_on_the_worker_count(tmp_path):
 
 
 def test_num_workers_auto_rule():
-    from localloss_pp.data import resolve_num_workers
+    from localloss_pp.data.datasets import resolve_num_workers
     assert resolve_num_workers("3", CPU, 2, 1) == 3
     cores = __import__("os").cpu_count()
     assert resolve_num_workers("auto", CPU, 2, cores // 2) == cores - 2 * (cores // 2)

@@ -1,10 +1,10 @@
 import torch
 
-from localloss_pp.blocks import LocalConvBlock, LocalLinearBlock
+from localloss_pp.models.blocks import LocalConvBlock, LocalLinearBlock
 from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
-from localloss_pp.losses import onehot
+from localloss_pp.models.losses import onehot
 from localloss_pp.models import build_model
-from localloss_pp.stage import forwards, local_updates
+from localloss_pp.pipeline.stage import forwards, local_updates
 
 CPU = torch.device("cpu")
 
@@ -141,7 +141,7 @@ def test_run_of_blocks_equals_block_by_block_reference_order():
 
 
 def test_backprop_and_nodetach_steps_reach_earlier_blocks():
-    from localloss_pp.globalmode import global_step
+    from localloss_pp.pipeline.globalmode import global_step
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
     Y = onehot(y, 10)
     cfg = ModelConfig(name="mlp", num_layers=2, num_hidden=32)

@@ -3,15 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from localloss_pp.cli import build_parser
-from localloss_pp.config import (OptimConfig, build_config, config_from_args, load_toml,
+from localloss_pp.cli import build_parser, load_config
+from localloss_pp.config import (OptimConfig, build_config, load_toml,
                                  lr_at_epoch, to_toml)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse(*argv):
-    return config_from_args(build_parser().parse_args(["train", *argv]))
+    return load_config(build_parser().parse_args(["train", *argv]))
 
 
 @pytest.mark.parametrize("epoch,expected", [(1, 1), (200, 1), (201, 1 / 4), (300, 1 / 4),

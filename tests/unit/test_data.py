@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from localloss_pp.config import DataConfig
-from localloss_pp.data import (Cutout, DatasetNotFoundError, NClassRandomSampler, build_datasets,
-                               build_sources, dataset_labels)
+from localloss_pp.data.datasets import (Cutout, DatasetNotFoundError, NClassRandomSampler,
+                                        build_datasets, build_sources, dataset_labels)
 
 
 def batches_of(sampler, batch_size):
@@ -192,7 +192,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, name):
 
 @pytest.mark.parametrize("n,replicas", [(128, 2), (33, 2), (10, 3), (7, 7), (5, 1)])
 def test_replica_shards_cover_every_batch_once(n, replicas):
-    from localloss_pp.replicas import shard_bounds
+    from localloss_pp.layout import shard_bounds
     bounds = [shard_bounds(n, r, replicas) for r in range(replicas)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
@@ -202,7 +202,7 @@ def test_replica_shards_cover_every_batch_once(n, replicas):
 
 def test_replica_loaders_split_the_global_batches():
     from localloss_pp.config import DataConfig
-    from localloss_pp.batches import EpochBatches, ShardedBatches
+    from localloss_pp.data.batches import EpochBatches, ShardedBatches
     labels = np.arange(50) % 10
     for cfg in (DataConfig(dataset="mnist5k", batch_size=8),
                 DataConfig(dataset="mnist5k", batch_size=8, classes_per_batch=2)):

@@ -1,7 +1,7 @@
 """The rank layout of stages x replicas (the multi-process behaviour is in tests/dist)."""
 import pytest
 
-from localloss_pp.replicas import Layout, layout_for
+from localloss_pp.layout import Layout, layout_for
 
 
 def test_rank_layout_keeps_each_replica_chain_on_consecutive_ranks():

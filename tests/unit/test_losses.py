@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from localloss_pp.blocks import LinearFA
-from localloss_pp.losses import onehot, pred_bio_loss, sim_loss, similarity_matrix
+from localloss_pp.models.blocks import LinearFA
+from localloss_pp.models.losses import onehot, pred_bio_loss, sim_loss, similarity_matrix
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])

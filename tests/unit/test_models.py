@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from localloss_pp.blocks import decoder_pool
+from localloss_pp.models.blocks import decoder_pool
 from localloss_pp.config import LossConfig, ModelConfig
-from localloss_pp.data import DATASETS
+from localloss_pp.data.datasets import DATASETS
 from localloss_pp.models import build_model, count_params, model_digest
 
-# SPEC.md section 5.3: (model, dataset, feat-mult, num-layers, num-hidden, count)
+# docs/algorithm.md section 5.3: (model, dataset, feat-mult, num-layers, num-hidden, count)
 PARAM_COUNTS = [
     ("mlp", "MNIST", 1, 3, 1024, 2_919_434),
     ("mlp", "FashionMNIST", 1, 3, 1024, 2_919_434),
@@ -41,7 +41,7 @@ def test_vgg8b_cifar10_per_layer_counts():
     assert per_unit == [3840, 295680, 590592, 1181184, 2360832, 2360832, 2100224, 10250]
 
 
-# SPEC.md appendix A: (channels, map size, dim-in-decoder) -> (kernel, padding, pooled, d)
+# docs/algorithm.md appendix A: (channels, map size, dim-in-decoder) -> (kernel, padding, pooled, d)
 POOLS = [
     # vgg8b CIFAR-10 / SVHN, 2048
     (128, 32, 2048, (8, 8), (0, 0), (4, 4), 2048), (256, 32, 2048, (16, 8), (0, 0), (2, 4), 2048),

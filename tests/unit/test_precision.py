@@ -4,8 +4,8 @@ import torch
 
 from localloss_pp.cli import main
 from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
-from localloss_pp.losses import onehot
-from localloss_pp.metrics import read_jsonl
+from localloss_pp.models.losses import onehot
+from localloss_pp.observe.metrics import read_jsonl
 from localloss_pp.models import build_model
 
 CPU = torch.device("cpu")

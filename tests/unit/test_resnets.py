@@ -1,14 +1,14 @@
-"""ResNets and Wide-ResNets (SPEC.md 5.5): the paper-sense parameter counts of the reference,
+"""ResNets and Wide-ResNets (docs/algorithm.md 5.5): the paper-sense parameter counts of the reference,
 the reference's bugs fixed, and every training mode on a unit of each kind."""
 import pytest
 import torch
 
 from localloss_pp.config import LossConfig, ModelConfig, OptimConfig, RunMode, build_config
-from localloss_pp.data import DATASETS
-from localloss_pp.globalmode import global_step
-from localloss_pp.losses import onehot
-from localloss_pp.models import build_model, count_params, model_digest
-from localloss_pp.stage import forwards, local_updates
+from localloss_pp.data.datasets import DATASETS
+from localloss_pp.pipeline.globalmode import global_step
+from localloss_pp.models.losses import onehot
+from localloss_pp.models import build_model, count_params, model_digest, resolve_model
+from localloss_pp.pipeline.stage import forwards, local_updates
 
 CPU = torch.device("cpu")
 
@@ -115,7 +115,7 @@ def test_pre_act_resnet_and_its_refusal_elsewhere():
         count_params(ModelConfig(name="resnet18"), info.input_shape, 10)
     for name in ("vgg8b", "mlp", "wresnet16-4"):
         with pytest.raises(ValueError, match="--pre-act chooses the pre-activation ResNet"):
-            build_config(cli_values={"model": {"name": name, "pre_act": True}})
+            resolve_model(build_config(cli_values={"model": {"name": name, "pre_act": True}}).model)
 
 
 def test_wide_resnet_head_batchnorm_is_trained_in_local_mode():
@@ -143,7 +143,7 @@ def test_wide_resnet_dropout_placement():
 @pytest.mark.parametrize("bad", ["wresnet12-4", "wresnet16", "wresnet16-0"])
 def test_wide_resnet_names_are_checked(bad):
     with pytest.raises(ValueError, match="Wide-ResNet"):
-        build_config(cli_values={"model": {"name": bad}})
+        resolve_model(build_config(cli_values={"model": {"name": bad}}).model)
 
 
 def test_units_are_seeded_by_their_index():

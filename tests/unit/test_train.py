@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from localloss_pp.cli import main
-from localloss_pp.metrics import read_jsonl
+from localloss_pp.observe.metrics import read_jsonl
 
 SMALL = ["--num-hidden", "128"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_run_directory_contents(tmp_path):
     assert main(["train", "--epochs", "1", "--run-dir", str(run)]) == 2
     assert len(read_jsonl(run / "metrics.jsonl")) == 2
     # one permission policy: every file the run wrote has the mode the umask gives
-    from localloss_pp.checkpoint import FILE_MODE
+    from localloss_pp.run.checkpoint import FILE_MODE
     modes = {p.relative_to(run): p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
     assert len(modes) > 8 and set(modes.values()) == {FILE_MODE}, modes
 

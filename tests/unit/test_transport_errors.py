@@ -2,7 +2,7 @@
 import pytest
 import torch.distributed as dist
 
-from localloss_pp.transport import PeerLostError, guarded, is_peer_loss
+from localloss_pp.pipeline.transport import PeerLostError, guarded, is_peer_loss
 
 
 def _raise(exc):

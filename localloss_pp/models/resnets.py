@@ -1,4 +1,4 @@
-"""ResNets and Wide-ResNets trained with local losses (SPEC.md 5.5), as pipeline units.
+"""ResNets and Wide-ResNets trained with local losses (docs/algorithm.md 5.5), as pipeline units.
 
 Every conv inside a residual block is a locally trained conv with its own local loss (decoder,
 similarity head); the last conv of a block adds the shortcut (after its BatchNorm in a
@@ -9,7 +9,7 @@ one optimizer over all its parameters: Adam/SGD act per parameter, and no gradie
 one conv's loss into another conv (their inputs are detached), so this is the same update as
 one optimizer per conv and one for the shortcut, as the reference has.
 
-Fixed, not reproduced (README "Differences from the reference implementation"):
+Fixed, not reproduced (docs/algorithm.md section 9):
 - each conv's decoder pool is sized for its real output resolution (the reference's
   cumulative-stride bookkeeping gives BasicBlock's first strided conv the input resolution, so
   pred/predsim on resnet18/34 crash there), also for the Wide-ResNet stem (hard-coded 32 there);
@@ -26,8 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import (LocalConvBlock, OutputLayer, OwnOptimizer, _amp_settings, _autocast,
-                     _default_init, derive_seed, make_optimizer, output_loss_scale)
+from localloss_pp.models.blocks import (LocalConvBlock, OutputLayer, OwnOptimizer, _amp_settings,
+                                        _autocast, _default_init, make_optimizer,
+                                        output_loss_scale)
+from localloss_pp.seeds import derive_seed
 
 __all__ = ["ResConv", "ConvUnit", "NormOutputLayer", "RESNET_DEPTHS", "build_resnet",
            "build_wresnet", "is_resnet", "is_wresnet", "parse_wresnet"]

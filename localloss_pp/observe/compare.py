@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .metrics import read_jsonl
+from localloss_pp.observe.metrics import read_jsonl
 
 __all__ = ["load_run", "compare_table", "plot_compare"]
 

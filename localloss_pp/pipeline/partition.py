@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import Config
-from .losses import onehot
-from .models import LocalModel, build_model
+from localloss_pp.config import Config
+from localloss_pp.models.losses import onehot
+from localloss_pp.models import LocalModel, build_model
 
 __all__ = ["Partition", "balanced_split", "parse_counts", "choose_partition",
            "profile_unit_times", "profile_data_ms", "time_ms", "fold_output", "unit_step",

@@ -1,4 +1,4 @@
-"""Datasets, transforms, cutout and the N-classes-per-batch sampler (SPEC.md section 3).
+"""Datasets, transforms, cutout and the N-classes-per-batch sampler (docs/algorithm.md section 3).
 
 Randomness of the data pipeline (shuffling, augmentation, cutout, the class sampler) lives here
 only, on the process that owns the data loader, and is seeded from the run seed.
@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from .batches import (BatchAugment, EpochBatches, LoaderBatches, NClassRandomSampler,
-                      ShardedBatches, TensorBatches)
-from .config import DataConfig, first_line
+from localloss_pp.data.batches import (BatchAugment, EpochBatches, LoaderBatches,
+                                       NClassRandomSampler, ShardedBatches, TensorBatches)
+from localloss_pp.config import DataConfig
+from localloss_pp.errors import first_line
 
 __all__ = ["DatasetInfo", "DATASETS", "DatasetNotFoundError", "Cutout", "NClassRandomSampler",
            "Mnist5k", "build_datasets", "build_sources", "dataset_labels", "dataset_arrays",

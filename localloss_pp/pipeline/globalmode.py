@@ -7,8 +7,8 @@ runner is the StageRunner without links; only the training step differs.
 """
 from __future__ import annotations
 
-from .config import RunMode
-from .stage import StageRunner
+from localloss_pp.config import RunMode
+from localloss_pp.pipeline.stage import StageRunner
 
 __all__ = ["GlobalRunner", "global_step"]
 

@@ -13,10 +13,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
-from .transport import guarded
+from localloss_pp.config import TrainConfig
+from localloss_pp.pipeline.transport import guarded
 
 __all__ = ["DistEnv", "init_distributed", "shutdown", "torchrun_world", "all_agree",
+           "import_before_process_group",
            "gather_to", "broadcast_from", "gather_all", "all_gather_json", "replica_groups"]
 
 log = logging.getLogger(__name__)
@@ -217,3 +218,13 @@ def broadcast_from(env: DistEnv, obj, src: int):
     if int(size):
         guarded("setup", dist.broadcast, buf, src=src, group=env.meta_group)
     return _decode(buf, int(size))
+
+
+def import_before_process_group() -> None:
+    """Import the modules that a run would otherwise import lazily after joining the process
+    group (torchvision, and torch._dynamo through it, torch.compile and the profiler). Imported
+    later, they kept references to the default group alive past destroy_process_group(), and
+    gloo's threads were then torn down during interpreter finalisation, which aborted about
+    one finished three-stage run in eight ("terminate called without an active exception")."""
+    import torch._dynamo  # noqa: F401
+    import torchvision  # noqa: F401

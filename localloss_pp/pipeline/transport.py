@@ -32,7 +32,7 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-from .config import first_line
+from localloss_pp.errors import first_line
 
 __all__ = ["Kind", "TRAIN", "EVAL", "END_TRAIN", "END_EVAL", "STOP", "KIND_NAMES", "Message",
            "Sender", "Receiver", "ShapeMismatchError", "PeerLostError", "config_fingerprint",

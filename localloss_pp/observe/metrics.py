@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from .blocks import STAT_FIELDS
-from .config import first_line
+from localloss_pp.models.blocks import STAT_FIELDS
+from localloss_pp.errors import first_line
 
 __all__ = ["setup_logging", "EpochStats", "StageClock", "StageTimes", "FiniteWatch", "SyncDebug",
            "append_jsonl", "read_jsonl", "read_records", "progress", "NonFiniteLossError",

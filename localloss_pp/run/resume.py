@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes, checkpoint_name,
-                         latest_checkpoint, load_units, prune_checkpoints, read_manifest,
-                         restore_unit, save_stage_checkpoint, semantic_config, unit_checkpoint,
-                         write_manifest)
-from .blocks import derive_seed
-from .config import build_config, first_line, load_toml
-from .faults import fault_point
-from .metrics import read_records
+from localloss_pp.run.checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes,
+                                         checkpoint_name, latest_checkpoint, load_units,
+                                         prune_checkpoints, read_manifest, restore_unit,
+                                         save_stage_checkpoint, semantic_config, unit_checkpoint,
+                                         write_manifest)
+from localloss_pp.seeds import derive_seed
+from localloss_pp.config import build_config, load_toml
+from localloss_pp.errors import first_line
+from localloss_pp.faults import fault_point
+from localloss_pp.observe.metrics import read_records
 
 __all__ = ["ResumePlan", "plan_resume", "StageCheckpointer", "kept_metrics",
            "reconcile_metrics"]

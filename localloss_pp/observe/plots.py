@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .metrics import read_jsonl
+from localloss_pp.observe.metrics import read_jsonl
 
 __all__ = ["plot_run"]
 

@@ -3,7 +3,7 @@
 Every block is created with a seed derived from (run seed, block index) and uses only its own
 generators: one on the CPU for the initialisation of all its weights and fixed random matrices, one
 on its device for dropout masks. No block touches torch's process-global generator, so a block
-computes the same numbers whatever process or pipeline stage it runs in (DESIGN.md).
+computes the same numbers whatever process or pipeline stage it runs in (docs/architecture.md, "The one invariant").
 
 Training API, used the same way by the one-process loop and by a pipeline stage:
 ``out, ctx = block.train_forward(x)`` computes the (detached, max-pooled) output for the next
@@ -13,7 +13,6 @@ pre-dropout activation, backpropagates it into this block only, and steps the bl
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import types
 
@@ -21,21 +20,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LossConfig, OptimConfig
-from .losses import LinearFAFunction, LocalLoss
+from localloss_pp.config import LossConfig, OptimConfig
+from localloss_pp.models.losses import LinearFAFunction, LocalLoss
+from localloss_pp.seeds import derive_seed
 
-__all__ = ["derive_seed", "LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
+__all__ = ["LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
            "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS", "make_optimizer",
            "output_loss_scale", "OwnOptimizer"]
 
 # Order of the per-batch statistics vector returned by train_update/evaluate.
 STAT_FIELDS = ("loss", "loss_sim", "loss_pred", "correct")
-
-
-def derive_seed(seed: int, index: int, purpose: str) -> int:
-    """A 63-bit seed for (run seed, block index, purpose), independent of process layout."""
-    digest = hashlib.sha256(f"localloss-pp:{seed}:{index}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -142,7 +136,7 @@ def make_pool(kind: str) -> nn.Module:
 
 
 def decoder_pool(ch_out: int, dim_out: int, dim_in_decoder: int):
-    """Average pool that brings a conv map under `dim_in_decoder` values (SPEC.md 4.4).
+    """Average pool that brings a conv map under `dim_in_decoder` values (docs/algorithm.md 4.4).
 
     Returns (pool or None, pooled height, pooled width, decoder input size).
     """

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from .faults import armed, fault_point
-from .losses import onehot
-from .metrics import (EpochStats, FiniteWatch, NonFiniteLossError, StageClock, StageTimes,
-                      SyncDebug, progress)
-from .transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN, Kind, PeerLostError,
-                        Receiver, Sender, ShapeMismatchError)
+from localloss_pp.faults import armed, fault_point
+from localloss_pp.models.losses import onehot
+from localloss_pp.observe.metrics import (EpochStats, FiniteWatch, NonFiniteLossError, StageClock,
+                                          StageTimes, SyncDebug, progress)
+from localloss_pp.pipeline.transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN,
+                                             Kind, PeerLostError, Receiver, Sender,
+                                             ShapeMismatchError)
 
 __all__ = ["StageRunner", "StageFailure", "forwards", "local_updates"]
 

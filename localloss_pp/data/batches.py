@@ -24,17 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .blocks import derive_seed
-from .config import DataConfig
-from .replicas import shard_bounds
+from localloss_pp.seeds import augment_seed, derive_seed
+from localloss_pp.config import DataConfig
+from localloss_pp.layout import shard_bounds
 
 __all__ = ["BatchAugment", "NClassRandomSampler", "EpochBatches", "ShardedBatches",
-           "TensorBatches", "LoaderBatches", "normalize", "augment_seed"]
-
-
-def augment_seed(seed: int, epoch: int, replica: int, seq: int) -> int:
-    """Seed of the augmentation of batch `seq` of `epoch` on `replica` (a pure function)."""
-    return derive_seed(seed, epoch, f"augment/replica{replica}/batch{seq}")
+           "TensorBatches", "LoaderBatches", "normalize"]
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .config import first_line
-from .faults import fault_point
-from .models import LocalModel
+from localloss_pp.errors import first_line
+from localloss_pp.faults import fault_point
+from localloss_pp.models import LocalModel
 
 __all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "load_model_state", "unit_states",
            "semantic_config", "checkpoint_name", "unit_checkpoint", "restore_unit",
@@ -223,7 +223,7 @@ def write_manifest(folder: Path, num_stages: int, info: dict, timeout_s: float,
 
 
 def _version() -> str:
-    from . import __version__
+    from localloss_pp import __version__
     return __version__
 
 

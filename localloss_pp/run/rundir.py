@@ -21,7 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .checkpoint import MANIFEST, list_checkpoints
+from localloss_pp.run.checkpoint import MANIFEST, list_checkpoints
 
 __all__ = ["LOCK_NAME", "RunDirLock", "release_locks", "clean_run_dir", "stop_with_parent"]
 

@@ -1,0 +1,107 @@
+"""A model: an ordered list of pipeline units plus an output layer, built by the builder that
+the registry names; its parameter count and its digests."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn as nn
+
+from localloss_pp.config import LossConfig, ModelConfig
+from localloss_pp.models.blocks import OutputLayer
+from localloss_pp.models.registry import check_units, model_builder, registered_models
+
+__all__ = ["LocalModel", "build_model", "count_params", "model_digest", "unit_digest",
+           "state_digest", "combine_digests"]
+
+
+class LocalModel(nn.Module):
+    """An ordered list of blocks and the output layer. `forward` is the inference chain."""
+
+    def __init__(self, blocks: list, output: OutputLayer, name: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.output = output
+        self.name = name
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.output(x)
+
+    def units(self) -> list[nn.Module]:
+        """Every unit that owns an optimizer, in order: the blocks, then the output layer."""
+        return [*self.blocks, self.output]
+
+    def setup_units(self, keep: set[int], device, optim, **options) -> None:
+        """Allocate, initialise and move the units in `keep` and create their optimizers
+        (`options`: replica, precision, channels_last, compile; see LocalBlock.setup)."""
+        for unit in self.units():
+            if unit.index in keep:
+                unit.materialize()
+                unit.setup(device, optim, **options)
+
+
+def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, int, int],
+                num_classes: int, seed: int, materialize=None) -> LocalModel:
+    """Build `model.name` for inputs of shape (channels, size, size).
+
+    Units (blocks, then the output layer) are created on the meta device; the units whose
+    index is in `materialize` (all when None) are then allocated and initialised on the CPU.
+    Every block gets `in_shape`/`out_shape`: its per-sample input and (pooled) output shapes.
+    """
+    net = _build(model, loss, input_shape, num_classes, seed)
+    x = torch.empty(2, *input_shape, device="meta")
+    for block in net.blocks:
+        block.in_shape = tuple(x.shape[1:])
+        block.eval()
+        x = block(x)
+        block.train()
+        block.out_shape = tuple(x.shape[1:])
+    for unit in net.units():
+        if materialize is None or unit.index in materialize:
+            unit.materialize()
+    return net
+
+
+def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
+           seed: int) -> LocalModel:
+    builder = model_builder(model.name)
+    if builder is None:
+        raise ValueError(f"unknown model {model.name!r}; choose one of "
+                         f"{', '.join(registered_models())} or a wresnet<depth>-<width>[a]")
+    units, output = builder(model, loss, input_shape, num_classes, seed)
+    check_units(model.name, units, output)
+    return LocalModel(units, output, model.name)
+
+
+def count_params(model: ModelConfig, input_shape, num_classes: int) -> int:
+    """The paper's "#Params": the backprop-mode model (no local heads), BN affine included."""
+    bp = build_model(model, LossConfig(backprop=True), input_shape, num_classes, seed=0,
+                     materialize=())
+    return sum(p.numel() for p in bp.parameters())
+
+
+def unit_digest(unit: nn.Module) -> str:
+    """sha256 over one unit's parameters and buffers (names, dtypes, shapes and bytes)."""
+    return state_digest(unit.index, unit.state_dict())
+
+
+def state_digest(index: int, state: dict) -> str:
+    """unit_digest of the unit `index` whose state dict is `state` (e.g. read from a file)."""
+    h = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{index}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def combine_digests(unit_digests: list[str]) -> str:
+    """The model digest: sha256 over the units' digests in unit order (blocks, then output)."""
+    return hashlib.sha256("".join(unit_digests).encode()).hexdigest()
+
+
+def model_digest(model: LocalModel) -> str:
+    """sha256 over every block's and the output layer's parameters and buffers, in block order."""
+    return combine_digests([unit_digest(u) for u in model.units()])
