@@ -44,27 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
                            "predsim on the embedded mnist5k dataset.")
     add_config_arguments(train)
     params = sub.add_parser("params", help="print the paper's parameter count of a model")
-    params.add_argument("--model", default="vgg8b", help=f"one of {', '.join(BUILTIN_MODELS)}")
-    params.add_argument("--dataset", default="CIFAR10", help=f"one of {', '.join(DATASET_NAMES)}")
-    params.add_argument("--feat-mult", type=float, default=1.0)
-    params.add_argument("--num-layers", type=int, default=None,
+    params.add_argument("--model", default="vgg8b", metavar="NAME",
+                        help=f"one of {', '.join(BUILTIN_MODELS)} (default: vgg8b)")
+    params.add_argument("--dataset", default="CIFAR10", metavar="NAME",
+                        help=f"one of {', '.join(DATASET_NAMES)} (default: CIFAR10)")
+    params.add_argument("--feat-mult", type=float, default=1.0, metavar="F",
+                        help="factor on every conv layer's channel count (default: 1.0)")
+    params.add_argument("--num-layers", type=int, default=None, metavar="N",
                         help="hidden FC layers (default: 3 for mlp, 1 for vgg)")
-    params.add_argument("--num-hidden", type=int, default=1024)
-    params.add_argument("--no-batch-norm", action="store_true")
+    params.add_argument("--num-hidden", type=int, default=1024, metavar="N",
+                        help="width of every hidden linear block (default: 1024)")
+    params.add_argument("--no-batch-norm", action="store_true", help="blocks without BatchNorm")
     params.add_argument("--table", action="store_true",
                         help="also print every model/dataset row of the paper's table")
     plot = sub.add_parser("plot", help="write PNG curves of a run directory")
-    plot.add_argument("run_dir")
-    plot.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    plot.add_argument("--out", default=None, metavar="DIR",
+                      help="output folder (default: the run directory)")
     plot.add_argument("--epochs", default=None, metavar="E1,E2,...",
                       help="epochs of the error-vs-depth picture (default: first, middle, last)")
     timeline = sub.add_parser("timeline", help="draw the profiled batches of every stage "
                               "(train with --profile EPOCH:START:STEPS) on one time axis")
-    timeline.add_argument("run_dir")
-    timeline.add_argument("--out", default=None, help="PNG path (default RUN_DIR/timeline.png)")
+    timeline.add_argument("run_dir", metavar="RUN_DIR",
+                          help="a run directory trained with --profile")
+    timeline.add_argument("--out", default=None, metavar="PNG",
+                          help="PNG path (default: RUN_DIR/timeline.png)")
     compare = sub.add_parser("compare", help="runs side by side: errors, speed, digests and "
                              "the config keys that differ")
-    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                         help="two or more run directories")
     compare.add_argument("--plot", default=None, metavar="PNG",
                          help="also overlay the test-error curves (per epoch and wall time)")
     return parser

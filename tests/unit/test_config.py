@@ -137,3 +137,27 @@ def test_recipe_configs_load_and_validate(path):
     text = Path(path).read_text()
     if "backprop = true" in text or 'loss_sup = "pred"' in text:
         assert cfg.model.nonlin == "relu" or "-bio" in Path(path).stem
+
+
+def test_every_train_flag_has_a_help_text_and_a_group():
+    """`localloss-pp train --help` explains every flag: a help text, a metavar for every valued
+    flag, and the flags grouped by what they configure."""
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values()
+                 if a.prog.endswith(" train"))
+    missing, bare = [], []
+    for action in train._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        if not action.help or len(action.help) < 15:
+            missing.append(action.option_strings[0])
+        if action.nargs != 0 and action.metavar is None:
+            bare.append(action.option_strings[0])
+    assert not missing, f"flags without a help text: {missing}"
+    assert not bare, f"valued flags without a metavar: {bare}"
+    titles = [g.title for g in train._action_groups]
+    for group in ("model", "loss", "data", "optimisation", "pipeline", "checkpoints", "observing"):
+        assert any(group in (title or "") for title in titles), (group, titles)
+    text = " ".join(train.format_help().split())
+    assert "--queue-depth N" in text and "(default: 2)" in text
+    assert "quick start: mnist5k" in text  # the preset's value where it differs
