@@ -33,9 +33,8 @@ from localloss_pp.pipeline.distributed import import_before_process_group, init_
     shutdown
 from localloss_pp.models.losses import onehot
 from localloss_pp.models import build_model
+from localloss_pp.pipeline.build import build_stage
 from localloss_pp.pipeline.partition import Partition
-from localloss_pp.pipeline.stage import StageRunner
-from localloss_pp.train import build_links
 from localloss_pp.pipeline.transport import config_fingerprint
 
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
@@ -136,19 +135,15 @@ def run_local(spec: dict, env) -> dict:
     if len(counts) != S or sum(counts) != len(model.blocks):
         raise ValueError(f"partition {counts} does not fit {S} stages x {len(model.blocks)} blocks")
     part = Partition(counts, [0.0] * len(model.blocks), "manual", "params")
-    a, b = part.bounds[k]
     model.setup_units(part.units_of(k), env.device, cfg.optim)
     link = None
     if S > 1:
         dist.barrier(group=env.meta_group)  # gloo: no extra world-wide NCCL communicator
         link = _measure_link(env, model.blocks[part.bounds[0][1] - 1].out_shape,
                              cfg.data.batch_size)
-    sender, receiver = build_links(cfg, env, model, part, k, S, config_fingerprint("bench"))
     stamps = Stamps(env.device)
-    runner = StageRunner(blocks=model.blocks[a:b], output=model.output if k == S - 1 else None,
-                         stage_index=k, num_stages=S, device=env.device,
-                         num_classes=NUM_CLASSES, sender=sender, receiver=receiver,
-                         with_stats=False, check_every=10 ** 9,
+    runner = build_stage(cfg, env, model, part, k, fingerprint=config_fingerprint("bench"),
+                         num_classes=NUM_CLASSES, with_stats=False, check_every=10 ** 9,
                          on_batch=stamps.mark, trace=_trace_window(spec, env))
     runner.set_lr(1e-4)
     # the first stage's batches: input and labels on the device, labels also on the host (they

@@ -8,8 +8,7 @@ imports this module when it is named with `--model-module`, on every process of 
 
 (run from the repository root, or put the module anywhere on PYTHONPATH).
 """
-from localloss_pp.models.blocks import LocalLinearBlock, OutputLayer, output_loss_scale
-from localloss_pp.models import register_model
+from localloss_pp.models import LocalLinearBlock, OutputLayer, output_loss_scale, register_model
 
 
 class ResidualLinearUnit(LocalLinearBlock):

@@ -13,38 +13,36 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
-import torch
-
-from localloss_pp.run.checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint,
-                                         load_model_state, load_units, save_model)
 from localloss_pp.config import Config, RunMode, lr_at_epoch, parse_profile, to_toml
+from localloss_pp.data.datasets import DATASETS, DatasetInfo, build_sources, resolve_num_workers
 from localloss_pp.errors import first_line
-from localloss_pp.pipeline.globalmode import GlobalRunner
-from localloss_pp.data.datasets import DATASETS, build_sources, resolve_num_workers
-from localloss_pp.pipeline.distributed import (DistEnv, all_agree, broadcast_from, gather_to,
-                                               init_distributed, gather_all, replica_groups,
-                                               shutdown, torchrun_world)
 from localloss_pp.faults import fault_point
+from localloss_pp.layout import Layout, layout_for, shard_bounds
+from localloss_pp.models import (LocalModel, build_model, combine_digests, count_params,
+                                 resolve_model, state_digest)
 from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
                                           merge_stage_summaries, read_jsonl, setup_logging,
                                           stage_summary)
-from localloss_pp.models import build_model, combine_digests, count_params, resolve_model, \
-    state_digest
+from localloss_pp.observe.profiling import TraceWindow
+from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
+from localloss_pp.pipeline.build import build_stage
+from localloss_pp.pipeline.distributed import (DistEnv, all_agree, broadcast_from, gather_all,
+                                               gather_to, init_distributed, replica_groups,
+                                               shutdown, torchrun_world)
 from localloss_pp.pipeline.partition import Partition, choose_partition
-from localloss_pp.layout import Layout, layout_for, shard_bounds
 from localloss_pp.pipeline.replicas import ReplicaSync
+from localloss_pp.pipeline.stage import StageRunner
+from localloss_pp.pipeline.transport import config_fingerprint
+from localloss_pp.run.checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint,
+                                         load_model_state, load_units, save_model)
 from localloss_pp.run.resume import (ResumePlan, StageCheckpointer, kept_metrics, plan_resume,
                                      reconcile_metrics)
 from localloss_pp.run.rundir import RunDirLock, clean_run_dir, release_locks
-from localloss_pp.observe.profiling import TraceWindow
-from localloss_pp.pipeline.stage import StageRunner
-from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
-from localloss_pp.pipeline.transport import Receiver, Sender, config_fingerprint
 
-__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir", "build_links"]
+__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +144,8 @@ def run_training(cfg: Config) -> RunResult | None:
         # resume state loaded and checked before anything is written (a bad --resume leaves
         # the run directory untouched)
         run = _setup_collectives(cfg, env, layout)
-        sender, receiver = build_links(cfg, env, run.model, run.part, run.k, run.S,  # 3. links
-                                       config_fingerprint(run.config_toml), layout, run.replica)
-        fault_point("after-links")
-        runner = _make_runner(cfg, env, run, sender, receiver)
-        rec = _train_epochs(cfg, env, run, runner, *run.start)  # 4. epochs from the resume point
+        runner = _build_runner(cfg, env, run)  # 3. links, in chain order
+        rec = _train_epochs(cfg, env, run, runner)  # 4. epochs from the resume point
         result = _finish(cfg, env, run, runner, rec)  # 5. model.pt, final line
         if run.tb is not None:
             run.tb.close()
@@ -160,30 +155,6 @@ def run_training(cfg: Config) -> RunResult | None:
     shutdown(env)
     log.debug("process group closed")
     return result
-
-
-def build_links(cfg, env, model, part, k, S, fingerprint, layout=None, replica=0):
-    """Sender and receiver of stage k of `replica` (None at the ends), connected to the
-    neighbours in chain order. Activations travel in bf16 under --precision bf16."""
-    (a, b) = part.bounds[k]
-    layout = layout or Layout(S, 1)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    lo, hi = shard_bounds(cfg.data.batch_size, 0, layout.num_replicas)  # the largest share
-    common = dict(stage_index=k, num_stages=S, dtype=dtype,
-                  max_batch=hi - lo, device=env.device, timeout_s=cfg.train.timeout_s,
-                  group=None, meta_group=env.meta_group, staging=env.staging)
-    receiver = sender = None
-    # chain order: stage k connects to k-1 (which is done with k-2), then to k+1
-    if k > 0:
-        receiver = Receiver(peer_rank=layout.rank_of(k - 1, replica), peer_stage=k - 1,
-                            sample_shape=model.blocks[a].in_shape, **common)
-        receiver.connect(fingerprint)
-    if k < S - 1:
-        sender = Sender(peer_rank=layout.rank_of(k + 1, replica), peer_stage=k + 1,
-                        queue_depth=cfg.train.queue_depth,
-                        sample_shape=model.blocks[b - 1].out_shape, **common)
-        sender.connect(fingerprint)
-    return sender, receiver
 
 
 def _check_launch(cfg: Config, world: int) -> Layout:
@@ -200,34 +171,49 @@ def _check_launch(cfg: Config, world: int) -> Layout:
     return layout
 
 
+class DataSizes(NamedTuple):
+    train_examples: int
+    test_examples: int
+    train_batches: int
+    test_batches: int
+
+
+class StartPoint(NamedTuple):
+    """Where this attempt starts: the epoch, its batches already done and their statistics."""
+    epoch: int = 1
+    batches_done: int = 0
+    stats: dict | None = None
+
+
 @dataclass
 class _Run:
     """What the set-up decided for this rank; read by the later phases."""
     layout: Layout
-    k: int                 # stage index
+    stage_index: int
     replica: int
     writer: int            # the rank that writes metrics and model.pt (last stage, replica 1)
     mode: RunMode
     run_dir: Path
-    plan: object           # resume.ResumePlan
-    sizes: list[int]       # train examples, test examples, train batches, test batches
+    info: DatasetInfo
+    plan: ResumePlan
+    sizes: DataSizes
     sources: tuple | None  # (train, test) batch sources on the first stage
     sync: ReplicaSync | None
-    model: object
+    model: LocalModel
     names: list[str]
-    part: object           # partition.Partition
+    part: Partition
     ckpt: StageCheckpointer
     config_toml: str
-    start: tuple = (1, 0, None)  # first epoch, its batches already done, their statistics
-    tb: object = None      # tblog.TensorBoardLog of this stage (replica 1), or None
+    start: StartPoint = StartPoint()
+    tb: TensorBoardLog | None = None  # this stage's event files (replica 1), or None
 
     @property
-    def S(self) -> int:
+    def num_stages(self) -> int:
         return self.layout.num_stages
 
     @property
     def blocks(self):
-        a, b = self.part.bounds[self.k]
+        a, b = self.part.bounds[self.stage_index]
         return self.model.blocks[a:b]
 
 
@@ -247,7 +233,7 @@ def _lock_and_plan(cfg, env, run_dir: Path, writer: int) -> ResumePlan:
     return ResumePlan(**broadcast_from(env, plan, writer))
 
 
-def _read_data(cfg, env, layout, nodes, k, r):
+def _read_data(cfg, env, layout, nodes, stage_index: int, replica: int):
     """The batch sources of this rank (None off the first stage). The first stage of every
     replica reads its share of the data; on every node one of them first (it may extract or
     download the files), then the others."""
@@ -258,10 +244,11 @@ def _read_data(cfg, env, layout, nodes, k, r):
     for turn in (True, False):
         err = None
         try:
-            if k == 0 and (env.rank == first[nodes[env.rank]]) == turn:
+            if stage_index == 0 and (env.rank == first[nodes[env.rank]]) == turn:
                 workers = resolve_num_workers(cfg.data.num_workers, env.device,
                                               env.local_world_size, env.threads)
-                sources = build_sources(cfg.data, cfg.train.seed, env.device, r, R, workers)[:2]
+                sources = build_sources(cfg.data, cfg.train.seed, env.device, replica, R,
+                                        workers)[:2]
                 _check_last_batch(cfg, sources[0].num_examples, sources[1].num_examples, R)
         except Exception as exc:  # every rank must hear of it, not only this one
             err = first_line(exc)
@@ -287,25 +274,15 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     where = gather_all(env, [env.node_rank, str(env.device)])
     nodes = [w[0] for w in where]
     sources = _read_data(cfg, env, layout, nodes, k, r)
-    sizes = broadcast_from(env, [sources[0].num_examples, sources[1].num_examples,
-                                 len(sources[0]), len(sources[1])] if env.rank == 0 else None, 0)
+    sizes = DataSizes(*broadcast_from(env, [sources[0].num_examples, sources[1].num_examples,
+                                            len(sources[0]), len(sources[1])]
+                                      if env.rank == 0 else None, 0))
     sync = None
     if R > 1:
         group, object_group = replica_groups(env, layout)
         sync = ReplicaSync(group=group, object_group=object_group, replica=r, num_replicas=R,
                            stage_index=k, num_stages=S)
-    model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
-                        materialize=())
-    names = [b.describe() for b in model.blocks]
-    part, err = None, None
-    if env.rank == 0:
-        try:
-            part = choose_partition(cfg, model, S, info.input_shape, info.num_classes,
-                                    env.device, names, source=sources[0])
-        except Exception as exc:
-            err = first_line(exc)
-    all_agree(env, err)
-    part = Partition(**broadcast_from(env, dataclasses.asdict(part) if part else None, 0))
+    model, part = _model_and_partition(cfg, env, info, S, sources)
     a, b = part.bounds[k]
     t = cfg.train
     model.setup_units(part.units_of(k), env.device, cfg.optim, replica=r,
@@ -313,37 +290,63 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     ckpt = StageCheckpointer(cfg, run_dir, k, S, model.blocks[a:b],
                              model.output if k == S - 1 else None, part.counts, model.name,
                              sync, token)
-    run = _Run(layout=layout, k=k, replica=r, writer=writer, mode=RunMode.of(cfg), run_dir=run_dir,
-               plan=plan, sizes=sizes, sources=sources, sync=sync, model=model, names=names,
-               part=part, ckpt=ckpt, config_toml=to_toml(cfg))
+    run = _Run(layout=layout, stage_index=k, replica=r, writer=writer, mode=RunMode.of(cfg),
+               run_dir=run_dir, info=info, plan=plan, sizes=sizes, sources=sources, sync=sync,
+               model=model, names=[blk.describe() for blk in model.blocks], part=part,
+               ckpt=ckpt, config_toml=to_toml(cfg))
     run.start = _resume(cfg, env, run)
     if env.rank == 0:
         _log_header(cfg, env, run, nodes, where)
-    err = None
-    if env.rank == writer:  # the first writes of the run: the resume state is good
-        try:
-            keep = kept_metrics(run_dir, run.start[0])  # (raises before anything is changed)
-            clean_run_dir(run_dir)
-            if keep is not None:
-                reconcile_metrics(run_dir, run.start[0], keep)
-            atomic_write_bytes(run_dir / "config.toml", run.config_toml.encode())
-            atomic_write_bytes(run_dir / "partition.json",
-                               json.dumps(part.to_dict(), indent=2).encode())
-            log.info("run directory: %s", run_dir)
-        except Exception as exc:
-            err = first_line(exc)
-    all_agree(env, err)  # no stage writes a checkpoint part before the clean-up is done
+    _write_run_files(env, run)
     fault_point("setup")
     _check_shared_run_dir(env, layout, nodes, run_dir, writer)
     return run
 
 
+def _model_and_partition(cfg: Config, env: DistEnv, info, num_stages: int, sources):
+    """The model (on the meta device) and its partition into stages, chosen on rank 0 (`auto`
+    measures the first stage's data too) and broadcast."""
+    model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
+                        materialize=())
+    names = [blk.describe() for blk in model.blocks]
+    part, err = None, None
+    if env.rank == 0:
+        try:
+            part = choose_partition(cfg, model, num_stages, info.input_shape, info.num_classes,
+                                    env.device, names, source=sources[0])
+        except Exception as exc:
+            err = first_line(exc)
+    all_agree(env, err)
+    part = Partition(**broadcast_from(env, dataclasses.asdict(part) if part else None, 0))
+    return model, part
+
+
+def _write_run_files(env: DistEnv, run: _Run) -> None:
+    """The first writes of the run, by the writer, once the resume state is known to be good:
+    the metrics records no checkpoint covers dropped, an interrupted attempt's leftovers
+    cleaned, config.toml and partition.json. No stage writes a checkpoint part before this."""
+    err = None
+    if env.rank == run.writer:
+        try:
+            keep = kept_metrics(run.run_dir, run.start.epoch)  # (raises before any change)
+            clean_run_dir(run.run_dir)
+            if keep is not None:
+                reconcile_metrics(run.run_dir, run.start.epoch, keep)
+            atomic_write_bytes(run.run_dir / "config.toml", run.config_toml.encode())
+            atomic_write_bytes(run.run_dir / "partition.json",
+                               json.dumps(run.part.to_dict(), indent=2).encode())
+            log.info("run directory: %s", run.run_dir)
+        except Exception as exc:
+            err = first_line(exc)
+    all_agree(env, err)
+
+
 def _log_header(cfg: Config, env: DistEnv, run: _Run, nodes, where) -> None:
-    info, t = DATASETS[cfg.data.dataset], cfg.train
-    S, R = run.S, run.layout.num_replicas
+    info, t = run.info, cfg.train
+    S, R = run.num_stages, run.layout.num_replicas
     log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s) x %d replica(s), "
              "device %s, %d thread(s) per process, %s", cfg.model.name, cfg.data.dataset,
-             run.sizes[0], run.sizes[1], run.mode, S, R, env.device, env.threads,
+             run.sizes.train_examples, run.sizes.test_examples, run.mode, S, R, env.device, env.threads,
              t.precision + (", channels-last" if t.channels_last else "") +
              (", compiled" if t.compile else ""))
     n_params = count_params(cfg.model, info.input_shape, info.num_classes)
@@ -360,7 +363,7 @@ def _log_header(cfg: Config, env: DistEnv, run: _Run, nodes, where) -> None:
                                                   for i in range(R))))
 
 
-def _resume(cfg: Config, env: DistEnv, run: _Run) -> tuple[int, int, dict | None]:
+def _resume(cfg: Config, env: DistEnv, run: _Run) -> StartPoint:
     """(first epoch, batches of it already done, statistics of those batches) from the resume
     plan: a checkpoint, a model.pt (--resume), or a fresh start; every rank agrees."""
     plan = run.plan
@@ -370,7 +373,7 @@ def _resume(cfg: Config, env: DistEnv, run: _Run) -> tuple[int, int, dict | None
         if plan.kind == "checkpoint":
             initial = run.ckpt.restore(plan)
         elif plan.kind == "model":
-            state = load_model_state(run.model, plan.path, only=run.part.units_of(run.k))
+            state = load_model_state(run.model, plan.path, only=run.part.units_of(run.stage_index))
             start_epoch = state["epoch"] + 1
             if start_epoch > cfg.train.epochs:
                 raise ValueError(f"{plan.path} was trained for {state['epoch']} epochs, "
@@ -385,42 +388,43 @@ def _resume(cfg: Config, env: DistEnv, run: _Run) -> tuple[int, int, dict | None
         else:
             log.info("resuming from %s at epoch %d%s", plan.path, start_epoch,
                      f", after batch {start_seq}" if start_seq else "")
-    return start_epoch, start_seq, initial
+    return StartPoint(start_epoch, start_seq, initial)
 
 
-def _make_runner(cfg: Config, env: DistEnv, run: _Run, sender, receiver) -> StageRunner:
-    last = run.k == run.S - 1
-    cls = StageRunner if run.mode == RunMode.LOCAL else partial(GlobalRunner, mode=run.mode)
+def _build_runner(cfg: Config, env: DistEnv, run: _Run) -> StageRunner:
+    """Phase 3: this stage's links (chain order) and its runner, with what it reports to:
+    TensorBoard and the profiler window (replica 1 of every stage)."""
     t, on_log, trace = cfg.train, None, None
     if t.tensorboard and run.replica == 0:  # every stage writes its own numbers
-        run.tb = TensorBoardLog(tensorboard_dir(t.tensorboard, run.run_dir), run.k,
+        run.tb = TensorBoardLog(tensorboard_dir(t.tensorboard, run.run_dir), run.stage_index,
                                 writes_global=env.rank == run.writer,
-                                batches_per_epoch=run.sizes[2], start=run.start[:2],
+                                batches_per_epoch=run.sizes.train_batches,
+                                start=(run.start.epoch, run.start.batches_done),
                                 per_batch=t.log_every > 0)
         if t.log_every:
             decoders = [hasattr(blk, "decoder_y") for blk in run.blocks]
             on_log = lambda epoch, done, stats: run.tb.batch(  # noqa: E731
                 epoch, done, *stats.summary(decoders))
     if t.profile and run.replica == 0:
-        trace = TraceWindow(parse_profile(t.profile),
-                            run.run_dir / "profile" / f"stage{run.k + 1}.json", env.device)
-    return cls(blocks=run.blocks, output=run.model.output if last else None,
-               log_every=t.log_every if on_log else 0, on_log=on_log, trace=trace,
-               stage_index=run.k, num_stages=run.S, device=env.device,
-               num_classes=DATASETS[cfg.data.dataset].num_classes, sender=sender,
-               receiver=receiver, with_stats=cfg.train.print_stats and run.mode != RunMode.BACKPROP,
-               show_progress=cfg.train.progress and run.replica == 0,
-               check_every=1 if env.device.type == "cpu" else 50, sync=run.sync)
+        trace = TraceWindow(parse_profile(t.profile), run.run_dir / "profile" /
+                            f"stage{run.stage_index + 1}.json", env.device)
+    return build_stage(cfg, env, run.model, run.part, run.stage_index,
+                       fingerprint=config_fingerprint(run.config_toml), layout=run.layout,
+                       replica=run.replica, mode=run.mode, num_classes=run.info.num_classes,
+                       with_stats=t.print_stats and run.mode != RunMode.BACKPROP,
+                       show_progress=t.progress and run.replica == 0,
+                       check_every=1 if env.device.type == "cpu" else 50, sync=run.sync,
+                       log_every=t.log_every if on_log else 0, on_log=on_log, trace=trace)
 
 
-def _train_epochs(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, start_epoch: int,
-                  start_seq: int, initial: dict | None) -> dict | None:
-    """Phase 4: every epoch: train stream, eval stream, statistics gathered to the writer,
-    the metrics record, the epoch-end checkpoint. Returns the last record (on the writer)."""
-    rec = None
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        skip = start_seq if epoch == start_epoch else 0
-        rec = _epoch(cfg, env, run, runner, epoch, skip, initial if skip else None) or rec
+def _train_epochs(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner) -> dict | None:
+    """Phase 4: every epoch from the start point: train stream, eval stream, statistics
+    gathered to the writer, the metrics record, the epoch-end checkpoint. Returns the last
+    record (on the writer)."""
+    rec, start = None, run.start
+    for epoch in range(start.epoch, cfg.train.epochs + 1):
+        skip = start.batches_done if epoch == start.epoch else 0
+        rec = _epoch(cfg, env, run, runner, epoch, skip, start.stats if skip else None) or rec
     return rec
 
 
@@ -429,17 +433,17 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
     runner.set_lr(lr)
     start = time.perf_counter()
     train_src, test_src = run.sources if run.sources else (None, None)
-    if run.k == 0:  # batches and augmentation: functions of (seed, epoch, replica, batch)
+    if run.stage_index == 0:  # batches and augmentation: functions of (seed, epoch, replica, batch)
         was_nclass = train_src.class_sampler_active()
         train_src.set_epoch(epoch, skip)
         test_src.set_epoch(epoch)
         if was_nclass and not train_src.class_sampler_active():
             log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
                      epoch)
-    tr = runner.train_epoch(epoch, train_src, run.sizes[2], start_seq=skip, initial=initial,
+    tr = runner.train_epoch(epoch, train_src, run.sizes.train_batches, start_seq=skip, initial=initial,
                             checkpoint_every=cfg.train.checkpoint_every,
                             on_checkpoint=lambda e, n, st: run.ckpt.save(e, n, st))
-    te = runner.eval_epoch(epoch, test_src, run.sizes[3])
+    te = runner.eval_epoch(epoch, test_src, run.sizes.test_batches)
     # the streams are drained: no receive is posted, no send in flight, from here to the next
     # epoch's first batch
     if run.sync is not None:  # statistics of the whole data; the replicas must agree
@@ -448,19 +452,20 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
         agreed = run.sync.check_identical(runner.units)
         log.info("epoch %d: weights sha256 %s, identical on all %d replicas", epoch,
                  agreed[:16], run.layout.num_replicas)
-    a, b = run.part.bounds[run.k]
+    a, b = run.part.bounds[run.stage_index]
     with_stats = cfg.train.print_stats and run.mode != RunMode.BACKPROP
-    summary = stage_summary(run.k, run.names[a:b], [hasattr(blk, "decoder_y")
+    summary = stage_summary(run.stage_index, run.names[a:b], [hasattr(blk, "decoder_y")
                                                     for blk in run.blocks], tr, te, with_stats,
                             backprop=run.mode == RunMode.BACKPROP)
     gathered = gather_to(env, summary if run.replica == 0 else None, run.writer)
     rec = None
     if env.rank == run.writer:
-        rec = merge_stage_summaries(epoch, lr, gathered[:run.S], time.perf_counter() - start)
+        rec = merge_stage_summaries(epoch, lr, gathered[:run.num_stages],
+                                    time.perf_counter() - start)
         rec["num_replicas"] = run.layout.num_replicas
         if run.layout.num_replicas > 1:
             rec["replicas_identical"] = True  # check_identical raised otherwise
-        log_epoch(rec, cfg.train.epochs, run.S)
+        log_epoch(rec, cfg.train.epochs, run.num_stages)
         append_jsonl(run.run_dir / "metrics.jsonl", rec)
         fault_point("after-metrics-record", epoch)
     if run.tb is not None:

@@ -24,7 +24,7 @@ from localloss_pp.config import LossConfig, OptimConfig
 from localloss_pp.models.losses import LinearFAFunction, LocalLoss
 from localloss_pp.seeds import derive_seed
 
-__all__ = ["LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
+__all__ = ["Unit", "activation_dtype", "LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
            "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS", "make_optimizer",
            "output_loss_scale", "OwnOptimizer"]
 
@@ -73,6 +73,12 @@ class OwnOptimizer:
 
 def _amp_settings(device: torch.device, precision: str) -> tuple | None:
     return (device.type, torch.bfloat16) if precision == "bf16" else None
+
+
+def activation_dtype(precision: str) -> torch.dtype:
+    """The dtype of a block's output, which is what travels between stages: the one place that
+    decides it (bf16 under --precision bf16, else fp32)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _autocast(amp: tuple | None):
@@ -158,13 +164,95 @@ def decoder_pool(ch_out: int, dim_out: int, dim_in_decoder: int):
     return nn.AvgPool2d((kh, kw), padding=(ph, pw)), oh, ow, d
 
 
-class LocalBlock(OwnOptimizer, nn.Module):
+class Unit(OwnOptimizer, nn.Module):
+    """A pipeline unit: what every locally trained unit (a linear or conv block, a residual
+    unit) owns and does the same way. It owns its index, its seed, the pools that follow it
+    (`post`), its optimizer, its dropout generator (`dropout_generator`, seeded from (seed,
+    index), saved in checkpoints), its autocast settings and the dtype of what it sends on.
+
+    A subclass provides `forward_parts(x, detach)` -> (output before `post`, context of the
+    local loss), `local_loss(ctx, y, y_onehot)` -> (loss, stats), `materialize()` and
+    `describe()`; this class turns them into the unit protocol's train and eval forwards."""
+
+    channels_last_capable = False
+
+    def __init__(self, *, index: int, seed: int):
+        super().__init__()
+        self.index = index
+        self._seed = seed
+        self.local = True
+        self.post = nn.Sequential()  # max-pools that follow this unit travel with it
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.dropout_generator: torch.Generator | None = None
+        self._amp: tuple | None = None  # (device type, dtype) of autocast, None: fp32
+        self.act_dtype = torch.float32
+        self._channels_last = False
+
+    def setup(self, device: torch.device, optim: OptimConfig, *, replica: int = 0,
+              precision: str = "fp32", channels_last: bool = False,
+              compile: bool | str = False) -> None:
+        """Move to `device`, create the dropout generator there and the unit's optimizer.
+
+        Replica r > 0 of a data-parallel run draws its own dropout masks. Under bf16 precision
+        the forward passes and local losses run under autocast and the unit's output (what
+        travels to the next unit) is bf16; weights and optimizer state stay fp32. `compile`:
+        torch.compile what `compile_parts` names (True: inductor; a string names the
+        backend)."""
+        self.to(device)
+        if channels_last and self.channels_last_capable:
+            self.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        self.dropout_generator = torch.Generator(device=device)
+        self.dropout_generator.manual_seed(derive_seed(
+            self._seed, self.index, "dropout" if replica == 0 else f"dropout/replica{replica}"))
+        self.optimizer = make_optimizer(self.parameters(), optim)
+        self._amp = _amp_settings(device, precision)
+        self.act_dtype = activation_dtype(precision)
+        if compile:
+            self.compile_parts(compile if isinstance(compile, str) else "inductor")
+
+    def compile_parts(self, backend: str) -> None:
+        """torch.compile this unit's hot methods (none by default: the unit runs eagerly)."""
+
+    def forward_parts(self, x: torch.Tensor, detach: bool):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain forward (global backprop chain or inference)."""
+        return self.post(self.forward_parts(x, detach=False)[0])
+
+    def train_forward(self, x: torch.Tensor, detach: bool = True):
+        """Output for the next unit (pooled; detached unless `detach` is False) and the context
+        that local_loss needs."""
+        with _autocast(self._amp):
+            out, ctx = self.forward_parts(x, detach)
+            out = self.post(out.detach() if detach else out)
+        return (out.to(self.act_dtype) if detach else out), ctx
+
+    def local_backward(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
+        """Local loss and its backward into this unit only (gradients left in .grad)."""
+        with _autocast(self._amp):
+            loss, stats = self.local_loss(ctx, y, y_onehot)
+        loss.backward()
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, x, y, y_onehot, with_stats: bool = True):
+        """Eval-mode output for the next unit and, if asked, the local stats on this batch."""
+        with _autocast(self._amp):
+            out, ctx = self.forward_parts(x, detach=False)
+            stats = self.local_loss(ctx, y, y_onehot)[1] if with_stats and self.local \
+                else None
+            out = self.post(out)
+        return out.to(self.act_dtype), stats
+
+
+class LocalBlock(Unit):
     """Common machinery of the linear and conv blocks; subclasses build `encoder` and heads."""
 
     def __init__(self, *, index: int, seed: int, num_classes: int, loss: LossConfig,
                  dropout: float, nonlin: str, first_layer: bool):
-        super().__init__()
-        self.index = index
+        super().__init__(index=index, seed=seed)
         self.num_classes = num_classes
         self.cfg = loss
         self.dropout_p = dropout
@@ -177,15 +265,7 @@ class LocalBlock(OwnOptimizer, nn.Module):
         self.use_recon = self.local and loss.loss_unsup == "recon" and not first_layer
         self.loss_fn = LocalLoss(loss, local=self.local, use_pred=self.use_pred,
                                  use_sim=self.use_sim, use_recon=self.use_recon)
-        self.post = nn.Sequential()  # max-pools that follow this block travel with it
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._seed = seed
-        self._drop_gen: torch.Generator | None = None
-        self._amp: tuple | None = None  # (device type, dtype) of autocast, None: fp32
-        self.act_dtype = torch.float32
-        self._channels_last = False
 
-    channels_last_capable = False
     init_purpose = "init"  # what the initialisation seed is derived for (with seed and index)
 
     # --- construction -------------------------------------------------------------------------
@@ -224,31 +304,9 @@ class LocalBlock(OwnOptimizer, nn.Module):
             self.register_buffer("proj_y", torch.empty(self.cfg.target_proj_size,
                                                        self.num_classes))
 
-    def setup(self, device: torch.device, optim: OptimConfig, *, replica: int = 0,
-              precision: str = "fp32", channels_last: bool = False,
-              compile: bool | str = False) -> None:
-        """Move to `device`, create the dropout generator there and the block's optimizer.
-
-        Replica r > 0 of a data-parallel run draws its own dropout masks. Under bf16 precision
-        the forward passes and local losses run under autocast and the block's output (what
-        travels to the next block) is bf16; weights and optimizer state stay fp32. `compile`:
-        torch.compile the forward and the local loss (True: inductor; a string names the
-        backend)."""
-        self.to(device)
-        if channels_last and self.channels_last_capable:
-            self.to(memory_format=torch.channels_last)
-            self._channels_last = True
-        self._drop_gen = torch.Generator(device=device)
-        self._drop_gen.manual_seed(derive_seed(self._seed, self.index, "dropout" if replica == 0
-                                               else f"dropout/replica{replica}"))
-        self.optimizer = make_optimizer(self.parameters(), optim)
-        self._amp = _amp_settings(device, precision)
-        self.act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        if compile:
-            backend = compile if isinstance(compile, str) else "inductor"
-            self.encode = torch.compile(_own_code(self.encode, self.index), backend=backend)
-            self.local_loss = torch.compile(_own_code(self.local_loss, self.index),
-                                            backend=backend)
+    def compile_parts(self, backend: str) -> None:
+        self.encode = torch.compile(_own_code(self.encode, self.index), backend=backend)
+        self.local_loss = torch.compile(_own_code(self.local_loss, self.index), backend=backend)
 
     def describe(self) -> str:
         enc = self.encoder
@@ -272,21 +330,13 @@ class LocalBlock(OwnOptimizer, nn.Module):
             return h
         shape = (h.size(0), h.size(1), 1, 1) if h.dim() == 4 else h.shape
         mask = torch.empty(shape, dtype=h.dtype, device=h.device)
-        mask.bernoulli_(1.0 - p, generator=self._drop_gen)
+        mask.bernoulli_(1.0 - p, generator=self.dropout_generator)
         return h * mask / (1.0 - p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain forward (global backprop chain or inference): layer, dropout, pools."""
-        return self.post(self._dropout(self.encode(x)))
-
-    def train_forward(self, x: torch.Tensor, detach: bool = True):
-        """Output for the next block (pooled; detached unless `detach` is False) and the context
-        that train_update/local_loss need."""
-        with _autocast(self._amp):
-            h = self.encode(x)
-            out = self._dropout(h)
-            out = self.post(out.detach() if detach else out)
-        return (out.to(self.act_dtype) if detach else out), (x, h)
+    def forward_parts(self, x: torch.Tensor, detach: bool):
+        """(layer, dropout) output and the context (input, pre-dropout output) of the losses."""
+        h = self.encode(x)
+        return self._dropout(h), (x, h)
 
     # --- local losses ---------------------------------------------------------------------------
     def sim_input(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -299,23 +349,6 @@ class LocalBlock(OwnOptimizer, nn.Module):
         """(loss, stats) of one batch; stats = STAT_FIELDS as a detached float tensor."""
         x, h = ctx
         return self.loss_fn(self, x, h, y, y_onehot)
-
-    def local_backward(self, ctx, y: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
-        """Local loss and its backward into this block only (gradients left in .grad)."""
-        with _autocast(self._amp):
-            loss, stats = self.local_loss(ctx, y, y_onehot)
-        loss.backward()
-        return stats
-
-    @torch.no_grad()
-    def evaluate(self, x, y, y_onehot, with_stats: bool = True):
-        """Eval-mode output for the next block and, if asked, the local stats on this batch."""
-        with _autocast(self._amp):
-            h = self.encode(x)
-            stats = self.local_loss((x, h), y, y_onehot)[1] if with_stats and self.local \
-                else None
-            out = self.post(h)
-        return out.to(self.act_dtype), stats
 
 
 class LocalLinearBlock(LocalBlock):

@@ -3,8 +3,8 @@ protocol every pipeline unit follows; the launch-time check of a model name.
 
 A builder is called as builder(model_cfg, loss_cfg, input_shape, num_classes, seed) and returns
 (units, output layer) built on the meta device (docs/usage.md, "Your own model"). The unit
-protocol (`UNIT_METHODS`, `OUTPUT_METHODS`) is everything the pipeline, checkpoints and resume
-call on a unit.
+protocol (`UNIT_METHODS`, `OUTPUT_METHODS`, `UNIT_STATE`) is everything the pipeline, checkpoints
+and resume call or read on a unit; `models.blocks.Unit` implements it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from localloss_pp.errors import first_line
 from localloss_pp.models.resnets import parse_wresnet
 
 __all__ = ["register_model", "model_builder", "registered_models", "load_model_module",
-           "resolve_model", "check_units", "UNIT_METHODS", "OUTPUT_METHODS", "ENTRY_POINT_GROUP",
+           "resolve_model", "check_units", "UNIT_METHODS", "OUTPUT_METHODS", "UNIT_STATE", "ENTRY_POINT_GROUP",
            "BUILTIN_MODELS"]
 
 # --- the model registry: --model NAME -> builder -----------------------------------------------
@@ -31,6 +31,9 @@ UNIT_METHODS = ("train_forward", "local_backward", "step", "train_update", "eval
                 "materialize", "setup", "set_lr", "describe")
 OUTPUT_METHODS = ("forward", "materialize", "setup", "set_lr", "describe", "train_update",
                   "train_backward", "predict", "loss", "step")
+# What checkpoints and resume read and restore on a pipeline unit besides its state_dict and its
+# optimizer's: its dropout generator (None for a unit without one).
+UNIT_STATE = ("dropout_generator",)
 
 
 def register_model(name: str, builder: Builder | None = None, *, pattern: bool = False):

@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from localloss_pp.models.blocks import (LocalConvBlock, OutputLayer, OwnOptimizer, _amp_settings,
-                                        _autocast, _default_init, make_optimizer,
+from localloss_pp.models.blocks import (LocalConvBlock, OutputLayer, Unit, _default_init,
                                         output_loss_scale)
 from localloss_pp.seeds import derive_seed
 
@@ -105,28 +104,21 @@ class ResConv(LocalConvBlock):
         return h, self.nonlin(self.bn(h) if self.bn is not None else h)
 
 
-class ConvUnit(OwnOptimizer, nn.Module):
+class ConvUnit(Unit):
     """A pipeline unit of convs: the stem (one conv) or a residual block (2 or 3 convs and an
-    identity or projection shortcut), with the unit interface the runtime calls (see
-    blocks.LocalBlock): train_forward, local_loss, local_backward, step, train_update,
-    evaluate, forward, materialize, setup, set_lr, describe."""
+    identity or projection shortcut). The unit protocol comes from blocks.Unit; the convs share
+    the unit's dropout generator, autocast settings and optimizer."""
 
     channels_last_capable = True
 
     def __init__(self, convs: list[ResConv], *, index: int, seed: int, kind: str,
                  residual: bool, shortcut: nn.Module | None = None, mid_dropout: float = 0.0):
-        super().__init__()
-        self.index, self.kind, self.residual = index, kind, residual
+        super().__init__(index=index, seed=seed)
+        self.kind, self.residual = kind, residual
         self.convs = nn.ModuleList(convs)
         self.shortcut = shortcut
         self.mid_dropout = mid_dropout  # element-wise, between the convs (plain Wide-ResNets)
         self.local = convs[0].local
-        self.post = nn.Sequential()
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._seed = seed
-        self._drop_gen: torch.Generator | None = None
-        self._amp: tuple | None = None
-        self.act_dtype = torch.float32
 
     @property
     def decoder_y(self):
@@ -148,22 +140,13 @@ class ConvUnit(OwnOptimizer, nn.Module):
                     elif isinstance(module, nn.BatchNorm2d):
                         module.reset_parameters()
 
-    def setup(self, device: torch.device, optim, *, replica: int = 0, precision: str = "fp32",
-              channels_last: bool = False, compile: bool | str = False) -> None:
-        """As LocalBlock.setup; the convs share the unit's dropout generator and optimizer.
-        (`compile` is not applied to residual units: they run eagerly.)"""
-        self.to(device)
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
-        self._drop_gen = torch.Generator(device=device)
-        self._drop_gen.manual_seed(derive_seed(self._seed, self.index, "dropout" if replica == 0
-                                               else f"dropout/replica{replica}"))
-        self._amp = _amp_settings(device, precision)
-        self.act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    def setup(self, device: torch.device, optim, **options) -> None:
+        """Unit.setup, then the convs share the unit's dropout generator, autocast settings and
+        memory format. (`compile` is not applied to residual units: they run eagerly.)"""
+        super().setup(device, optim, **options)
         for conv in self.convs:
-            conv._drop_gen, conv._amp, conv.act_dtype = self._drop_gen, self._amp, self.act_dtype
-            conv._channels_last = channels_last
-        self.optimizer = make_optimizer(self.parameters(), optim)
+            conv.dropout_generator, conv._amp = self.dropout_generator, self._amp
+            conv.act_dtype, conv._channels_last = self.act_dtype, self._channels_last
 
     def describe(self) -> str:
         first, last = self.convs[0], self.convs[-1]
@@ -176,10 +159,10 @@ class ConvUnit(OwnOptimizer, nn.Module):
         p = self.mid_dropout
         if not self.training or p == 0:
             return h
-        mask = torch.empty_like(h).bernoulli_(1.0 - p, generator=self._drop_gen)
+        mask = torch.empty_like(h).bernoulli_(1.0 - p, generator=self.dropout_generator)
         return h * mask / (1.0 - p)
 
-    def _run(self, x, detach: bool):
+    def forward_parts(self, x, detach: bool):
         """(unit output before `post`, [(conv input, loss input)] per conv)."""
         ctxs, h, last = [], x, len(self.convs) - 1
         for j, conv in enumerate(self.convs):
@@ -193,16 +176,6 @@ class ConvUnit(OwnOptimizer, nn.Module):
                 h = out.detach() if detach else out
         return out, ctxs
 
-    def forward(self, x):
-        """The plain forward (global backprop chain, inference)."""
-        return self.post(self._run(x, detach=False)[0])
-
-    def train_forward(self, x, detach: bool = True):
-        with _autocast(self._amp):
-            out, ctxs = self._run(x, detach)
-            out = self.post(out.detach() if detach else out)
-        return (out.to(self.act_dtype) if detach else out), ctxs
-
     # --- local losses -------------------------------------------------------------------------
     def local_loss(self, ctxs, y, y_onehot):
         """The sum of the convs' local losses; stats: that sum, then the last conv's sim and
@@ -212,21 +185,6 @@ class ConvUnit(OwnOptimizer, nn.Module):
             loss, stats = conv.loss_fn(conv, x, hl, y, y_onehot)
             total = loss if total is None else total + loss
         return total, torch.cat([total.detach().float().reshape(1), stats[1:]])
-
-    def local_backward(self, ctxs, y, y_onehot):
-        with _autocast(self._amp):
-            loss, stats = self.local_loss(ctxs, y, y_onehot)
-        loss.backward()
-        return stats
-
-    @torch.no_grad()
-    def evaluate(self, x, y, y_onehot, with_stats: bool = True):
-        with _autocast(self._amp):
-            out, ctxs = self._run(x, detach=False)
-            stats = self.local_loss(ctxs, y, y_onehot)[1] if with_stats and self.local \
-                else None
-            out = self.post(out)
-        return out.to(self.act_dtype), stats
 
 
 class NormOutputLayer(OutputLayer):

@@ -49,7 +49,7 @@ class TraceWindow:
     communication op started while the profiler runs carries a profiler callback that runs
     when it completes, and completing after the profiler has stopped corrupted memory and
     crashed the process. The stage drains its links before the window ends
-    (StageRunner._quiesce)."""
+    (StageRunner.quiesce)."""
 
     def __init__(self, spec: tuple[int, int, int], path: Path, device: torch.device):
         self.epoch, self.start, self.steps = spec

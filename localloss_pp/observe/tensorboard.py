@@ -43,7 +43,7 @@ class TensorBoardLog:
                  batches_per_epoch: int, start: tuple[int, int] = (1, 0),
                  per_batch: bool = False):
         from torch.utils.tensorboard import SummaryWriter
-        self.k, self.writes_global = stage_index, writes_global
+        self.stage_index, self.writes_global = stage_index, writes_global
         self.batches_per_epoch = batches_per_epoch
         first_epoch, done = start
         folder = Path(log_dir) / f"stage{stage_index + 1}"
@@ -73,7 +73,7 @@ class TensorBoardLog:
             times = summary[f"{split}_times"]
             for key in _TIMES:
                 if times.get(key) is not None:
-                    w.add_scalar(f"stage{self.k + 1}/{split}/{key}", times[key], epoch)
+                    w.add_scalar(f"stage{self.stage_index + 1}/{split}/{key}", times[key], epoch)
         if self.writes_global and record is not None:
             w.add_scalar("global/lr", lr, epoch)
             for split in ("train", "test"):

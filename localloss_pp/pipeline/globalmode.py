@@ -7,8 +7,12 @@ runner is the StageRunner without links; only the training step differs.
 """
 from __future__ import annotations
 
+from torch.profiler import record_function
+
 from localloss_pp.config import RunMode
-from localloss_pp.pipeline.stage import StageRunner
+from localloss_pp.models.losses import onehot
+from localloss_pp.observe.metrics import EpochStats, FiniteWatch
+from localloss_pp.pipeline.stage import Batch, StageRunner
 
 __all__ = ["GlobalRunner", "global_step"]
 
@@ -43,7 +47,8 @@ def global_step(blocks, output, x, y, y1h, detach_mode: RunMode | str, sync=None
 
 class GlobalRunner(StageRunner):
     """--backprop / --no-detach (`mode` RunMode.BACKPROP or RunMode.NODETACH) over the whole
-    model."""
+    model: the StageRunner's loop with its own training step (nothing is sent: the whole model
+    is this stage)."""
 
     def __init__(self, *, mode: RunMode, **kw):
         super().__init__(**kw)
@@ -54,9 +59,11 @@ class GlobalRunner(StageRunner):
             return ["the output layer (global loss)"]
         return super().loss_names()
 
-    def forwards(self, x):
-        """Nothing to hand on (the whole model is this stage); the input is the context."""
-        return None, x
-
-    def updates(self, x, _, y, y1h):
-        return global_step(self.blocks, self.output, x, y, y1h, self.mode, self.replica_sync)
+    def train_step(self, stats: EpochStats, watch: FiniteWatch, epoch: int, b: Batch) -> None:
+        """One forward and backward pass through every block, every unit's step, statistics."""
+        with self.clock.section("compute"):
+            y1h = onehot(b.y, self.num_classes)
+            block_stats, out = global_step(self.blocks, self.output, b.x, b.y, y1h, self.mode,
+                                           self.replica_sync)
+            with record_function("localloss_pp.statistics"):
+                watch.add(self._statistics(stats, block_stats, out, b.y), epoch, b.seq)

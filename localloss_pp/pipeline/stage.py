@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.profiler import record_function
@@ -30,7 +31,8 @@ from localloss_pp.pipeline.transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAM
                                              Kind, PeerLostError, Receiver, Sender,
                                              ShapeMismatchError)
 
-__all__ = ["StageRunner", "StageFailure", "forwards", "local_updates"]
+__all__ = ["StageRunner", "StageFailure", "StageEpoch", "Batch", "AfterBatch", "forwards",
+           "local_updates"]
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +92,91 @@ def local_updates(blocks, ctxs, x, y, y1h, output=None, sync=None):
     return stats, out
 
 
+class Batch(NamedTuple):
+    """One batch of a stage's input stream."""
+    seq: int                # its number in the epoch (0-based)
+    x: torch.Tensor         # the input: images on the first stage, activations after it
+    y: torch.Tensor         # the labels on this stage's device
+    y_host: torch.Tensor    # the labels on the host: they go into the next message's header
+
+
 @dataclass
 class StageEpoch:
     stats: EpochStats
     times: StageTimes = field(default_factory=StageTimes)
 
 
+class AfterBatch:
+    """What a stage does after each batch's step, besides the step itself, in this order: the
+    `on_batch` callback, the fault point, a mid-epoch checkpoint, the TensorBoard scalars, the
+    profiling window, the batch and sample counts, the progress bar and the sync-debug mode.
+    One object per stream; `close()` on every path."""
+
+    def __init__(self, runner: "StageRunner", kind: Kind, epoch: int, total: int | None,
+                 result: StageEpoch, checkpoint_every: int = 0, on_checkpoint=None):
+        self.runner, self.kind, self.epoch, self.total = runner, kind, epoch, total or 0
+        self.result = result
+        self.checkpoint_every, self.on_checkpoint = checkpoint_every, on_checkpoint
+        self.point = ("mid-epoch" if kind == TRAIN else "during-eval") if armed() else None
+        self.trace = runner.trace if kind == TRAIN else None
+        self.sync_debug = SyncDebug(runner.device)
+        self.bar = progress(None, total=self.total, enabled=runner.show_progress,
+                            desc=f"{'train' if kind == TRAIN else 'test'} {epoch}")
+
+    def hold(self):
+        """`hold_after(seq)` for the receiver: no receive stays posted across a checkpoint (its
+        collectives and file writes)."""
+        every = self.checkpoint_every
+        return (lambda n: (n + 1) % every == 0) if every else None
+
+    def start(self, start_seq: int) -> None:
+        if self.trace is not None:
+            self.trace.before(self.epoch, start_seq)
+
+    def __call__(self, batch: Batch) -> None:
+        runner, epoch, stats = self.runner, self.epoch, self.result.stats
+        if runner.on_batch is not None:
+            runner.on_batch(batch.seq)
+        done = batch.seq + 1
+        if self.point is not None:
+            fault_point(self.point, epoch, done)
+        if self.checkpoint_every and done % self.checkpoint_every == 0 and done < self.total:
+            with self.sync_debug.paused():
+                self.on_checkpoint(epoch, done, stats)
+        if self.kind == TRAIN and runner.log_every and done % runner.log_every == 0:
+            with self.sync_debug.paused():  # reads the device sums: only every N batches
+                runner.on_log(epoch, done, stats)
+        if self.trace is not None:
+            if self.trace.stops_at(done):
+                runner.quiesce()
+            self.trace.before(epoch, done)  # starts before batch `done`, stops after it
+        times = self.result.times
+        times.batches += 1
+        times.samples += batch.y_host.size(0)
+        if self.bar is not None:
+            self.bar.update(1)
+        self.sync_debug.after_batch(times.batches)
+
+    def end_of_stream(self) -> None:
+        """After the end marker is sent: a profiling window that outlasts the epoch ends."""
+        if self.trace is not None and self.trace.active:
+            self.runner.quiesce()
+            self.trace.finish()
+
+    def close(self) -> None:
+        self.sync_debug.off()
+        if self.bar is not None:
+            self.bar.close()
+        if self.trace is not None:
+            self.trace.finish()
+
+
 class StageRunner:
-    """Runs the train and eval streams of one stage (see the module docstring)."""
+    """Runs the train and eval streams of one stage (see the module docstring).
+
+    The loop, `run_stream`, reads: for every batch of the input stream (received, or read from
+    the data on the first stage), `step`, then the after-batch hooks (`AfterBatch`). The train
+    step is `train_step`: forwards -> send -> local updates -> statistics."""
 
     def __init__(self, *, blocks, output, stage_index: int, num_stages: int, device,
                  num_classes: int, sender: Sender | None, receiver: Receiver | None,
@@ -138,14 +217,11 @@ class StageRunner:
             names.append("the output layer")
         return names
 
-    def _watch(self, start: int) -> FiniteWatch:
-        return FiniteWatch(self.loss_names(), self.device, self.check_every, self._name(), start)
-
     # --- the message stream ------------------------------------------------------------------
-    def _batches(self, source, kind: Kind, epoch: int, start_seq: int = 0, hold_after=None):
-        """(seq, x, y, y on the host) of this stage's input stream, until the end-of-stream
-        marker. The host copy of the labels goes into the next message's header."""
-        if self.receiver is None:  # the first stage: batches from its source (batches.py)
+    def batches(self, source, kind: Kind, epoch: int, start_seq: int = 0, hold_after=None):
+        """The `Batch`es of this stage's input stream, until the end-of-stream marker: read from
+        `source` on the first stage, received from the previous stage on the others."""
+        if self.receiver is None:  # the first stage: batches from its source (data/batches.py)
             it = iter(source)
             seq = start_seq
             while True:
@@ -153,8 +229,7 @@ class StageRunner:
                     batch = next(it, None)
                 if batch is None:
                     return
-                x, y, y_host = batch
-                yield seq, x, y, y_host
+                yield Batch(seq, *batch)
                 seq += 1
         end = END_TRAIN if kind == TRAIN else END_EVAL
         while True:
@@ -165,9 +240,9 @@ class StageRunner:
             if msg.kind != kind or msg.epoch != epoch:
                 raise StageFailure(f"{self._name()} expected a {KIND_NAMES[kind]} of epoch "
                                    f"{epoch}, got a {KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
-            yield msg.seq, msg.activation, msg.labels_device, msg.labels
+            yield Batch(msg.seq, msg.activation, msg.labels_device, msg.labels)
 
-    def _quiesce(self) -> None:
+    def quiesce(self) -> None:
         """No send or receive of this stage left in flight (the end of a profiling window)."""
         if self.sender is not None:
             with self.clock.section("send"):
@@ -181,67 +256,40 @@ class StageRunner:
             with self.clock.section("send"):
                 self.sender.send(kind, epoch, seq, x, y_host)
 
-    def _stream(self, source, kind: Kind, epoch: int, total: int | None, step_fn,
-                start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
-                on_checkpoint=None) -> StageEpoch:
+    def run_stream(self, source, kind: Kind, epoch: int, total: int | None, step,
+                   start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
+                   on_checkpoint=None) -> StageEpoch:
+        """One epoch's train or eval stream: for every batch, `step(stats, watch, epoch, batch)`
+        then the after-batch hooks; then the end marker to the next stage."""
         result = StageEpoch(EpochStats([b.index for b in self.blocks], self.device))
         if initial is not None:
             result.stats.load(initial)
-        times = result.times
         self.clock.read()  # start from zero
         start = time.perf_counter()
         bytes_before = self.sender.bytes if self.sender is not None else 0
-        watch = self._watch(start_seq)
-        bar = progress(None, total=total or 0, enabled=self.show_progress,
-                       desc=f"{'train' if kind == TRAIN else 'test'} {epoch}")
+        watch = FiniteWatch(self.loss_names(), self.device, self.check_every, self._name(),
+                            start_seq)
+        after_batch = AfterBatch(self, kind, epoch, total, result, checkpoint_every,
+                                 on_checkpoint)
         seq = -1
-        sync_debug = SyncDebug(self.device)
-        point = ("mid-epoch" if kind == TRAIN else "during-eval") if armed() else None
-        trace = self.trace if kind == TRAIN else None
-        if trace is not None:
-            trace.before(epoch, start_seq)
+        after_batch.start(start_seq)
         try:
-            # no receive stays posted across a checkpoint (its collectives and file writes)
-            hold = (lambda n: (n + 1) % checkpoint_every == 0) if checkpoint_every else None
-            for seq, x, y, y_host in self._batches(source, kind, epoch, start_seq, hold):
-                step_fn(result.stats, watch, epoch, seq, x, y, y_host)
-                if self.on_batch is not None:
-                    self.on_batch(seq)
-                done = seq + 1
-                if point is not None:
-                    fault_point(point, epoch, done)
-                if checkpoint_every and done % checkpoint_every == 0 and done < (total or 0):
-                    with sync_debug.paused():
-                        on_checkpoint(epoch, done, result.stats)
-                if kind == TRAIN and self.log_every and done % self.log_every == 0:
-                    with sync_debug.paused():  # reads the device sums: only every N batches
-                        self.on_log(epoch, done, result.stats)
-                if trace is not None:
-                    if trace.stops_at(done):
-                        self._quiesce()
-                    trace.before(epoch, done)  # starts before batch `done`, stops after it
-                times.batches += 1
-                times.samples += y_host.size(0)
-                if bar is not None:
-                    bar.update(1)
-                sync_debug.after_batch(times.batches)
-            sync_debug.off()
+            for batch in self.batches(source, kind, epoch, start_seq, after_batch.hold()):
+                seq = batch.seq
+                step(result.stats, watch, epoch, batch)
+                after_batch(batch)
+            after_batch.sync_debug.off()
             watch.finish(epoch, seq)
             self._send(END_TRAIN if kind == TRAIN else END_EVAL, epoch, max(seq + 1, start_seq))
-            if trace is not None and trace.active:  # the window outlasts the epoch
-                self._quiesce()
-                trace.finish()
+            after_batch.end_of_stream()
         except (StageFailure, NonFiniteLossError, PeerLostError, ShapeMismatchError):
             raise
         except Exception as exc:
             raise StageFailure(f"{self._name()} failed at {KIND_NAMES[kind]} {seq + 1} of epoch "
                                f"{epoch}: {type(exc).__name__}: {exc}") from exc
         finally:
-            sync_debug.off()
-            if bar is not None:
-                bar.close()
-            if trace is not None:
-                trace.finish()
+            after_batch.close()
+        times = result.times
         times.take(self.clock.read())
         times.wall_s = time.perf_counter() - start
         if self.sender is not None:
@@ -249,14 +297,6 @@ class StageRunner:
         return result
 
     # --- one batch ---------------------------------------------------------------------------
-    def forwards(self, x):
-        """(output to send, contexts of the updates) of this stage's blocks."""
-        return forwards(self.blocks, x)
-
-    def updates(self, ctxs, x, y, y1h):
-        """(per-block stats, (logits, loss) or None): the local updates of this stage."""
-        return local_updates(self.blocks, ctxs, x, y, y1h, self.output, self.replica_sync)
-
     @staticmethod
     def _statistics(stats: EpochStats, block_stats, out, y) -> list:
         """Add a batch's numbers to the epoch's sums (on the device); returns the losses in the
@@ -271,28 +311,30 @@ class StageRunner:
         stats.add_count(y.size(0))
         return losses
 
-    def _train_step(self, stats, watch, epoch, seq, x, y, y_host) -> None:
+    def train_step(self, stats: EpochStats, watch: FiniteWatch, epoch: int, b: Batch) -> None:
+        """The hot loop's body (the batch was received by `batches`): forwards -> send ->
+        local updates -> statistics, all on the device."""
         with self.clock.section("compute"):
-            y1h = onehot(y, self.num_classes)
-            h, ctxs = self.forwards(x)
-        self._send(TRAIN, epoch, seq, h, y_host)
+            y1h = onehot(b.y, self.num_classes)
+            h, ctxs = forwards(self.blocks, b.x)
+        self._send(TRAIN, epoch, b.seq, h, b.y_host)  # the next stage starts now
         with self.clock.section("compute"):
-            block_stats, out = self.updates(ctxs, h, y, y1h)
+            block_stats, out = local_updates(self.blocks, ctxs, h, b.y, y1h, self.output,
+                                             self.replica_sync)
             with record_function("localloss_pp.statistics"):
-                watch.add(self._statistics(stats, block_stats, out, y), epoch, seq)
+                watch.add(self._statistics(stats, block_stats, out, b.y), epoch, b.seq)
 
     @torch.no_grad()
-    def _eval_step(self, stats, watch, epoch, seq, x, y, y_host) -> None:
+    def eval_step(self, stats: EpochStats, watch: FiniteWatch, epoch: int, b: Batch) -> None:
         with self.clock.section("compute"):
-            y1h = onehot(y, self.num_classes)
-            block_stats = []
+            x, y1h, block_stats = b.x, onehot(b.y, self.num_classes), []
             for block in self.blocks:
-                x, s = block.evaluate(x, y, y1h, self.with_stats)
+                x, s = block.evaluate(x, b.y, y1h, self.with_stats)
                 if s is not None:
                     block_stats.append(s)
-            out = self.output.predict(x, y) if self.output is not None else None
-            self._statistics(stats, block_stats, out, y)
-        self._send(EVAL, epoch, seq, x, y_host)
+            out = self.output.predict(x, b.y) if self.output is not None else None
+            self._statistics(stats, block_stats, out, b.y)
+        self._send(EVAL, epoch, b.seq, x, b.y_host)
 
     # --- train and eval ----------------------------------------------------------------------
     def train_epoch(self, epoch: int, source=None, total: int | None = None, *,
@@ -303,13 +345,13 @@ class StageRunner:
         done, stats)` runs right after this stage's update of that batch."""
         for unit in self.units:
             unit.train()
-        return self._stream(source, TRAIN, epoch, total, self._train_step, start_seq, initial,
-                            checkpoint_every, on_checkpoint)
+        return self.run_stream(source, TRAIN, epoch, total, self.train_step, start_seq,
+                               initial, checkpoint_every, on_checkpoint)
 
     def eval_epoch(self, epoch: int, source=None, total: int | None = None) -> StageEpoch:
         for unit in self.units:
             unit.eval()
-        result = self._stream(source, EVAL, epoch, total, self._eval_step)
+        result = self.run_stream(source, EVAL, epoch, total, self.eval_step)
         if self.sender is not None:
             with self.clock.section("send"):
                 self.sender.drain()  # nothing in flight before the epoch's collectives

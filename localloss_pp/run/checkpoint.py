@@ -159,7 +159,7 @@ def unit_checkpoint(unit) -> dict:
     """Everything a unit needs to continue exactly: weights, buffers, optimizer, generator."""
     out = {"state": {k: v.detach().cpu() for k, v in unit.state_dict().items()},
            "optim": unit.optimizer.state_dict()}
-    gen = getattr(unit, "_drop_gen", None)
+    gen = getattr(unit, "dropout_generator", None)
     if gen is not None:
         out["generator"] = gen.get_state()
     return out
@@ -168,8 +168,8 @@ def unit_checkpoint(unit) -> dict:
 def restore_unit(unit, saved: dict) -> None:
     unit.load_state_dict(saved["state"])
     unit.optimizer.load_state_dict(saved["optim"])
-    if "generator" in saved and getattr(unit, "_drop_gen", None) is not None:
-        unit._drop_gen.set_state(saved["generator"])
+    if "generator" in saved and getattr(unit, "dropout_generator", None) is not None:
+        unit.dropout_generator.set_state(saved["generator"])
 
 
 def save_stage_checkpoint(folder: Path, stage_index: int, payload: dict, token: str = "",

@@ -181,7 +181,7 @@ class StageCheckpointer:
                  counts: list[int], model_name: str, sync=None, token: str = ""):
         self.cfg, self.run_dir = cfg, run_dir
         self.token = token  # this attempt's mark on its checkpoint parts
-        self.k, self.S = stage_index, num_stages
+        self.stage_index, self.num_stages = stage_index, num_stages
         self.blocks, self.output = list(blocks), output
         self.counts, self.model_name = counts, model_name
         self.sync = sync  # data-parallel replicas of this stage
@@ -195,7 +195,7 @@ class StageCheckpointer:
         generator states gathered) and replica 1 writes."""
         gens = None
         if self.sync is not None:
-            gens = self.sync.gather_generators([b._drop_gen.get_state() for b in self.blocks])
+            gens = self.sync.gather_generators([b.dropout_generator.get_state() for b in self.blocks])
             if stats is not None:
                 totals = self.sync.sum_stats(stats)
                 stats = type(stats)(stats.block_indices, "cpu")
@@ -217,9 +217,9 @@ class StageCheckpointer:
             units[str(self.output.index)] = unit_checkpoint(self.output)
             if stats is not None:
                 payload["global_stats"] = {"glob": stats.glob.cpu(), "count": stats.count}
-        save_stage_checkpoint(folder, self.k, payload, self.token, epoch, step)
+        save_stage_checkpoint(folder, self.stage_index, payload, self.token, epoch, step)
         if self.output is not None:  # the last stage completes the checkpoint
-            write_manifest(folder, self.S, {
+            write_manifest(folder, self.num_stages, {
                 "epoch": epoch, "step": step,
                 "complete_epochs": epoch if step is None else epoch - 1,
                 "config": semantic_config(self.cfg), "model": self.model_name,
@@ -248,12 +248,12 @@ class StageCheckpointer:
             gens = saved.get("replica_generators")
             try:
                 restore_unit(unit, saved)
-                if self.replica > 0 and getattr(unit, "_drop_gen", None) is not None:
+                if self.replica > 0 and getattr(unit, "dropout_generator", None) is not None:
                     # replica 1's generator came with restore_unit
                     if gens is not None and len(gens) == self.num_replicas:
-                        unit._drop_gen.set_state(gens[self.replica])
+                        unit.dropout_generator.set_state(gens[self.replica])
                     else:  # another replica count: this replica's own fresh stream
-                        unit._drop_gen.manual_seed(derive_seed(
+                        unit.dropout_generator.manual_seed(derive_seed(
                             self.cfg.train.seed, unit.index,
                             f"dropout/replica{self.replica}/resume{plan.manifest['epoch']}"))
             except (RuntimeError, KeyError, ValueError) as exc:

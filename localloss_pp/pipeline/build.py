@@ -1,0 +1,59 @@
+"""Assembling one pipeline stage: its links to the neighbouring stages, built in chain order,
+and its runner. Used by train.py and by the benchmarks alike, so both run the same stage."""
+from __future__ import annotations
+
+from functools import partial
+
+from localloss_pp.config import Config, RunMode
+from localloss_pp.faults import fault_point
+from localloss_pp.layout import Layout, shard_bounds
+from localloss_pp.models.blocks import activation_dtype
+from localloss_pp.pipeline.globalmode import GlobalRunner
+from localloss_pp.pipeline.stage import StageRunner
+from localloss_pp.pipeline.transport import Receiver, Sender
+
+__all__ = ["build_links", "build_stage"]
+
+
+def build_links(cfg: Config, env, model, part, stage_index: int, num_stages: int,
+                fingerprint: int, layout: Layout | None = None, replica: int = 0):
+    """Sender and receiver of stage `stage_index` of `replica` (None at the ends), connected to
+    the neighbours in chain order: stage k connects to k-1 (which is done with k-2), then to
+    k+1. Activations travel in the units' output dtype (bf16 under --precision bf16)."""
+    a, b = part.bounds[stage_index]
+    layout = layout or Layout(num_stages, 1)
+    lo, hi = shard_bounds(cfg.data.batch_size, 0, layout.num_replicas)  # the largest share
+    common = dict(stage_index=stage_index, num_stages=num_stages,
+                  dtype=activation_dtype(cfg.train.precision), max_batch=hi - lo,
+                  device=env.device, timeout_s=cfg.train.timeout_s, group=None,
+                  meta_group=env.meta_group, staging=env.staging)
+    receiver = sender = None
+    if stage_index > 0:
+        receiver = Receiver(peer_rank=layout.rank_of(stage_index - 1, replica),
+                            peer_stage=stage_index - 1, sample_shape=model.blocks[a].in_shape,
+                            **common)
+        receiver.connect(fingerprint)
+    if stage_index < num_stages - 1:
+        sender = Sender(peer_rank=layout.rank_of(stage_index + 1, replica),
+                        peer_stage=stage_index + 1, queue_depth=cfg.train.queue_depth,
+                        sample_shape=model.blocks[b - 1].out_shape, **common)
+        sender.connect(fingerprint)
+    return sender, receiver
+
+
+def build_stage(cfg: Config, env, model, part, stage_index: int, *, fingerprint: int,
+                layout: Layout | None = None, replica: int = 0, mode: RunMode = RunMode.LOCAL,
+                **runner_options) -> StageRunner:
+    """The runner of stage `stage_index` (its units already set up on the device), linked to
+    its neighbours: a StageRunner, or a GlobalRunner for --backprop / --no-detach (one stage).
+    `runner_options` go to the runner (num_classes, with_stats, sync, on_log, trace, ...)."""
+    num_stages = len(part.bounds)
+    sender, receiver = build_links(cfg, env, model, part, stage_index, num_stages, fingerprint,
+                                   layout, replica)
+    fault_point("after-links")
+    a, b = part.bounds[stage_index]
+    runner = StageRunner if mode == RunMode.LOCAL else partial(GlobalRunner, mode=mode)
+    return runner(blocks=model.blocks[a:b],
+                  output=model.output if stage_index == num_stages - 1 else None,
+                  stage_index=stage_index, num_stages=num_stages, device=env.device,
+                  sender=sender, receiver=receiver, **runner_options)
