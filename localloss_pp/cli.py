@@ -11,8 +11,8 @@ import os
 import sys
 
 from localloss_pp import __version__
-from localloss_pp.config import DATASET_NAMES, Config, ModelConfig, add_config_arguments, \
-    config_from_args
+from localloss_pp.config import DATASET_NAMES, Config, ModelConfig
+from localloss_pp.flags import add_config_arguments, config_from_args
 from localloss_pp.models.registry import BUILTIN_MODELS, resolve_model
 from localloss_pp.observe.tensorboard import check_tensorboard
 from localloss_pp.errors import first_line

@@ -8,18 +8,17 @@ on the embedded `mnist5k` dataset for a few epochs.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 __all__ = [
     "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
-    "QUICKSTART", "FLAGS", "Flag", "add_config_arguments", "config_from_args", "load_toml",
+    "QUICKSTART", "SECTION_CLASSES", "load_toml",
     "build_config", "validate", "to_toml", "lr_at_epoch", "RunMode",
     "parse_profile",
 ]
@@ -131,7 +130,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-_SECTION_CLASSES = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig,
+SECTION_CLASSES = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig,
                     "optim": OptimConfig, "train": TrainConfig}
 
 # The embedded default run: what `localloss-pp train` does with no dataset and no model given.
@@ -143,190 +142,6 @@ QUICKSTART: dict[str, dict[str, Any]] = {
     "optim": {"lr": 5e-4, "lr_decay_milestones": [10, 15], "lr_decay_fact": 0.25},
     "train": {"epochs": 20},
 }
-
-class Flag(NamedTuple):
-    """One `train` flag: the config field it sets, how, and what `--help` says of it.
-
-    action: a type for a valued flag; "true"/"false" for a switch that sets the field; "cpu" for
-    --no-cuda; "list" for a list of ints; "optional" for a flag whose value may be left out."""
-    flag: str
-    section: str
-    name: str
-    action: Any
-    group: str
-    help: str
-    metavar: str | None = None
-
-
-GROUPS = {
-    "model": "model (the network and its blocks)",
-    "loss": "loss (what each block learns from)",
-    "data": "data",
-    "optim": "optimisation",
-    "pipeline": "pipeline and devices",
-    "checkpoints": "run directory, checkpoints and resuming",
-    "observe": "observing a run",
-}
-_REF = " [reference flag]"
-
-# Reference flags first (same names and meanings as the reference), then this tool's own flags.
-FLAGS: list[Flag] = [
-    Flag("--model", "model", "name", str, "model", "the network: mlp, vgg6a ... vgg19, resnet18 "
-         "... resnet152, wresnet<depth>-<width>[a], or a model a --model-module registers" + _REF,
-         "NAME"),
-    Flag("--num-layers", "model", "num_layers", int, "model", "hidden linear blocks: of the mlp, "
-         "or of a VGG's head (0: the head is one linear layer)" + _REF, "N"),
-    Flag("--num-hidden", "model", "num_hidden", int, "model",
-         "width of every hidden linear block" + _REF, "N"),
-    Flag("--feat-mult", "model", "feat_mult", float, "model",
-         "factor on every conv layer's channel count" + _REF, "F"),
-    Flag("--dim-in-decoder", "model", "dim_in_decoder", int, "model", "largest input size of a "
-         "conv block's pred decoder, reached by average pooling of its feature map" + _REF, "N"),
-    Flag("--nonlin", "model", "nonlin", str, "model",
-         "nonlinearity: relu or leakyrelu (slope 0.01)" + _REF, "NAME"),
-    Flag("--no-batch-norm", "model", "batch_norm", "false", "model",
-         "blocks without BatchNorm" + _REF),
-    Flag("--dropout", "model", "dropout", float, "model", "dropout rate after every hidden "
-         "nonlinearity (channel-wise in conv blocks), in [0, 1)" + _REF, "P"),
-    Flag("--pre-act", "model", "pre_act", "true", "model",
-         "pre-activation ResNet (resnet* models only)" + _REF),
-    Flag("--model-module", "model", "module", str, "model", "import this module first: it "
-         "registers your own models (docs/usage.md, \"Your own model\")", "MODULE"),
-    Flag("--loss-sup", "loss", "loss_sup", str, "loss", "supervised local loss: pred (a linear "
-         "classifier per block), sim (similarity matching) or predsim (both)" + _REF, "NAME"),
-    Flag("--loss-unsup", "loss", "loss_unsup", str, "loss",
-         "unsupervised local loss: none, sim or recon (weighted by --alpha)" + _REF, "NAME"),
-    Flag("--alpha", "loss", "alpha", float, "loss",
-         "weight of the unsupervised loss: alpha*unsup + (1-alpha)*sup, in [0, 1]" + _REF, "A"),
-    Flag("--beta", "loss", "beta", float, "loss",
-         "weight of sim in predsim: beta*sim + (1-beta)*pred, in [0, 1]" + _REF, "B"),
-    Flag("--no-similarity-std", "loss", "similarity_std", "false", "loss", "similarity of "
-         "flattened feature maps instead of each channel's spatial std" + _REF),
-    Flag("--backprop", "loss", "backprop", "true", "loss", "global backprop instead of local "
-         "losses (one process, or data-parallel with --replicas)" + _REF),
-    Flag("--no-detach", "loss", "detach", "false", "loss", "local and global losses flow through "
-         "the whole network (one process, or data-parallel)" + _REF),
-    Flag("--bio", "loss", "bio", "true", "loss", "the biologically plausible variants: feedback "
-         "alignment, a fixed random label projection" + _REF),
-    Flag("--target-proj-size", "loss", "target_proj_size", int, "loss",
-         "width of the random label projection under --bio" + _REF, "N"),
-    Flag("--dataset", "data", "dataset", str, "data", "mnist5k (embedded), MNIST, FashionMNIST, "
-         "KuzushijiMNIST, CIFAR10, CIFAR100, SVHN, STL10 or ImageNet" + _REF, "NAME"),
-    Flag("--batch-size", "data", "batch_size", int, "data", "examples per batch (the global "
-         "batch, split across --replicas)" + _REF, "N"),
-    Flag("--classes-per-batch", "data", "classes_per_batch", int, "data",
-         "N > 0: every training batch holds examples of N classes only (0: off)" + _REF, "N"),
-    Flag("--classes-per-batch-until-epoch", "data", "classes_per_batch_until_epoch", int, "data",
-         "ordinary shuffling again after this epoch (0: the whole run)" + _REF, "E"),
-    Flag("--cutout", "data", "cutout", "true", "data",
-         "cutout augmentation of the training images" + _REF),
-    Flag("--n_holes", "data", "n_holes", int, "data", "cutout squares per image" + _REF, "N"),
-    Flag("--length", "data", "length", int, "data",
-         "side of a cutout square, in pixels" + _REF, "PIXELS"),
-    Flag("--data-dir", "data", "data_dir", str, "data", "folder of the torchvision datasets",
-         "DIR"),
-    Flag("--download", "data", "download", "true", "data",
-         "let torchvision download a missing dataset into --data-dir (needs the internet)"),
-    Flag("--num-workers", "data", "num_workers", str, "data", "loader processes of image-folder "
-         "datasets: auto (the spare cores) or a count", "auto|N"),
-    Flag("--epochs", "train", "epochs", int, "optim", "number of epochs" + _REF, "N"),
-    Flag("--lr", "optim", "lr", float, "optim",
-         "initial learning rate of every unit's optimizer" + _REF, "LR"),
-    Flag("--lr-decay-milestones", "optim", "lr_decay_milestones", "list", "optim",
-         "epochs after which the learning rate is multiplied by --lr-decay-fact" + _REF, "EPOCH"),
-    Flag("--lr-decay-fact", "optim", "lr_decay_fact", float, "optim",
-         "learning-rate factor per milestone passed" + _REF, "F"),
-    Flag("--optim", "optim", "optim", str, "optim", "adam, amsgrad or sgd" + _REF, "NAME"),
-    Flag("--momentum", "optim", "momentum", float, "optim",
-         "SGD momentum (--optim sgd only)" + _REF, "M"),
-    Flag("--weight-decay", "optim", "weight_decay", float, "optim",
-         "L2 weight decay of every optimizer" + _REF, "WD"),
-    Flag("--seed", "train", "seed", int, "optim", "run seed: every random stream (weights, "
-         "dropout, data order, augmentation) is derived from it" + _REF, "N"),
-    Flag("--no-cuda", "train", "device", "cpu", "pipeline", "same as --device cpu" + _REF),
-    Flag("--device", "train", "device", str, "pipeline", "auto (CUDA when available, else the "
-         "CPU), cpu, cuda (GPU local-rank mod GPU count) or cuda:N", "DEV"),
-    Flag("--backend", "train", "backend", str, "pipeline",
-         "process-group backend: auto (NCCL with one GPU per process, else gloo), gloo or "
-         "nccl", "NAME"),
-    Flag("--threads-per-rank", "train", "threads_per_rank", int, "pipeline",
-         "CPU threads per process (0: the cores divided among the local processes)", "N"),
-    Flag("--partition", "train", "partition", str, "pipeline", "how blocks are split into "
-         "stages: params (balanced parameter counts), auto (measured step times) or block "
-         "counts per stage like 3,3,2", "params|auto|LIST"),
-    Flag("--queue-depth", "train", "queue_depth", int, "pipeline",
-         "sends in flight per stage before it waits for its receiver (back-pressure)", "N"),
-    Flag("--replicas", "train", "num_replicas", int, "pipeline", "data-parallel replicas of the "
-         "pipeline: world size = stages x replicas", "R"),
-    Flag("--precision", "train", "precision", str, "pipeline",
-         "fp32, or bf16 (autocast; activations travel in bf16)", "fp32|bf16"),
-    Flag("--channels-last", "train", "channels_last", "true", "pipeline",
-         "channels-last memory format for conv blocks"),
-    Flag("--compile", "train", "compile", "true", "pipeline",
-         "torch.compile every block's train and eval step"),
-    Flag("--timeout-s", "train", "timeout_s", float, "pipeline", "seconds a stage waits for a "
-         "neighbour before it reports the neighbour lost", "S"),
-    Flag("--run-dir", "train", "run_dir", str, "checkpoints", "the run directory (default: "
-         "runs/<dataset>-<model>-<time>, or the reference's layout under --save-dir)", "DIR"),
-    Flag("--save-dir", "train", "save_dir", str, "checkpoints", "root of the reference's "
-         "layout: DIR/<dataset>/<model>_mult<f>/<run-tag>" + _REF, "DIR"),
-    Flag("--resume", "train", "resume", str, "checkpoints", "auto (continue the run in "
-         "--run-dir), a checkpoint folder, a run directory or a model.pt" + _REF,
-         "auto|PATH"),
-    Flag("--checkpoint-every", "train", "checkpoint_every", int, "checkpoints",
-         "also checkpoint every N training batches (0: only at epoch ends)", "N"),
-    Flag("--keep-checkpoints", "train", "keep_checkpoints", int, "checkpoints",
-         "complete checkpoints kept (older ones are deleted)", "N"),
-    Flag("--no-print-stats", "train", "print_stats", "false", "observe",
-         "no per-block local losses and decoder errors" + _REF),
-    Flag("--progress-bar", "train", "progress", "true", "observe",
-         "a progress bar on the last stage when stderr is a terminal (the default)" + _REF),
-    Flag("--no-progress", "train", "progress", "false", "observe", "no progress bar"),
-    Flag("--tensorboard", "train", "tensorboard", "optional", "observe", "write TensorBoard "
-         "event files: to RUN_DIR/tb, or to DIR", "DIR"),
-    Flag("--log-every", "train", "log_every", int, "observe",
-         "TensorBoard scalars every N training batches (0: per epoch only)", "N"),
-    Flag("--profile", "train", "profile", str, "observe", "torch.profiler traces of training "
-         "batches START to START+STEPS-1 of EPOCH, per stage in RUN_DIR/profile",
-         "EPOCH:START:STEPS"),
-]
-
-
-def _default_text(f: Flag) -> str:
-    """' (default: X; quick start: Y)' of a valued flag, '' for a switch."""
-    if f.action in ("true", "false", "cpu"):
-        return ""
-    value = getattr(_SECTION_CLASSES[f.section](), f.name)
-    shown = " ".join(map(str, value)) if isinstance(value, list) else (value if value != ""
-                                                                          else "none")
-    text = f" (default: {shown}"
-    preset = QUICKSTART.get(f.section, {}).get(f.name)
-    if preset is not None and preset != value:
-        preset = " ".join(map(str, preset)) if isinstance(preset, list) else preset
-        text += f"; quick start: {preset}"
-    return text + ")"
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--config` and every flag of FLAGS, in their groups; unset flags stay absent."""
-    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    parser.add_argument("--config", metavar="FILE", help="a TOML config with the sections "
-                        "[model] [loss] [data] [optim] [train]; flags override it")
-    for f in FLAGS:
-        dest = f"cfg:{f.section}.{f.name}"
-        common = dict(dest=dest, default=argparse.SUPPRESS, help=f.help + _default_text(f))
-        group = groups[f.group]
-        if f.action in ("true", "false"):
-            group.add_argument(f.flag, action="store_const", const=f.action == "true", **common)
-        elif f.action == "cpu":
-            group.add_argument(f.flag, action="store_const", const="cpu", **common)
-        elif f.action == "optional":  # --flag alone: "auto"; --flag VALUE
-            group.add_argument(f.flag, nargs="?", const="auto", metavar=f.metavar, **common)
-        elif f.action == "list":
-            group.add_argument(f.flag, type=int, nargs="*", metavar=f.metavar, **common)
-        else:
-            group.add_argument(f.flag, type=f.action, metavar=f.metavar, **common)
-
 
 def _canonical(value: str, choices: tuple[str, ...], what: str, flag: str) -> str:
     for choice in choices:
@@ -351,12 +166,12 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         raise ValueError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
     for section, values in raw.items():
-        if section not in _SECTION_CLASSES:
+        if section not in SECTION_CLASSES:
             raise ValueError(f"{path}: unknown section [{section}]; sections are: "
-                             f"{', '.join(_SECTION_CLASSES)}")
+                             f"{', '.join(SECTION_CLASSES)}")
         if not isinstance(values, dict):
             raise ValueError(f"{path}: {section} must be a [{section}] table, not a value")
-        known = {f.name: f for f in fields(_SECTION_CLASSES[section])}
+        known = {f.name: f for f in fields(SECTION_CLASSES[section])}
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"{path}: unknown key {key!r} in [{section}]; known keys: "
@@ -390,12 +205,12 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
     given = any(f in file_values.get(s, {}) or f in cli_values.get(s, {}) for s, f in named)
     layers = [] if given else [QUICKSTART]
     layers += [file_values, cli_values]
-    merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_CLASSES}
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTION_CLASSES}
     for layer in layers:
         for section, values in layer.items():
             merged[section].update(values)
-    cfg = Config(**{s: cls(**merged[s]) for s, cls in _SECTION_CLASSES.items()})
-    for section in _SECTION_CLASSES:
+    cfg = Config(**{s: cls(**merged[s]) for s, cls in SECTION_CLASSES.items()})
+    for section in SECTION_CLASSES:
         obj = getattr(cfg, section)
         for fld in fields(obj):
             if fld.type == "float":
@@ -403,17 +218,6 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
     cfg.data.num_workers = str(cfg.data.num_workers).strip().lower()
     validate(cfg)
     return cfg
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Build the Config of a parsed command line (see add_config_arguments)."""
-    cli: dict[str, dict[str, Any]] = {}
-    for dest, value in vars(args).items():
-        if dest.startswith("cfg:"):
-            section, name = dest[4:].split(".")
-            cli.setdefault(section, {})[name] = value
-    file_values = load_toml(args.config) if getattr(args, "config", None) else {}
-    return build_config(file_values, cli)
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -572,7 +376,7 @@ def _toml_value(value: Any) -> str:
 def to_toml(cfg: Config) -> str:
     """The resolved config as a TOML document that load_toml reads back unchanged."""
     lines = []
-    for section in _SECTION_CLASSES:
+    for section in SECTION_CLASSES:
         lines.append(f"[{section}]")
         obj = getattr(cfg, section)
         for fld in fields(obj):

@@ -38,9 +38,9 @@ from localloss_pp.pipeline.stage import StageRunner
 from localloss_pp.pipeline.transport import config_fingerprint
 from localloss_pp.run.checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint,
                                          load_model_state, load_units, save_model)
-from localloss_pp.run.resume import (ResumePlan, StageCheckpointer, kept_metrics, plan_resume,
-                                     reconcile_metrics)
+from localloss_pp.run.resume import ResumePlan, kept_metrics, plan_resume, reconcile_metrics
 from localloss_pp.run.rundir import RunDirLock, clean_run_dir, release_locks
+from localloss_pp.run.stage_checkpoint import StageCheckpointer
 
 __all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir"]
 

@@ -11,13 +11,14 @@ LEAVES = {"errors", "seeds", "layout", "faults"}
 ALLOWED = {
     "leaf": set(),
     "config": {"leaf"},
+    "flags": {"leaf", "config"},
     "models": {"leaf", "config"},
     "data": {"leaf", "config"},
     "observe": {"leaf", "config", "models", "data"},
     "pipeline": {"leaf", "config", "models", "data", "observe"},
     "run": {"leaf", "config", "models", "data", "observe"},
     "train": {"leaf", "config", "models", "data", "observe", "pipeline", "run"},
-    "cli": {"leaf", "config", "models", "data", "observe", "pipeline", "run", "train"},
+    "cli": {"leaf", "config", "flags", "models", "data", "observe", "pipeline", "run", "train"},
     "package": {"cli"},  # __init__ and __main__
 }
 
