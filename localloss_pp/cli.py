@@ -13,8 +13,6 @@ import sys
 from localloss_pp import __version__
 from localloss_pp.config import DATASET_NAMES, Config, ModelConfig
 from localloss_pp.flags import add_config_arguments, config_from_args
-from localloss_pp.models.registry import BUILTIN_MODELS, resolve_model
-from localloss_pp.observe.tensorboard import check_tensorboard
 from localloss_pp.errors import first_line
 
 __all__ = ["main", "build_parser", "load_config"]
@@ -45,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     params = sub.add_parser("params", help="print the paper's parameter count of a model")
     params.add_argument("--model", default="vgg8b", metavar="NAME",
-                        help=f"one of {', '.join(BUILTIN_MODELS)} (default: vgg8b)")
+                        help="mlp, vgg6a ... vgg19, resnet18 ... resnet152, "
+                        "wresnet<depth>-<width>[a] (default: vgg8b)")
     params.add_argument("--dataset", default="CIFAR10", metavar="NAME",
                         help=f"one of {', '.join(DATASET_NAMES)} (default: CIFAR10)")
     params.add_argument("--feat-mult", type=float, default=1.0, metavar="F",
@@ -155,6 +154,8 @@ def load_config(args) -> Config:
     """The run's config from a parsed `train` command line, with the launch-time checks that
     need more than the config itself: the model name against the registry (after importing
     --model-module) and TensorBoard being installed when --tensorboard asks for it."""
+    from localloss_pp.models.registry import resolve_model  # (torch: not for --help)
+    from localloss_pp.observe.tensorboard import check_tensorboard
     cfg = config_from_args(args)
     resolve_model(cfg.model)
     if cfg.train.tensorboard:
