@@ -132,8 +132,8 @@ def _check_shared_run_dir(env, layout, nodes, run_dir: Path, writer: int) -> Non
 def run_training(cfg: Config) -> RunResult | None:
     """Train as configured. Returns the result on the writer rank, None on the other ranks.
 
-    The phases of a run, in order (docs/architecture.md, "Phases of a run"): launch checks (no process group yet), set-up
-    collectives (with the resume state), links, epochs, finish. On an error the caller exits at
+    The phases of a run, in order (docs/architecture.md, "Phases of a run"): launch checks (no
+    process group yet), set-up collectives (with the resume state), links, epochs, finish. On an error the caller exits at
     once: no collective teardown."""
     _, world, _, _ = torchrun_world()
     layout = _check_launch(cfg, world)  # 1. launch checks: every rank refuses alike
@@ -282,7 +282,7 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
         group, object_group = replica_groups(env, layout)
         sync = ReplicaSync(group=group, object_group=object_group, replica=r, num_replicas=R,
                            stage_index=k, num_stages=S)
-    model, part = _model_and_partition(cfg, env, info, S, sources)
+    model, names, part = _model_and_partition(cfg, env, info, S, sources)
     a, b = part.bounds[k]
     t = cfg.train
     model.setup_units(part.units_of(k), env.device, cfg.optim, replica=r,
@@ -292,7 +292,7 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
                              sync, token)
     run = _Run(layout=layout, stage_index=k, replica=r, writer=writer, mode=RunMode.of(cfg),
                run_dir=run_dir, info=info, plan=plan, sizes=sizes, sources=sources, sync=sync,
-               model=model, names=[blk.describe() for blk in model.blocks], part=part,
+               model=model, names=names, part=part,
                ckpt=ckpt, config_toml=to_toml(cfg))
     run.start = _resume(cfg, env, run)
     if env.rank == 0:
@@ -304,8 +304,8 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
 
 
 def _model_and_partition(cfg: Config, env: DistEnv, info, num_stages: int, sources):
-    """The model (on the meta device) and its partition into stages, chosen on rank 0 (`auto`
-    measures the first stage's data too) and broadcast."""
+    """The model (on the meta device), its blocks' names and its partition into stages, chosen
+    on rank 0 (`auto` measures the first stage's data too) and broadcast."""
     model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
                         materialize=())
     names = [blk.describe() for blk in model.blocks]
@@ -318,7 +318,7 @@ def _model_and_partition(cfg: Config, env: DistEnv, info, num_stages: int, sourc
             err = first_line(exc)
     all_agree(env, err)
     part = Partition(**broadcast_from(env, dataclasses.asdict(part) if part else None, 0))
-    return model, part
+    return model, names, part
 
 
 def _write_run_files(env: DistEnv, run: _Run) -> None:
@@ -346,7 +346,8 @@ def _log_header(cfg: Config, env: DistEnv, run: _Run, nodes, where) -> None:
     S, R = run.num_stages, run.layout.num_replicas
     log.info("%s on %s (%d train / %d test images), %s mode, %d stage(s) x %d replica(s), "
              "device %s, %d thread(s) per process, %s", cfg.model.name, cfg.data.dataset,
-             run.sizes.train_examples, run.sizes.test_examples, run.mode, S, R, env.device, env.threads,
+             run.sizes.train_examples, run.sizes.test_examples, run.mode, S, R, env.device,
+             env.threads,
              t.precision + (", channels-last" if t.channels_last else "") +
              (", compiled" if t.compile else ""))
     n_params = count_params(cfg.model, info.input_shape, info.num_classes)
@@ -433,14 +434,15 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
     runner.set_lr(lr)
     start = time.perf_counter()
     train_src, test_src = run.sources if run.sources else (None, None)
-    if run.stage_index == 0:  # batches and augmentation: functions of (seed, epoch, replica, batch)
+    if run.stage_index == 0:  # batches, augmentation: functions of (seed, epoch, replica, batch)
         was_nclass = train_src.class_sampler_active()
         train_src.set_epoch(epoch, skip)
         test_src.set_epoch(epoch)
         if was_nclass and not train_src.class_sampler_active():
             log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
                      epoch)
-    tr = runner.train_epoch(epoch, train_src, run.sizes.train_batches, start_seq=skip, initial=initial,
+    tr = runner.train_epoch(epoch, train_src, run.sizes.train_batches, start_seq=skip,
+                            initial=initial,
                             checkpoint_every=cfg.train.checkpoint_every,
                             on_checkpoint=lambda e, n, st: run.ckpt.save(e, n, st))
     te = runner.eval_epoch(epoch, test_src, run.sizes.test_batches)

@@ -3,7 +3,8 @@
 Every block is created with a seed derived from (run seed, block index) and uses only its own
 generators: one on the CPU for the initialisation of all its weights and fixed random matrices, one
 on its device for dropout masks. No block touches torch's process-global generator, so a block
-computes the same numbers whatever process or pipeline stage it runs in (docs/architecture.md, "The one invariant").
+computes the same numbers whatever process or pipeline stage it runs in (docs/architecture.md,
+"The one invariant").
 
 Training API, used the same way by the one-process loop and by a pipeline stage:
 ``out, ctx = block.train_forward(x)`` computes the (detached, max-pooled) output for the next
@@ -24,9 +25,9 @@ from localloss_pp.config import LossConfig, OptimConfig
 from localloss_pp.models.losses import LinearFAFunction, LocalLoss
 from localloss_pp.seeds import derive_seed
 
-__all__ = ["Unit", "activation_dtype", "LinearFA", "LocalBlock", "LocalLinearBlock", "LocalConvBlock",
-           "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS", "make_optimizer",
-           "output_loss_scale", "OwnOptimizer"]
+__all__ = ["Unit", "activation_dtype", "LinearFA", "LocalBlock", "LocalLinearBlock",
+           "LocalConvBlock", "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS",
+           "make_optimizer", "output_loss_scale", "OwnOptimizer"]
 
 # Order of the per-batch statistics vector returned by train_update/evaluate.
 STAT_FIELDS = ("loss", "loss_sim", "loss_pred", "correct")

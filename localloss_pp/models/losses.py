@@ -1,4 +1,5 @@
-"""Local losses of Nøkland & Eidnes (2019): tensors in, scalar out (docs/algorithm.md section 4)."""
+"""Local losses of Nøkland & Eidnes (2019): tensors in, scalar out (docs/algorithm.md,
+section 4)."""
 from __future__ import annotations
 
 import torch

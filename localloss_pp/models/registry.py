@@ -19,8 +19,8 @@ from localloss_pp.errors import first_line
 from localloss_pp.models.resnets import parse_wresnet
 
 __all__ = ["register_model", "model_builder", "registered_models", "load_model_module",
-           "resolve_model", "check_units", "UNIT_METHODS", "OUTPUT_METHODS", "UNIT_STATE", "ENTRY_POINT_GROUP",
-           "BUILTIN_MODELS"]
+           "resolve_model", "check_units", "UNIT_METHODS", "OUTPUT_METHODS", "UNIT_STATE",
+           "ENTRY_POINT_GROUP", "BUILTIN_MODELS"]
 
 # --- the model registry: --model NAME -> builder -----------------------------------------------
 Builder = Callable[[ModelConfig, LossConfig, tuple, int, int], tuple]
@@ -107,7 +107,7 @@ def check_units(name: str, units: list, output) -> None:
                              "model\"")
 
 
-# The built-in names (Wide-ResNets: any wresnet<6n+4>-<k>[a]); `localloss-pp train --help` lists them.
+# The built-in names (Wide-ResNets: any wresnet<6n+4>-<k>[a]).
 BUILTIN_MODELS = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
                   "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                   "wresnet10-8", "wresnet10-8a", "wresnet16-4", "wresnet16-4a", "wresnet16-8",

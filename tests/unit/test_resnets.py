@@ -1,5 +1,5 @@
-"""ResNets and Wide-ResNets (docs/algorithm.md 5.5): the paper-sense parameter counts of the reference,
-the reference's bugs fixed, and every training mode on a unit of each kind."""
+"""ResNets and Wide-ResNets (docs/algorithm.md 5.5): the paper-sense parameter counts of the
+reference, the reference's bugs fixed, and every training mode on a unit of each kind."""
 import pytest
 import torch
 
@@ -115,7 +115,8 @@ def test_pre_act_resnet_and_its_refusal_elsewhere():
         count_params(ModelConfig(name="resnet18"), info.input_shape, 10)
     for name in ("vgg8b", "mlp", "wresnet16-4"):
         with pytest.raises(ValueError, match="--pre-act chooses the pre-activation ResNet"):
-            resolve_model(build_config(cli_values={"model": {"name": name, "pre_act": True}}).model)
+            cfg = build_config(cli_values={"model": {"name": name, "pre_act": True}})
+            resolve_model(cfg.model)
 
 
 def test_wide_resnet_head_batchnorm_is_trained_in_local_mode():
