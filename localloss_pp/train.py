@@ -39,7 +39,8 @@ from localloss_pp.pipeline.transport import config_fingerprint
 from localloss_pp.run.checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint,
                                          load_model_state, load_units, save_model)
 from localloss_pp.run.resume import ResumePlan, kept_metrics, plan_resume, reconcile_metrics
-from localloss_pp.run.rundir import RunDirLock, clean_run_dir, release_locks
+from localloss_pp.run.rundir import (RunDirLock, clean_run_dir, read_launch_mark,
+                                     release_locks, write_launch_mark)
 from localloss_pp.run.stage_checkpoint import StageCheckpointer
 
 __all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir"]
@@ -220,15 +221,27 @@ class _Run:
 def _lock_and_plan(cfg, env, run_dir: Path, writer: int) -> ResumePlan:
     """The writer (the one process that coordinates the run's files) checks the run directory,
     locks it and decides where the run starts, before any data or model is built; every rank
-    gets its decision."""
+    gets its decision.
+
+    Under torchrun a restarted attempt continues the run in `run_dir` only when this launch
+    started or continued it (its mark, written by _write_run_files before any other file);
+    otherwise it decides as the first attempt did. A refusal is final: every later attempt of the launch repeats it at
+    once, so that a retry never continues or overwrites a run the launch was refused."""
     plan, err = None, None
     if env.rank == writer:
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        try:  # a restarted attempt waits a little for its killed predecessor's lock
-            RunDirLock(run_dir).acquire(wait_s=30.0 if restarted else 0.0)
-            plan = dataclasses.asdict(plan_resume(cfg, run_dir, restarted))
+        launch = env.launch
+        err = launch.refusal() if launch is not None else None
+        try:
+            if err is None:
+                restarted = launch is not None and launch.restarted
+                # a restarted attempt waits a little for its killed predecessor's lock
+                RunDirLock(run_dir).acquire(wait_s=30.0 if restarted else 0.0)
+                own = restarted and read_launch_mark(run_dir) == launch.id
+                plan = dataclasses.asdict(plan_resume(cfg, run_dir, own))
         except Exception as exc:
             err = first_line(exc)
+            if launch is not None:
+                launch.refuse(err)
     all_agree(env, err)
     return ResumePlan(**broadcast_from(env, plan, writer))
 
@@ -323,12 +336,14 @@ def _model_and_partition(cfg: Config, env: DistEnv, info, num_stages: int, sourc
 
 def _write_run_files(env: DistEnv, run: _Run) -> None:
     """The first writes of the run, by the writer, once the resume state is known to be good:
-    the metrics records no checkpoint covers dropped, an interrupted attempt's leftovers
-    cleaned, config.toml and partition.json. No stage writes a checkpoint part before this."""
+    this launch's mark, the metrics records no checkpoint covers dropped, an interrupted
+    attempt's leftovers cleaned, config.toml and partition.json. No stage writes a checkpoint
+    part before this."""
     err = None
     if env.rank == run.writer:
         try:
             keep = kept_metrics(run.run_dir, run.start.epoch)  # (raises before any change)
+            write_launch_mark(run.run_dir, env.launch.id if env.launch is not None else "")
             clean_run_dir(run.run_dir)
             if keep is not None:
                 reconcile_metrics(run.run_dir, run.start.epoch, keep)

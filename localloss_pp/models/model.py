@@ -12,7 +12,7 @@ from localloss_pp.models.blocks import OutputLayer
 from localloss_pp.models.registry import check_units, model_builder, registered_models
 
 __all__ = ["LocalModel", "build_model", "count_params", "model_digest", "unit_digest",
-           "state_digest", "combine_digests"]
+           "state_digest", "states_digest", "combine_digests"]
 
 
 class LocalModel(nn.Module):
@@ -100,6 +100,12 @@ def state_digest(index: int, state: dict) -> str:
 def combine_digests(unit_digests: list[str]) -> str:
     """The model digest: sha256 over the units' digests in unit order (blocks, then output)."""
     return hashlib.sha256("".join(unit_digests).encode()).hexdigest()
+
+
+def states_digest(unit_states: list[dict]) -> str:
+    """The model digest of a whole model's unit state dicts, in unit order (as model.pt holds
+    them): what model_digest gives for a model holding those states."""
+    return combine_digests([state_digest(i, sd) for i, sd in enumerate(unit_states)])
 
 
 def model_digest(model: LocalModel) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from localloss_pp.errors import first_line
+from localloss_pp.models.model import states_digest
 from localloss_pp.observe.metrics import read_jsonl
 
 __all__ = ["load_run", "compare_table", "plot_compare"]
@@ -35,14 +37,25 @@ def load_run(run_dir: str | Path) -> dict:
         raw = tomllib.loads((run_dir / "config.toml").read_text())
         config = {f"{section}.{key}": value for section, values in raw.items()
                   for key, value in values.items()}
-    digest = None
-    if (run_dir / "model.pt").is_file():
-        try:
-            digest = torch.load(run_dir / "model.pt", map_location="cpu",
-                                weights_only=True)["digest"]
-        except Exception:  # a damaged or foreign file: no digest to compare
-            digest = None
+    digest = _model_digest(run_dir / "model.pt")
     return {"dir": run_dir, "records": records, "config": config, "digest": digest}
+
+
+def _model_digest(path: Path) -> str | None:
+    """The digest computed from the weights in model.pt (None without one); a ValueError when
+    the file is damaged: its weights no longer have the digest they were saved with."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        computed = states_digest(state["units"])
+    except Exception as exc:  # truncated, corrupt or foreign
+        raise ValueError(f"{path} is not a readable localloss-pp model file "
+                         f"({first_line(exc)})") from None
+    if computed != state.get("digest"):
+        raise ValueError(f"{path} is damaged: its weights do not have the digest they were "
+                         f"saved with ({str(state.get('digest'))[:16]}, now {computed[:16]})")
+    return computed
 
 
 def _summary(run: dict) -> dict:

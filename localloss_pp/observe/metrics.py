@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from localloss_pp.models.blocks import STAT_FIELDS
+from localloss_pp.durable import append_line
 from localloss_pp.errors import first_line
+from localloss_pp.models.blocks import STAT_FIELDS
 
 __all__ = ["setup_logging", "EpochStats", "StageClock", "StageTimes", "FiniteWatch", "SyncDebug",
            "append_jsonl", "read_jsonl", "read_records", "progress", "NonFiniteLossError",
@@ -297,9 +298,8 @@ class StageTimes:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-        fh.flush()
+    """Append `record` as one JSON line, durably (fsynced before this returns)."""
+    append_line(path, json.dumps(record, sort_keys=True))
 
 
 def read_records(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from localloss_pp.config import TrainConfig
 from localloss_pp.pipeline.transport import guarded
 
-__all__ = ["DistEnv", "init_distributed", "shutdown", "torchrun_world", "all_agree",
+__all__ = ["DistEnv", "Launch", "init_distributed", "shutdown", "torchrun_world", "all_agree",
            "import_before_process_group",
            "gather_to", "broadcast_from", "gather_all", "all_gather_json", "replica_groups"]
 
@@ -34,6 +35,8 @@ class DistEnv:
     timeout: timedelta = timedelta(minutes=10)
     node_rank: int = 0  # torchrun's GROUP_RANK: which node (agent) this process runs on
     local_world_size: int = 1  # processes on this node (they share its cores)
+    launch: "Launch | None" = None  # this launch's identity, its attempt and its refusal
+
 
     @property
     def staging(self) -> bool:
@@ -101,9 +104,12 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     torch.set_num_threads(threads)
     env = DistEnv(rank, world, device, None, threads,
                   node_rank=int(os.environ.get("GROUP_RANK", "0")), local_world_size=local_world)
+    env.launch = Launch(None)
     if world > 1:
         timeout = timedelta(seconds=train.timeout_s)
         store = _attempt_store(world, timeout)
+        if store is not None:
+            env.launch = Launch(store.underlying_store)
         if store is None:
             dist.init_process_group(backend, timeout=timeout)
         else:
@@ -141,6 +147,36 @@ def _attempt_store(world: int, timeout: timedelta):
                           timeout=timeout)
     return dist.PrefixStore(f"localloss-pp/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
                             store)
+
+
+class Launch:
+    """One launch of the command: every attempt torchrun starts for it (--max-restarts) shares
+    its id and learns of a refusal of an earlier attempt. Under torchrun both live in the
+    agent's store, which outlives the attempts; a launch without the agent has one attempt."""
+
+    _ID, _REFUSED = "localloss-pp/launch-id", "localloss-pp/refused"
+
+    def __init__(self, store):
+        self.store = store
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) if store else 0
+        fresh = uuid.uuid4().hex
+        # the first attempt to ask sets it; every later one reads the same
+        self.id = store.compare_set(self._ID, "", fresh).decode() if store else fresh
+
+    @property
+    def restarted(self) -> bool:
+        return self.attempt > 0
+
+    def refusal(self) -> str | None:
+        """What an earlier attempt of this launch refused, if it refused."""
+        if self.store is None or not self.store.check([self._REFUSED]):
+            return None
+        return self.store.get(self._REFUSED).decode()
+
+    def refuse(self, message: str) -> None:
+        """Record a refusal: final for every later attempt of this launch."""
+        if self.store is not None:
+            self.store.set(self._REFUSED, message)
 
 
 def shutdown(env: DistEnv) -> None:

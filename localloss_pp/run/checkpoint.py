@@ -5,7 +5,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -13,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from localloss_pp.durable import fsync_dir, make_dirs
 from localloss_pp.errors import first_line
 from localloss_pp.faults import fault_point
-from localloss_pp.models import LocalModel
+from localloss_pp.models import LocalModel, states_digest
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "load_model_state", "unit_states",
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "read_model_file", "load_model_state", "unit_states",
            "semantic_config", "checkpoint_name", "unit_checkpoint", "restore_unit",
            "save_stage_checkpoint", "write_manifest", "read_manifest", "list_checkpoints",
            "latest_checkpoint", "load_units", "prune_checkpoints", "MANIFEST",
@@ -43,7 +46,7 @@ FILE_MODE = 0o666 & ~_umask()
 
 def _atomic(path: Path, write, before_rename=None) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600
@@ -54,6 +57,7 @@ def _atomic(path: Path, write, before_rename=None) -> None:
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the new name itself is durable only with its directory
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -83,19 +87,38 @@ def save_model(path: Path, model_name: str, unit_state_list: list[dict], config_
     atomic_torch_save(state, path)
 
 
-def load_model_state(model: LocalModel, path: Path, only=None) -> dict:
-    """Load a file written by save_model into `model` (into the units whose index is in `only`,
-    all when None); a clear CheckpointError if it does not fit."""
+def read_model_file(path: Path) -> dict:
+    """The contents of a file written by save_model, after checking its format and that its
+    weights still have the digest they were saved with; a clear CheckpointError otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist")
+        raise CheckpointError(f"model file {path} does not exist" if not path.exists() else
+                              f"model file {path} is not a file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt or not a torch file
-        raise CheckpointError(f"{path} is not a readable localloss-pp model file ({exc})") from None
+        raise CheckpointError(f"{path} is not a readable localloss-pp model file "
+                              f"({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path} is not a localloss-pp model file (format "
                               f"{state.get('format') if isinstance(state, dict) else None!r})")
+    try:
+        computed = states_digest(state["units"])
+    except Exception as exc:
+        raise CheckpointError(f"{path} is damaged: its weights cannot be read "
+                              f"({first_line(exc)})") from None
+    if computed != state.get("digest"):
+        raise CheckpointError(f"{path} is damaged: its weights do not have the digest they were "
+                              f"saved with ({str(state.get('digest'))[:16]}, now "
+                              f"{computed[:16]}); use a copy or a checkpoint of the run")
+    return state
+
+
+def load_model_state(model: LocalModel, path: Path, only=None) -> dict:
+    """Load a file written by save_model into `model` (into the units whose index is in `only`,
+    all when None), verified by read_model_file; a clear CheckpointError if it does not fit."""
+    path = Path(path)
+    state = read_model_file(path)
     units = model.units()
     if state["model"] != model.name or len(state["units"]) != len(units):
         raise CheckpointError(f"{path} holds a {state['model']} with {len(state['units'])} units, "
@@ -218,8 +241,43 @@ def write_manifest(folder: Path, num_stages: int, info: dict, timeout_s: float,
                     files={s["file"]: s["sha256"] for s in sides},
                     units={str(u): s["file"] for s in sides for u in s["units"]},
                     versions={"torch": torch.__version__, "localloss_pp": _version()})
+    manifest["sha256"] = _manifest_sum(manifest)
     atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+_NAME = re.compile(r"e\d{5}-(end|s\d{7})")  # a folder named like a checkpoint (not a copy)
+
+
+def _manifest_sum(manifest: dict) -> str:
+    """sha256 over a manifest's fields (but this sum), in a canonical JSON form."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_manifest(folder: Path, manifest: dict) -> None:
+    """A CheckpointError when a manifest is not the one its run wrote for this folder: its
+    checksum, its fields, and the epoch and batch of the folder's name."""
+    path = Path(folder) / MANIFEST
+    if "sha256" not in manifest:  # written before 0.3.0, when manifests had no checksum
+        logging.getLogger(__name__).warning(
+            "%s has no checksum (written by localloss-pp %s): its fields are not verified",
+            path, manifest.get("versions", {}).get("localloss_pp", "before 0.3.0"))
+    elif manifest["sha256"] != _manifest_sum(manifest):
+        raise CheckpointError(f"{path} is damaged (its checksum does not match its fields)")
+    try:
+        epoch, step = manifest["epoch"], manifest["step"]
+        expected = checkpoint_name(epoch, step)
+        fields_ok = (manifest["complete_epochs"] == (epoch if step is None else epoch - 1)
+                     and isinstance(manifest["files"], dict)
+                     and isinstance(manifest["units"], dict))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is damaged (fields missing or of the wrong type)") from None
+    if not fields_ok:
+        raise CheckpointError(f"{path} is damaged (its fields contradict each other)")
+    if _NAME.fullmatch(Path(folder).name) and expected != Path(folder).name:
+        raise CheckpointError(f"{path} describes checkpoint {expected}, not the folder "
+                              f"{Path(folder).name} it is in; it was moved or edited")
 
 
 def _version() -> str:
@@ -238,6 +296,7 @@ def read_manifest(folder: Path) -> dict:
         raise CheckpointError(f"{path} is damaged: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a localloss-pp checkpoint manifest")
+    _check_manifest(folder, manifest)
     for name, digest in manifest["files"].items():
         try:
             data = (Path(folder) / name).read_bytes()

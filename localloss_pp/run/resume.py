@@ -20,7 +20,8 @@ from localloss_pp.config import build_config, load_toml
 from localloss_pp.errors import first_line
 from localloss_pp.observe.metrics import read_records
 from localloss_pp.run.checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes,
-                                         latest_checkpoint, read_manifest, semantic_config)
+                                         latest_checkpoint, list_checkpoints, read_manifest,
+                                         semantic_config)
 
 __all__ = ["ResumePlan", "plan_resume", "kept_metrics", "reconcile_metrics"]
 
@@ -136,22 +137,28 @@ def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
 
 def kept_metrics(run_dir: Path, first_epoch: int) -> list[dict] | None:
     """The records of metrics.jsonl that a run starting at `first_epoch` keeps: those of the
-    epochs before it (the later ones are recomputed identically). A damaged line is dropped
-    with a warning when the kept records are complete without it, and a clear error (file,
-    line, what to do) when a kept epoch's record is missing. None if there is no file."""
+    epochs before it (the later ones are recomputed identically). They must cover every one of
+    those epochs: a run never finishes with a gap in its records. A damaged line is dropped
+    with a warning when the kept records are complete without it; a missing record is a clear
+    error (file, epoch, what to do) and nothing is changed. None if there is no file."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
     records, damaged = read_records(path)
     keep = [r for r in records if r["epoch"] < first_epoch]
     missing = sorted(set(range(1, first_epoch)) - {r["epoch"] for r in keep})
-    if damaged and missing:
-        line, why = damaged[0]
+    if missing:
+        gap = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        what = (f"{path} line {damaged[0][0]} is damaged ({damaged[0][1]}), and the record"
+                if damaged else f"{path} lacks the record")
+        covered = [f for f in list_checkpoints(run_dir)
+                   if int(f.name[1:6]) - (not f.name.endswith("-end")) < missing[0]]
+        fix = (f"resume from a checkpoint they cover (--resume {covered[-1]})" if covered else
+               "start again in a new --run-dir")
         raise CheckpointError(
-            f"{path} line {line} is damaged ({why}), and the record of epoch {missing[0]} that "
-            f"the run resumed at epoch {first_epoch} keeps is not intact: repair that line, or "
-            "start again in a new --run-dir (records after the newest checkpoint would be "
-            "recomputed)")
+            f"{what} of epoch {gap}, which the run resumed at epoch {first_epoch} keeps, is "
+            f"missing (nothing was changed); put the line back, or {fix}: later epochs are "
+            "recomputed identically")
     for line, why in damaged:
         log.warning("%s line %d is damaged (%s): dropped; the epochs from %d on are recomputed",
                     path, line, why, first_epoch)

@@ -21,13 +21,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from localloss_pp.run.checkpoint import MANIFEST, list_checkpoints
+from localloss_pp.run.checkpoint import MANIFEST, atomic_write_bytes, list_checkpoints
 
-__all__ = ["LOCK_NAME", "RunDirLock", "release_locks", "clean_run_dir", "stop_with_parent"]
+__all__ = ["LOCK_NAME", "LAUNCH_NAME", "read_launch_mark", "write_launch_mark", "RunDirLock", "release_locks", "clean_run_dir", "stop_with_parent"]
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+LAUNCH_NAME = ".launch"  # the launch that last started or continued the run here
 _held: list["RunDirLock"] = []  # locks stay held (their descriptors open) until the process ends
 
 
@@ -130,11 +131,30 @@ class RunDirLock:
         if self.fd is None or not self.created:
             return
         try:
-            if os.listdir(self.run_dir) == [LOCK_NAME]:
-                self.path.unlink()
+            left = set(os.listdir(self.run_dir))
+            if left <= {LOCK_NAME, LAUNCH_NAME}:
+                for name in left:
+                    (self.run_dir / name).unlink()
                 self.run_dir.rmdir()
         except OSError:
             pass
+
+
+def read_launch_mark(run_dir: Path) -> str | None:
+    """The id of the launch that last started or continued the run in `run_dir` (None when
+    no launch of this version has, or the mark is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / LAUNCH_NAME).read_text())["launch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_launch_mark(run_dir: Path, launch_id: str) -> None:
+    """Mark the run in `run_dir` as this launch's, before it writes anything else there: a
+    restarted attempt continues a run only when it carries its own launch's mark."""
+    info = {"launch": launch_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.now().isoformat(timespec="seconds")}
+    atomic_write_bytes(Path(run_dir) / LAUNCH_NAME, (json.dumps(info) + "\n").encode())
 
 
 def release_locks(failed: bool) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from localloss_pp.durable import make_dirs
 from localloss_pp.errors import first_line
 from localloss_pp.faults import fault_point
 from localloss_pp.run.checkpoint import (CheckpointError, checkpoint_name, load_units,
@@ -52,7 +53,7 @@ class StageCheckpointer:
             if self.replica != 0:
                 return
         folder = self.run_dir / "checkpoints" / checkpoint_name(epoch, step)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         units = {}
         for i, block in enumerate(self.blocks):
             units[str(block.index)] = unit_checkpoint(block)

@@ -118,6 +118,29 @@ def damaged_metrics(run):
     f.write_text('{"epoch": 1, "tr\n')
 
 
+def edit_manifest(old, new):
+    """Change one field of the checkpoint's manifest, leaving it valid JSON."""
+    def make(run):
+        f = ckpt(run) / "manifest.json"
+        text = f.read_text()
+        assert old in text
+        f.write_text(text.replace(old, new))
+    return make
+
+
+def lost_metrics_line(run):
+    f = run / "metrics.jsonl"
+    f.write_text("".join(f.read_text().splitlines(keepends=True)[:-1]))
+
+
+def flipped_weight(run):
+    """One bit of one weight of model.pt flipped; the file stays a loadable torch file."""
+    state = torch.load(run / "model.pt", weights_only=True)
+    w = state["units"][0]["encoder.weight"]
+    w.view(torch.int32).view(-1)[7] ^= 1 << 3
+    torch.save(state, run / "model.pt")
+
+
 MNIST = ["--dataset", "MNIST", "--data-dir", "DIR/mn"]
 FIX = "delete it and run with --download"
 
@@ -183,6 +206,16 @@ ROWS = [
      "config file DIR/bad.toml is not UTF-8 text"),
     ("metrics-damaged", damaged_metrics, ["--run-dir", "RUN", "--resume", "auto"], 2,
      "RUN/metrics.jsonl line 1 is damaged"),
+    ("manifest-epoch-edited", edit_manifest('"epoch": 1,', '"epoch": 2,'),
+     ["--resume", "RUN/checkpoints/e00001-end"], 2,
+     "RUN/checkpoints/e00001-end/manifest.json is damaged (its checksum does not match"),
+    ("manifest-step-edited", edit_manifest('"step": null', '"step": 17'),
+     ["--run-dir", "RUN", "--resume", "auto"], 2, "no complete, intact checkpoint"),
+    ("metrics-record-missing", lost_metrics_line, ["--run-dir", "RUN", "--resume", "auto"], 2,
+     "RUN/metrics.jsonl lacks the record of epoch 1, which the run resumed at epoch 2 keeps, "
+     "is missing (nothing was changed)"),
+    ("model-bit-flipped", flipped_weight, ["--resume", "RUN/model.pt"], 2,
+     "RUN/model.pt is damaged: its weights do not have the digest they were saved with"),
     ("log-every-without-tensorboard", None, ["--log-every", "5"], 2,
      "--log-every writes TensorBoard scalars: add --tensorboard"),
     ("profile-spec", None, ["--profile", "1:x:3"], 2, "--profile 1:x:3: give EPOCH:START:STEPS"),

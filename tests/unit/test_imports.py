@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "localloss_pp"
-LEAVES = {"errors", "seeds", "layout", "faults"}
+LEAVES = {"errors", "seeds", "layout", "faults", "durable"}
 
 # room -> the rooms it may import from (besides itself)
 ALLOWED = {
