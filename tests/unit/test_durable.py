@@ -3,7 +3,6 @@ create (so that a crash of the machine, not only of the process, keeps a finishe
 model.pt verified against its digest wherever it is read."""
 import os
 import shutil
-from pathlib import Path
 
 import torch
 
