@@ -191,9 +191,10 @@ def _extract_mnist_gz(folder: Path) -> None:
 
 # MNIST-format (IDX) files: magic number 0x0000 08 <ndim>, then ndim big-endian sizes, then
 # the uint8 data
-def _check_idx_file(path: Path) -> None:
-    """A clear DatasetNotFoundError naming `path` if its header is wrong or its size does not
-    match the header (torchvision would fail with an AssertionError or a shape error)."""
+def _check_idx_file(path: Path) -> list[int]:
+    """The sizes in the header of `path`; a clear DatasetNotFoundError naming it if its header
+    is wrong or its size does not match the header (torchvision would fail with an
+    AssertionError or a shape error)."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(4)
@@ -214,6 +215,46 @@ def _check_idx_file(path: Path) -> None:
             f"dataset file {path} is {'incomplete' if size < expected else 'damaged'} (its "
             f"header says {'x'.join(map(str, dims))} bytes of data, {expected} bytes in all; "
             f"the file has {size}); {_DAMAGED_FIX}")
+    return dims
+
+
+def _check_mnist_split(raw: Path, split: str, info: DatasetInfo) -> None:
+    """The images and labels files of one split (train or t10k) must agree: images N x H x W
+    of the dataset's size, labels N, each label one of the classes. Checked at load time, so
+    that a damaged file never trains silently on part of the data or fails at some batch."""
+    images, labels = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+    if not (images.is_file() and labels.is_file()):
+        return  # torchvision says which file is missing
+    idims, ldims = _check_idx_file(images), _check_idx_file(labels)
+    h, w = info.input_shape[1:]
+    if len(idims) != 3 or idims[1:] != [h, w]:
+        raise DatasetNotFoundError(
+            f"dataset file {images} is damaged (its header says {'x'.join(map(str, idims))}; "
+            f"images of this dataset are N x {h} x {w}); {_DAMAGED_FIX}")
+    if len(ldims) != 1:
+        raise DatasetNotFoundError(
+            f"dataset file {labels} is damaged (its header says {'x'.join(map(str, ldims))}; "
+            f"labels are one dimension, one per image); {_DAMAGED_FIX}")
+    if idims[0] != ldims[0]:
+        raise DatasetNotFoundError(
+            f"dataset files {images.name} and {labels.name} in {raw} disagree: {idims[0]} "
+            f"images but {ldims[0]} labels; one of them is damaged: {_DAMAGED_FIX}")
+    values = np.fromfile(labels, dtype=np.uint8, offset=8)
+    if values.size and int(values.max()) >= info.num_classes:
+        at = int(np.argmax(values >= info.num_classes))
+        raise DatasetNotFoundError(
+            f"dataset file {labels} is damaged (label {int(values[at])} at position {at}; "
+            f"this dataset has classes 0 to {info.num_classes - 1}); {_DAMAGED_FIX}")
+
+
+def _check_labels(name: str, labels: np.ndarray, num_classes: int, root) -> None:
+    """Every label of a loaded dataset is one of its classes (any dataset, any format)."""
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise DatasetNotFoundError(
+            f"dataset {name} under {root} (--data-dir) holds label {int(bad)}, but it has "
+            f"classes 0 to {num_classes - 1}; its files are damaged or of another dataset: "
+            f"{_DAMAGED_FIX}")
 
 
 def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, transform):
@@ -225,6 +266,8 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, tra
             _extract_mnist_gz(raw)
             for f in sorted(raw.glob("*-ubyte")):
                 _check_idx_file(f)
+            for split in ("train", "t10k"):
+                _check_mnist_split(raw, split, DATASETS[name])
         return cls(str(root), train=train, download=download, transform=transform)
     if name == "CIFAR10":
         return D.CIFAR10(str(root), train=train, download=download, transform=transform)
@@ -329,7 +372,10 @@ def build_sources(cfg: DataConfig, seed: int, device: torch.device, replica: int
     """(train source, test source, DatasetInfo): the first stage's batches as the reference
     builds them, on `device`; with replicas, this replica's share of every batch."""
     train_set, test_set, info = build_datasets(cfg)
-    train_order = EpochBatches(dataset_labels(train_set), cfg, seed, replica, num_replicas)
+    train_labels = dataset_labels(train_set)
+    for labels in (train_labels, dataset_labels(test_set)):
+        _check_labels(cfg.dataset, labels, info.num_classes, cfg.data_dir)
+    train_order = EpochBatches(train_labels, cfg, seed, replica, num_replicas)
     test_order = ShardedBatches(len(test_set), cfg.batch_size, replica, num_replicas)
     if not info.in_memory:
         common = dict(device=device, seed=seed, replica=replica, num_workers=num_workers)

@@ -109,6 +109,24 @@ def bad_magic(raw):
     f.write_bytes(b"\x00\x00\x09\x01" + f.read_bytes()[4:])
 
 
+def idx(raw, name, dims, data):
+    """Write the decompressed MNIST-format file `name` with header sizes `dims`."""
+    (raw / name).write_bytes(struct.pack(">I", 2048 + len(dims))
+                             + b"".join(struct.pack(">I", d) for d in dims) + bytes(data))
+
+
+def fewer_labels(raw):  # a consistent file, but one label short of the images
+    idx(raw, "train-labels-idx1-ubyte", (29,), [0] * 29)
+
+
+def label_out_of_range(raw):
+    idx(raw, "train-labels-idx1-ubyte", (30,), [0] * 17 + [200] + [0] * 12)
+
+
+def flat_images(raw):
+    idx(raw, "t10k-images-idx3-ubyte", (12 * 784,), [0] * (12 * 784))
+
+
 def latin1_toml(run):
     (run.parent / "bad.toml").write_bytes('[model]\nname = "mlp"  # café\n'.encode("latin-1"))
 
@@ -202,6 +220,15 @@ ROWS = [
     ("bad-magic", mnist_files(bad_magic), MNIST, 2,
      "dataset file DIR/mn/MNIST/raw/t10k-labels-idx1-ubyte is damaged (bad magic number "
      "00000901"),
+    ("labels-fewer-than-images", mnist_files(fewer_labels), MNIST, 2,
+     "dataset files train-images-idx3-ubyte and train-labels-idx1-ubyte in DIR/mn/MNIST/raw "
+     "disagree: 30 images but 29 labels"),
+    ("label-out-of-range", mnist_files(label_out_of_range), MNIST, 2,
+     "dataset file DIR/mn/MNIST/raw/train-labels-idx1-ubyte is damaged (label 200 at position "
+     "17; this dataset has classes 0 to 9)"),
+    ("images-one-dimension", mnist_files(flat_images), MNIST, 2,
+     "dataset file DIR/mn/MNIST/raw/t10k-images-idx3-ubyte is damaged (its header says 9408; "
+     "images of this dataset are N x 28 x 28)"),
     ("toml-not-utf8", latin1_toml, ["--config", "DIR/bad.toml"], 2,
      "config file DIR/bad.toml is not UTF-8 text"),
     ("metrics-damaged", damaged_metrics, ["--run-dir", "RUN", "--resume", "auto"], 2,
