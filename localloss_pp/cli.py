@@ -13,7 +13,7 @@ import sys
 from localloss_pp import __version__
 from localloss_pp.config import DATASET_NAMES, Config, ModelConfig
 from localloss_pp.flags import add_config_arguments, config_from_args
-from localloss_pp.errors import first_line
+from localloss_pp.errors import first_line, os_error_line
 
 __all__ = ["main", "build_parser", "load_config"]
 
@@ -31,8 +31,16 @@ PARAM_TABLE = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage of `train` is dozens of lines, and an error
+    should be one line that says what is wrong and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="localloss-pp", description="Train networks with local error signals.")
     parser.add_argument("--version", action="version", version=f"localloss-pp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -159,7 +167,7 @@ def load_config(args) -> Config:
     cfg = config_from_args(args)
     resolve_model(cfg.model)
     if cfg.train.tensorboard:
-        check_tensorboard()
+        check_tensorboard(cfg.train.tensorboard)
     return cfg
 
 
@@ -218,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"localloss-pp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk: full, read-only, gone (what finished is kept)
+        if os.environ.get("LOCALLOSS_PP_DEBUG"):
+            raise
+        print(f"localloss-pp {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:  # a failure during training (StageFailure and the like)
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             raise

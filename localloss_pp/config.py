@@ -153,8 +153,14 @@ def _canonical(value: str, choices: tuple[str, ...], what: str, flag: str) -> st
 def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a TOML config file; unknown sections or keys and wrong types are a ValueError."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist; pass an existing .toml file to "
+                         "--config")
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; pass a .toml file to --config")
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist; pass an existing .toml file to --config")
+        raise ValueError(f"config file {path} is not a regular file (a device or a pipe); pass "
+                         "a .toml file to --config")
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
@@ -243,13 +249,21 @@ def validate(cfg: Config) -> None:
     _check_modes(cfg)
 
 
+# bounds of values that are positive in principle but break far from any sensible setting
+MAX_FEAT_MULT = 64.0       # ResNet/VGG widths times this: 64 x 512 channels at most
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 1e6  # gloo and the stores take milliseconds as C ints
+MAX_THREADS = 1024       # more compute threads than any node has cores
+
+
 def _check_model(m: ModelConfig) -> None:
     m.nonlin = _canonical(m.nonlin, NONLINS, "nonlinearity", "--nonlin")
     _need(m.num_layers >= 0, f"--num-layers must be >= 0, got {m.num_layers}")
     _need(m.name.lower() != "mlp" or m.num_layers >= 1,
           "--num-layers must be >= 1 for the mlp (it is its number of hidden layers)")
     _need(m.num_hidden >= 1, f"--num-hidden must be >= 1, got {m.num_hidden}")
-    _need(_finite(m.feat_mult) and m.feat_mult > 0, f"--feat-mult must be > 0, got {m.feat_mult}")
+    _need(_finite(m.feat_mult) and 0 < m.feat_mult <= MAX_FEAT_MULT,
+          f"--feat-mult must be in (0, {MAX_FEAT_MULT:g}] (it scales the channel widths), got "
+          f"{m.feat_mult}")
     _need(_finite(m.dropout) and 0 <= m.dropout < 1,
           f"--dropout must be in [0, 1), got {m.dropout}")
     _need(m.dim_in_decoder >= 1, f"--dim-in-decoder must be >= 1, got {m.dim_in_decoder}")
@@ -299,8 +313,9 @@ def _check_optim(o: OptimConfig) -> None:
 
 def _check_train(t: TrainConfig) -> None:
     _need(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
-    _need(t.threads_per_rank >= 0,
-          f"--threads-per-rank must be >= 0 (0 = cores / local ranks), got {t.threads_per_rank}")
+    _need(0 <= t.threads_per_rank <= MAX_THREADS,
+          f"--threads-per-rank must be in [0, {MAX_THREADS}] (0 = cores / local ranks), got "
+          f"{t.threads_per_rank}")
     t.backend = t.backend.lower()
     _need(t.backend in ("auto", "gloo", "nccl"),
           f"--backend must be auto, gloo or nccl, got {t.backend!r}")
@@ -309,7 +324,9 @@ def _check_train(t: TrainConfig) -> None:
     t.precision = t.precision.lower()
     _need(t.precision in ("fp32", "bf16"),
           f"--precision must be fp32 or bf16, got {t.precision!r}")
-    _need(_finite(t.timeout_s) and t.timeout_s > 0, f"--timeout-s must be > 0, got {t.timeout_s}")
+    _need(_finite(t.timeout_s) and MIN_TIMEOUT_S <= t.timeout_s <= MAX_TIMEOUT_S,
+          f"--timeout-s must be in [{MIN_TIMEOUT_S:g}, {MAX_TIMEOUT_S:g}] seconds, got "
+          f"{t.timeout_s:g}")
     _need(t.checkpoint_every >= 0,
           f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")
     _need(t.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {t.keep_checkpoints}")
@@ -317,7 +334,9 @@ def _check_train(t: TrainConfig) -> None:
     _need(not t.log_every or t.tensorboard, "--log-every writes TensorBoard scalars: add "
           "--tensorboard (event files in RUN_DIR/tb, or --tensorboard FOLDER)")
     if t.profile:
-        parse_profile(t.profile)
+        epoch = parse_profile(t.profile)[0]
+        _need(epoch <= t.epochs, f"--profile {t.profile}: epoch {epoch} is past the last epoch "
+              f"(--epochs {t.epochs}), so nothing would be traced; choose an epoch <= {t.epochs}")
     t.partition = t.partition.replace(" ", "").lower()
     _need(t.partition in ("params", "auto") or all(p.isdigit() and int(p) >= 1
                                                    for p in t.partition.split(",")),

@@ -162,6 +162,10 @@ def _check_launch(cfg: Config, world: int) -> Layout:
     """The stages x replicas layout of a world of `world` processes, or a clear error; the
     model name checked against the registry."""
     resolve_model(cfg.model)
+    classes, cpb = DATASETS[cfg.data.dataset].num_classes, cfg.data.classes_per_batch
+    if cpb > classes:
+        raise ValueError(f"--classes-per-batch {cpb}: {cfg.data.dataset} has only {classes} "
+                         f"classes; choose at most {classes} (0 = any classes in a batch)")
     layout = layout_for(world, cfg.train.num_replicas)
     S, mode = layout.num_stages, RunMode.of(cfg)
     if S > 1 and mode != RunMode.LOCAL:
@@ -290,6 +294,13 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     sizes = DataSizes(*broadcast_from(env, [sources[0].num_examples, sources[1].num_examples,
                                             len(sources[0]), len(sources[1])]
                                       if env.rank == 0 else None, 0))
+    if cfg.train.profile:
+        _, first, steps = parse_profile(cfg.train.profile)
+        if first + steps > sizes.train_batches:  # (every rank alike: no collective needed)
+            raise ValueError(f"--profile {cfg.train.profile}: an epoch has "
+                             f"{sizes.train_batches} training batches, fewer than START + STEPS "
+                             f"= {first + steps}, so the window would not be traced; choose "
+                             f"START + STEPS <= {sizes.train_batches}")
     sync = None
     if R > 1:
         group, object_group = replica_groups(env, layout)

@@ -299,6 +299,10 @@ def build_datasets(cfg: DataConfig):
         return (Mnist5k(True, _transforms(info, cfg, True)),
                 Mnist5k(False, _transforms(info, cfg, False)), info)
     root = Path(cfg.data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetNotFoundError(f"--data-dir {cfg.data_dir} is a file, not a folder; give "
+                                   f"the folder that holds (or will hold) the {cfg.dataset} "
+                                   "files")
     try:
         train = _torchvision_dataset(cfg.dataset, root, True, cfg.download,
                                      _transforms(info, cfg, True))

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from localloss_pp.config import LossConfig, ModelConfig
+from localloss_pp.errors import first_line
 from localloss_pp.models.blocks import OutputLayer
 from localloss_pp.models.registry import check_units, model_builder, registered_models
 
@@ -52,12 +53,20 @@ def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, in
     """
     net = _build(model, loss, input_shape, num_classes, seed)
     x = torch.empty(2, *input_shape, device="meta")
-    for block in net.blocks:
-        block.in_shape = tuple(x.shape[1:])
-        block.eval()
-        x = block(x)
-        block.train()
-        block.out_shape = tuple(x.shape[1:])
+    for block in [*net.blocks, net.output]:
+        where = "the output layer" if block is net.output else f"block {block.index + 1}"
+        try:
+            block.eval()
+            y = block(x)
+            block.train()
+        except Exception as exc:  # a builder whose units' widths do not chain
+            raise ValueError(f"model {model.name}: {where} ({type(block).__name__}) cannot take "
+                             f"the previous unit's output of shape {list(x.shape[1:])} per "
+                             f"example ({type(exc).__name__}: {first_line(exc)}); make its "
+                             "input width match") from exc
+        if block is not net.output:
+            block.in_shape, block.out_shape = tuple(x.shape[1:]), tuple(y.shape[1:])
+            x = y
     for unit in net.units():
         if materialize is None or unit.index in materialize:
             unit.materialize()
@@ -70,7 +79,15 @@ def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
     if builder is None:
         raise ValueError(f"unknown model {model.name!r}; choose one of "
                          f"{', '.join(registered_models())} or a wresnet<depth>-<width>[a]")
-    units, output = builder(model, loss, input_shape, num_classes, seed)
+    try:
+        units, output = builder(model, loss, input_shape, num_classes, seed)
+    except ValueError:
+        raise  # a builder's own message (e.g. a model that does not fit the input size)
+    except Exception as exc:  # a user's builder failing in its own code
+        fn = getattr(builder, "__qualname__", repr(builder))
+        raise ValueError(f"model {model.name}: its builder {builder.__module__}.{fn} failed "
+                         f"({type(exc).__name__}: {first_line(exc)}); set LOCALLOSS_PP_DEBUG=1 "
+                         "for the traceback") from exc
     check_units(model.name, units, output)
     return LocalModel(units, output, model.name)
 

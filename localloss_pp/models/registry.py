@@ -58,6 +58,10 @@ def load_model_module(path: str) -> None:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: modules beside the run
     try:
         importlib.import_module(path)
+    except SystemExit as exc:  # a script's sys.exit() run at import
+        raise ValueError(f"--model-module {path}: importing it called sys.exit({exc.code!r}); "
+                         "a model module must only define and register models at import") \
+            from None
     except Exception as exc:  # ImportError, or any error inside the user's module
         raise ValueError(f"--model-module {path}: cannot import it ({type(exc).__name__}: "
                          f"{first_line(exc)}); give an importable module path (on PYTHONPATH "

@@ -19,8 +19,17 @@ _TIMES = ("busy_fraction", "wait_recv_s", "wait_send_s", "wait_sync_s", "samples
           "bytes_sent", "data_s")
 
 
-def check_tensorboard() -> None:
-    """A one-line error before anything starts when the tensorboard package is missing."""
+def check_tensorboard(spec: str = "auto") -> None:
+    """A one-line error before anything starts when the tensorboard package is missing, or
+    when `--tensorboard FOLDER` names something that is not a folder."""
+    if spec != "auto":
+        folder = Path(spec)
+        bad = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
+                   None)
+        if bad is not None:
+            raise ValueError(f"--tensorboard {spec}: {bad} is a file, not a folder; give a "
+                             "folder for the event files (or --tensorboard alone for "
+                             "RUN_DIR/tb)")
     try:
         import tensorboard  # noqa: F401
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401

@@ -58,9 +58,11 @@ def _atomic(path: Path, write, before_rename=None) -> None:
             before_rename()
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the new name itself is durable only with its directory
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno and not exc.filename:  # name the file that failed
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

@@ -70,10 +70,15 @@ class RunDirLock:
                     raise ValueError(f"run directory {d} cannot be created: a part of its path "
                                      "is a file; choose another --run-dir") from None
             except OSError as exc:
+                fix = ("it is on a read-only file system: choose a --run-dir on a writable one"
+                       if exc.errno == errno.EROFS else "choose a --run-dir on a writable file "
+                       "system")
                 raise ValueError(f"run directory {d} cannot be created "
-                                 f"({exc.strerror or exc}); choose a --run-dir on a writable "
-                                 "file system") from None
+                                 f"({exc.strerror or exc}); {fix}") from None
         if not os.access(d, os.W_OK | os.X_OK):
+            if os.statvfs(d).f_flag & os.ST_RDONLY:
+                raise ValueError(f"run directory {d} is on a read-only file system; choose a "
+                                 "--run-dir on a writable one")
             raise ValueError(f"run directory {d} is not writable by this user; choose another "
                              "--run-dir or fix its permissions")
 

@@ -102,7 +102,13 @@ def test_bad_toml_files(tmp_path, text, message):
     (["--queue-depth", "0"], "--queue-depth must be >= 1"),
     (["--partition", "3,x"], "--partition must be"),
     (["--backend", "mpi"], "--backend must be"),
-    (["--timeout-s", "0"], "--timeout-s must be > 0"),
+    (["--timeout-s", "0"], "--timeout-s must be in [1, 1e+06] seconds, got 0"),
+    (["--timeout-s", "1e15"], "--timeout-s must be in [1, 1e+06] seconds, got 1e+15"),
+    (["--timeout-s", "1e-9"], "--timeout-s must be in [1, 1e+06] seconds, got 1e-09"),
+    (["--feat-mult", "1e308"], "--feat-mult must be in (0, 64]"),
+    (["--threads-per-rank", "100000"], "--threads-per-rank must be in [0, 1024]"),
+    (["--profile", "5:0:3", "--epochs", "1"], "--profile 5:0:3: epoch 5 is past the last epoch "
+     "(--epochs 1)"),
     (["--checkpoint-every", "5", "--backprop"], "--checkpoint-every needs local training"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
 ])
