@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -107,19 +109,55 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     env.launch = Launch(None)
     if world > 1:
         timeout = timedelta(seconds=train.timeout_s)
-        store = _attempt_store(world, timeout)
-        if store is not None:
-            env.launch = Launch(store.underlying_store)
-        if store is None:
-            dist.init_process_group(backend, timeout=timeout)
-        else:
-            dist.init_process_group(backend, timeout=timeout, store=store, rank=rank,
-                                    world_size=world)
-        env.backend = backend
-        env.timeout = timeout
-        env.meta_group = dist.new_group(backend="gloo", timeout=timeout) \
-            if backend != "gloo" else dist.group.WORLD
+        with _bounded_join(train.timeout_s, rank):
+            store = _attempt_store(world, timeout)
+            if store is not None:
+                env.launch = Launch(store.underlying_store)
+            kw = {} if store is None else dict(store=store, rank=rank, world_size=world)
+            try:
+                guarded("joining the process group", dist.init_process_group, backend,
+                        timeout=timeout, lost="a stage failed or stopped while", **kw)
+            except Exception as exc:
+                if "EADDRINUSE" in str(exc):
+                    raise ValueError(f"MASTER_PORT {os.environ.get('MASTER_PORT')} is in use "
+                                     "by another program on this node; choose a free port "
+                                     "(torchrun --master-port, or MASTER_PORT)") from exc
+                raise
+            env.backend = backend
+            env.timeout = timeout
+            env.meta_group = dist.new_group(backend="gloo", timeout=timeout) \
+                if backend != "gloo" else dist.group.WORLD
     return env
+
+
+@contextmanager
+def _bounded_join(timeout_s: float, rank: int):
+    """Joining the process group ends within --timeout-s (plus a grace period), whatever the
+    other side does: a store client whose master is a program that accepts the connection and
+    never answers waits forever in C++, where no Python timeout reaches. Past the limit this
+    process reports what it waited for and exits (1)."""
+    done = threading.Event()
+
+    def watch():
+        if done.wait(timeout_s + _JOIN_GRACE_S):
+            return
+        addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        log.error("error: rank %d could not join the process group at %s within --timeout-s "
+                  "%g s: rank 0's store did not answer (is another program listening on that "
+                  "port, or was rank 0 not started?); check MASTER_ADDR and MASTER_PORT",
+                  rank, addr, timeout_s)
+        for handler in logging.getLogger("localloss_pp").handlers:
+            handler.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="join-watchdog", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+_JOIN_GRACE_S = 5.0
 
 
 def replica_groups(env: DistEnv, layout) -> tuple:
@@ -183,7 +221,7 @@ def shutdown(env: DistEnv) -> None:
     """Leave the process group together (a barrier first, so no rank tears its links down while
     a neighbour still uses them)."""
     if env.distributed and dist.is_initialized():
-        dist.barrier(group=env.meta_group)
+        guarded("the shutdown", dist.barrier, group=env.meta_group)
         dist.destroy_process_group()
 
 

@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from localloss_pp.errors import first_line
 
-__all__ = ["Kind", "TRAIN", "EVAL", "END_TRAIN", "END_EVAL", "STOP", "KIND_NAMES", "Message",
+__all__ = ["Kind", "TRAIN", "EVAL", "END_TRAIN", "END_EVAL", "STOP", "KIND_NAMES",
+           "Message",
            "Sender", "Receiver", "ShapeMismatchError", "PeerLostError", "config_fingerprint",
            "guarded", "is_peer_loss"]
 
@@ -111,10 +112,17 @@ def is_peer_loss(exc: BaseException) -> bool:
 
 
 def _reason(exc: Exception) -> str:
-    """The useful part of a backend error ("Connection closed by peer", "Timed out ...")."""
+    """The useful part of a backend error ("Connection closed by peer", "Timed out ..."), in
+    the run's terms: never a store key or a source line of the backend."""
     text = first_line(exc)
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        return (f"only {joined.group(1)} of {joined.group(2)} processes joined within the "
+                "timeout (--timeout-s)")
+    if "keys:" in text or re.search(r"wait timeout|[Ss]ocket [Tt]imeout", text):
+        return "it did not answer within the timeout (--timeout-s): stopped, or never started"
     m = re.search(r"(Connection (closed|reset) by peer|Timed out[^.]*|timed out[^.]*)", text)
-    return m.group(1) if m else text[:200]
+    return m.group(1) if m else re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)[:200]
 
 
 def guarded(what: str, fn, *args, lost: str = "another stage stopped during", **kw):

@@ -42,3 +42,20 @@ def test_errors_of_this_process_keep_their_own_type_and_message(exc):
     with pytest.raises(type(exc)) as err:
         guarded("sending train batch 3 of epoch 1", _raise(exc), lost="lost stage 2/3 while")
     assert err.value is exc
+
+
+@pytest.mark.parametrize("exc,reason", [
+    (dist.DistStoreError("wait timeout after 5000ms, keys: /localloss-pp/attempt0/0//cpu//0/0"),
+     "it did not answer within the timeout (--timeout-s): stopped, or never started"),
+    (dist.DistStoreError("Timed out after 6 seconds waiting for clients. 1/2 clients joined."),
+     "only 1 of 2 processes joined within the timeout (--timeout-s)"),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error "
+                  "[127.0.0.1]:44321: Connection refused"),
+     "Read error [127.0.0.1]:44321: Connection refused"),
+])
+def test_a_lost_peer_is_told_in_the_runs_terms_never_as_a_store_key(exc, reason):
+    """A stage stopped during set-up used to be reported by the store key its peer waited for
+    (/localloss-pp/attempt0/0//cpu//0/0), and one lost at shutdown by gloo's source line."""
+    with pytest.raises(PeerLostError) as err:
+        guarded("the shutdown", _raise(exc), lost="another stage stopped during")
+    assert str(err.value) == f"another stage stopped during the shutdown: {reason}"
