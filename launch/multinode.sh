@@ -21,6 +21,9 @@
 # Environment: PYTHON (python3), RDZV_ID (job id shared by the nodes; default localloss-pp),
 # MAX_RESTARTS (0), OMP_NUM_THREADS (1). Networks with several interfaces: set
 # NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME to the interface the nodes share.
+# Security: the rendezvous store on HOST:PORT is unauthenticated and torch binds it to every
+# interface of that node (torchrun offers no way to bind it to one); keep the nodes on a private
+# network or firewall PORT to the job's nodes (docs/scaling.md, "What to protect").
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 usage="usage: launch/multinode.sh NUM_NODES PROCS_PER_NODE HOST:PORT [train flags...]"

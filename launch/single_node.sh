@@ -13,6 +13,9 @@
 # Environment: PYTHON (default: python3), and anything torchrun reads (e.g. OMP_NUM_THREADS;
 # localloss-pp itself gives each process the cores divided among the processes unless
 # --threads-per-rank is set).
+# Security: torchrun's store for --standalone listens on every interface of this machine on a
+# free port (torch binds it so; torchrun offers no other address); on a machine that others
+# can reach, a firewall should keep that range private (docs/scaling.md, "What to protect").
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
