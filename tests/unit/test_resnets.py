@@ -119,6 +119,32 @@ def test_pre_act_resnet_and_its_refusal_elsewhere():
             resolve_model(cfg.model)
 
 
+def test_pre_act_bottlenecks_are_pre_activation_a_stated_difference():
+    """The reference's Bottleneck ignores --pre-act (only its stem changes); here every conv
+    of a bottleneck block is pre-activation, as in the basic blocks (docs/algorithm.md 9)."""
+    net = tiny("resnet50", pre_act=True)
+    stem = net.blocks[0].convs[0]
+    assert not stem.pre_act and not stem.post_act  # as the reference: neither
+    for unit in net.blocks[1:]:
+        assert len(unit.convs) == 3
+        assert all(c.pre_act and not c.post_act and c.bn_pre is not None for c in unit.convs)
+    plain = tiny("resnet50")
+    assert all(not c.pre_act and c.post_act for u in plain.blocks[1:] for c in u.convs)
+
+
+def test_bottleneck_decoders_fit_the_real_map_on_28x28_inputs():
+    """The reference sizes a conv's decoder from the input size floor-divided by the stride so
+    far: 28 // 8 = 3 where the map of the last stage is 4x4 (7 -> 4 with stride 2, padding 1),
+    so pred and predsim crash on resnet50 with MNIST-size inputs. Here the size is computed
+    from the convolution itself."""
+    net = tiny("resnet50", shape=(1, 28, 28))
+    assert [u.describe().rsplit("@", 1)[1] for u in net.blocks][-4:] == ["7", "4", "4", "4"]
+    x, y, y1h = batch(shape=(1, 28, 28))
+    out, ctxs = forwards(net.blocks, x)
+    stats, (logits, _) = local_updates(net.blocks, ctxs, out, y, y1h, net.output)
+    assert logits.shape == (8, 10) and all(torch.isfinite(s).all() for s in stats)
+
+
 def test_wide_resnet_head_batchnorm_is_trained_in_local_mode():
     net = tiny("wresnet10-1", feat_mult=0.25)
     x, y, y1h = batch()
