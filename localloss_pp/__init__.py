@@ -1,3 +1,3 @@
 """localloss-pp: networks trained with local error signals (Nøkland & Eidnes 2019)."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["__version__"]

@@ -3,6 +3,8 @@ overwrite a run the launch was refused, and only continue what their own launch 
 import hashlib
 import sys
 
+import pytest
+
 from launch import Streamed, launch, ok
 from localloss_pp.run.rundir import RunDirLock, release_locks
 
@@ -38,6 +40,7 @@ def test_a_refused_run_stays_refused_in_every_attempt(tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_run_refused_for_another_runs_lock_never_finishes_it(tmp_path):
     """A launch on a run directory that another run holds (its lock) is refused; its restarts
     must not wait for the lock and then continue that run (they used to: --epochs 3 "finished"

@@ -4,12 +4,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from launch import ROOT, _env
 
 ARGS = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden",
         "16", "--threads-per-rank", "1", "--no-progress", "--timeout-s", "2"]
 
 
+@pytest.mark.slow
 def test_a_master_port_held_by_a_silent_program_fails_every_rank_within_the_timeout(tmp_path):
     """env:// launch whose MASTER_PORT belongs to a program that accepts connections and never
     answers: rank 0 cannot listen, and rank 1's store client used to wait forever (past 600 s

@@ -98,6 +98,7 @@ def in_small_disk(tmp_path, size: str, argv: list[str], readonly=False):
                                                       "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow
 @needs_mount
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_finished_epoch(tmp_path):
     """2 x 128 mlp: one checkpoint (weights and Adam state) takes about 1.5 MB, so the second
