@@ -150,7 +150,8 @@ def _cmd_train(args) -> int:
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             log.exception("failed")
         else:
-            log.error("error: %s", first_line(exc))
+            log.error("error: %s", os_error_line(exc) if isinstance(exc, OSError)
+                      else first_line(exc))
         for handler in logging.getLogger("localloss_pp").handlers:
             handler.flush()
         sys.stdout.flush()
@@ -229,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the disk: full, read-only, gone (what finished is kept)
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             raise
-        print(f"localloss-pp {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        resume = (" (finished epochs are kept: continue with --resume auto)"
+                  if args.command == "train" else "")
+        print(f"localloss-pp {args.command}: error: {os_error_line(exc)}{resume}",
+              file=sys.stderr)
         return 1
     except RuntimeError as exc:  # a failure during training (StageFailure and the like)
         if os.environ.get("LOCALLOSS_PP_DEBUG"):

@@ -7,11 +7,10 @@ __all__ = ["first_line", "os_error_line"]
 
 # what to do about the file-system errors a run can meet when it writes its files
 _OS_FIX = {
-    errno.ENOSPC: "free space on that file system (or choose a --run-dir on another one)",
-    errno.EDQUOT: "free space within your quota (or choose a --run-dir on another file system)",
-    errno.EROFS: "it is on a read-only file system: choose a --run-dir on a writable one",
-    errno.EACCES: "this user may not write there: fix its permissions or choose another "
-                  "--run-dir",
+    errno.ENOSPC: "free space on that file system",
+    errno.EDQUOT: "free space within your quota on that file system",
+    errno.EROFS: "it is on a read-only file system",
+    errno.EACCES: "this user may not write or read it: check its permissions",
     errno.EFBIG: "the file grew past the size limit of this process (ulimit -f) or of its file "
                  "system",
     errno.EIO: "the disk or network file system reported an I/O error: check it",
@@ -19,8 +18,7 @@ _OS_FIX = {
 
 
 def os_error_line(exc: OSError) -> str:
-    """One line for a file-system error: what failed, on which file, and what to do. A run's
-    finished epochs are in its checkpoints: it continues with --resume auto once fixed."""
+    """One line for a file-system error: what failed, on which file, and what to do."""
     what = exc.strerror or str(exc) or type(exc).__name__
     where = f" ({exc.filename})" if exc.filename else ""
     fix = _OS_FIX.get(exc.errno)
@@ -29,7 +27,5 @@ def os_error_line(exc: OSError) -> str:
 
 def first_line(exc: BaseException) -> str:
     """The first line of an error's message (its type name when it has none): what a one-line
-    error report shows. A file-system error names its file and what to do."""
-    if isinstance(exc, OSError) and exc.errno in _OS_FIX:
-        return os_error_line(exc)
+    error report shows (os_error_line for a file-system error of the run's own files)."""
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

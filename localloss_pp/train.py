@@ -38,7 +38,8 @@ from localloss_pp.pipeline.stage import StageRunner
 from localloss_pp.pipeline.transport import config_fingerprint
 from localloss_pp.run.checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint,
                                          load_model_state, load_units, save_model)
-from localloss_pp.run.resume import ResumePlan, kept_metrics, plan_resume, reconcile_metrics
+from localloss_pp.run.resume import (ResumePlan, kept_metrics, plan_resume, reconcile_metrics,
+                                     records_start)
 from localloss_pp.run.rundir import (RunDirLock, clean_run_dir, read_launch_mark,
                                      release_locks, write_launch_mark)
 from localloss_pp.run.stage_checkpoint import StageCheckpointer
@@ -229,13 +230,14 @@ def _lock_and_plan(cfg, env, run_dir: Path, writer: int) -> ResumePlan:
 
     Under torchrun a restarted attempt continues the run in `run_dir` only when this launch
     started or continued it (its mark, written by _write_run_files before any other file);
-    otherwise it decides as the first attempt did. A refusal is final: every later attempt of the launch repeats it at
-    once, so that a retry never continues or overwrites a run the launch was refused."""
+    otherwise it decides as the first attempt did. A refusal is final: every later attempt of
+    the launch repeats it at once, so that a retry never continues or overwrites a run the
+    launch was refused."""
     plan, err = None, None
     if env.rank == writer:
         launch = env.launch
-        err = launch.refusal() if launch is not None else None
         try:
+            err = launch.refusal() if launch is not None else None
             if err is None:
                 restarted = launch is not None and launch.restarted
                 # a restarted attempt waits a little for its killed predecessor's lock
@@ -244,8 +246,11 @@ def _lock_and_plan(cfg, env, run_dir: Path, writer: int) -> ResumePlan:
                 plan = dataclasses.asdict(plan_resume(cfg, run_dir, own))
         except Exception as exc:
             err = first_line(exc)
-            if launch is not None:
-                launch.refuse(err)
+            try:
+                if launch is not None:
+                    launch.refuse(err)
+            except Exception:  # the store is gone too: this attempt still refuses
+                pass
     all_agree(env, err)
     return ResumePlan(**broadcast_from(env, plan, writer))
 
@@ -353,7 +358,9 @@ def _write_run_files(env: DistEnv, run: _Run) -> None:
     err = None
     if env.rank == run.writer:
         try:
-            keep = kept_metrics(run.run_dir, run.start.epoch)  # (raises before any change)
+            keep, run.ckpt.records_from = kept_metrics(  # (raises before any change)
+                run.run_dir, run.start.epoch,
+                records_start(run.plan, run.run_dir, run.start.epoch))
             write_launch_mark(run.run_dir, env.launch.id if env.launch is not None else "")
             clean_run_dir(run.run_dir)
             if keep is not None:

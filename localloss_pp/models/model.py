@@ -60,10 +60,11 @@ def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, in
             y = block(x)
             block.train()
         except Exception as exc:  # a builder whose units' widths do not chain
-            raise ValueError(f"model {model.name}: {where} ({type(block).__name__}) cannot take "
+            raise ValueError(f"model {model.name}: {where} ({type(block).__name__}) failed on "
                              f"the previous unit's output of shape {list(x.shape[1:])} per "
-                             f"example ({type(exc).__name__}: {first_line(exc)}); make its "
-                             "input width match") from exc
+                             f"example in a shape-only pass on the meta device "
+                             f"({type(exc).__name__}: {first_line(exc)}); check that its input "
+                             "width matches") from exc
         if block is not net.output:
             block.in_shape, block.out_shape = tuple(x.shape[1:]), tuple(y.shape[1:])
             x = y

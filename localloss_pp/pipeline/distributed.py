@@ -106,13 +106,12 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     torch.set_num_threads(threads)
     env = DistEnv(rank, world, device, None, threads,
                   node_rank=int(os.environ.get("GROUP_RANK", "0")), local_world_size=local_world)
-    env.launch = Launch(None)
-    if world > 1:
-        timeout = timedelta(seconds=train.timeout_s)
-        with _bounded_join(train.timeout_s, rank):
-            store = _attempt_store(world, timeout)
-            if store is not None:
-                env.launch = Launch(store.underlying_store)
+    timeout = timedelta(seconds=train.timeout_s)
+    with _bounded_join(train.timeout_s, rank):
+        # under torchrun even a one-process run shares its launch's store with its restarts
+        store = _attempt_store(world, timeout)
+        env.launch = Launch(store.underlying_store if store is not None else None)
+        if world > 1:
             kw = {} if store is None else dict(store=store, rank=rank, world_size=world)
             try:
                 guarded("joining the process group", dist.init_process_group, backend,
@@ -143,7 +142,7 @@ def _bounded_join(timeout_s: float, rank: int):
             return
         addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         log.error("error: rank %d could not join the process group at %s within --timeout-s "
-                  "%g s: rank 0's store did not answer (is another program listening on that "
+                  "%g s: the store there did not answer (is another program listening on that "
                   "port, or was rank 0 not started?); check MASTER_ADDR and MASTER_PORT",
                   rank, addr, timeout_s)
         for handler in logging.getLogger("localloss_pp").handlers:
@@ -195,11 +194,14 @@ class Launch:
     _ID, _REFUSED = "localloss-pp/launch-id", "localloss-pp/refused"
 
     def __init__(self, store):
+        env = os.environ
         self.store = store
-        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) if store else 0
-        fresh = uuid.uuid4().hex
-        # the first attempt to ask sets it; every later one reads the same
-        self.id = store.compare_set(self._ID, "", fresh).decode() if store else fresh
+        # torchrun's restart count (0 without torchrun)
+        self.attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if store is not None:  # the first attempt to ask sets it; every later one reads it
+            self.id = store.compare_set(self._ID, "", uuid.uuid4().hex).decode()
+        else:  # no agent store to share: torchrun's run id (the same for every attempt)
+            self.id = env.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
 
     @property
     def restarted(self) -> bool:

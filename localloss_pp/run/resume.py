@@ -23,7 +23,7 @@ from localloss_pp.run.checkpoint import (MANIFEST, CheckpointError, atomic_write
                                          latest_checkpoint, list_checkpoints, read_manifest,
                                          semantic_config)
 
-__all__ = ["ResumePlan", "plan_resume", "kept_metrics", "reconcile_metrics"]
+__all__ = ["ResumePlan", "plan_resume", "records_start", "kept_metrics", "reconcile_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -135,40 +135,67 @@ def plan_resume(cfg, run_dir: Path, restarted: bool) -> ResumePlan:
     return ResumePlan("checkpoint", str(folder), manifest)
 
 
-def kept_metrics(run_dir: Path, first_epoch: int) -> list[dict] | None:
-    """The records of metrics.jsonl that a run starting at `first_epoch` keeps: those of the
-    epochs before it (the later ones are recomputed identically). They must cover every one of
-    those epochs: a run never finishes with a gap in its records. A damaged line is dropped
-    with a warning when the kept records are complete without it; a missing record is a clear
-    error (file, epoch, what to do) and nothing is changed. None if there is no file."""
+def records_start(plan: ResumePlan, run_dir: Path, first_epoch: int) -> int | None:
+    """The first epoch whose record this run directory holds: 1 for a run started here, the
+    resumed epoch for a run continued from another directory or a model.pt (the earlier
+    records stay with their own run), and what the checkpoint says for a run resumed in place.
+    None for a checkpoint written before 0.3.0, which does not say."""
+    if plan.kind == "checkpoint" and \
+            Path(plan.path).parent.parent.resolve() == Path(run_dir).resolve():
+        return plan.manifest.get("records_from")
+    return first_epoch
+
+
+def kept_metrics(run_dir: Path, first_epoch: int,
+                 records_from: int | None = 1) -> tuple[list[dict] | None, int]:
+    """(the records of metrics.jsonl that a run starting at `first_epoch` keeps, the first
+    epoch of the directory's records). Kept are those of the epochs before `first_epoch` (the
+    later ones are recomputed identically), and they must cover every epoch from
+    `records_from` on: a run never finishes with a gap in its records. A damaged line is
+    dropped with a warning when the kept records are complete without it; a missing record is
+    a clear error (file, epoch, what to do) and nothing is changed. `records_from` None (an
+    older checkpoint): from the first record there is. Records None if there is no file."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return None
+        return None, records_from or first_epoch
     records, damaged = read_records(path)
     keep = [r for r in records if r["epoch"] < first_epoch]
-    missing = sorted(set(range(1, first_epoch)) - {r["epoch"] for r in keep})
+    if records_from is None:
+        records_from = min((r["epoch"] for r in keep), default=first_epoch)
+    missing = sorted(set(range(records_from, first_epoch)) - {r["epoch"] for r in keep})
     if missing:
         gap = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        what = (f"{path} line {damaged[0][0]} is damaged ({damaged[0][1]}), and the record"
-                if damaged else f"{path} lacks the record")
-        covered = [f for f in list_checkpoints(run_dir)
+        what = (f"{path} line {damaged[0][0]} is damaged ({damaged[0][1]}), and it has no "
+                "record" if damaged else f"{path} has no record")
+        covered = [f for f in _intact_checkpoints(run_dir)
                    if int(f.name[1:6]) - (not f.name.endswith("-end")) < missing[0]]
-        fix = (f"resume from a checkpoint they cover (--resume {covered[-1]})" if covered else
+        fix = (f"resume from a checkpoint they cover (--resume {covered[-1]}), whose later "
+               "epochs are recomputed identically" if covered else
                "start again in a new --run-dir")
         raise CheckpointError(
-            f"{what} of epoch {gap}, which the run resumed at epoch {first_epoch} keeps, is "
-            f"missing (nothing was changed); put the line back, or {fix}: later epochs are "
-            "recomputed identically")
+            f"{what} of epoch {gap}, which the run resumed at epoch {first_epoch} must keep "
+            f"(nothing was changed); put the line back, or {fix}")
     for line, why in damaged:
         log.warning("%s line %d is damaged (%s): dropped; the epochs from %d on are recomputed",
                     path, line, why, first_epoch)
-    return keep
+    return keep, records_from
+
+
+def _intact_checkpoints(run_dir: Path) -> list[Path]:
+    out = []
+    for folder in list_checkpoints(run_dir):
+        try:
+            read_manifest(folder)
+            out.append(folder)
+        except CheckpointError:
+            pass
+    return out
 
 
 def reconcile_metrics(run_dir: Path, first_epoch: int, keep: list[dict] | None = None) -> None:
     """Keep only the records of epochs before `first_epoch` (see kept_metrics)."""
     if keep is None:
-        keep = kept_metrics(run_dir, first_epoch)
+        keep, _ = kept_metrics(run_dir, first_epoch)
         if keep is None:
             return
     atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n"

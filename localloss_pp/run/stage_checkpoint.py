@@ -36,6 +36,7 @@ class StageCheckpointer:
         self.sync = sync  # data-parallel replicas of this stage
         self.replica = sync.replica if sync is not None else 0
         self.num_replicas = sync.num_replicas if sync is not None else 1
+        self.records_from = 1  # the first epoch of the run directory's metrics records
 
     def save(self, epoch: int, step: int | None, stats=None) -> None:
         """This stage's state after `step` batches of `epoch` (None: after the whole epoch).
@@ -73,7 +74,8 @@ class StageCheckpointer:
                 "epoch": epoch, "step": step,
                 "complete_epochs": epoch if step is None else epoch - 1,
                 "config": semantic_config(self.cfg), "model": self.model_name,
-                "partition": self.counts, "num_replicas": self.num_replicas},
+                "partition": self.counts, "num_replicas": self.num_replicas,
+                "records_from": self.records_from},
                 self.cfg.train.timeout_s, self.token)
             fault_point("after-manifest", epoch, step)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, epoch, step)

@@ -1,6 +1,7 @@
 """A refused run stays refused: torchrun's restarts (--max-restarts) never continue, finish or
 overwrite a run the launch was refused, and only continue what their own launch started."""
 import hashlib
+import json
 import sys
 
 import pytest
@@ -59,3 +60,18 @@ def test_a_run_refused_for_another_runs_lock_never_finishes_it(tmp_path):
     assert rc != 0, second.text[-3000:]
     assert "epoch 2" not in second.text and "epoch 3" not in second.text, second.text[-3000:]
     assert snapshot(run) == before
+
+
+def test_a_one_process_torchrun_restart_still_continues_its_own_run(tmp_path):
+    """The launch's own run is continued by its restart, also with one process (no process
+    group, the agent's store all the same)."""
+    run = tmp_path / "run"
+    s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--max-restarts", "1", "--nproc-per-node", "1", "-m", "localloss_pp", "train",
+                  *ARGS, "--epochs", "2", "--run-dir", str(run)],
+                 LOCALLOSS_PP_FAULT="after-metrics-record:epoch=2")
+    assert s.wait(180) == 0, s.text[-3000:]
+    assert "fault point after-metrics-record reached" in s.text
+    assert "resuming from" in s.text and "e00001-end" in s.text
+    assert [json.loads(line)["epoch"] for line in
+            (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

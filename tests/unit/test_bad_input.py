@@ -239,8 +239,8 @@ ROWS = [
     ("manifest-step-edited", edit_manifest('"step": null', '"step": 17'),
      ["--run-dir", "RUN", "--resume", "auto"], 2, "no complete, intact checkpoint"),
     ("metrics-record-missing", lost_metrics_line, ["--run-dir", "RUN", "--resume", "auto"], 2,
-     "RUN/metrics.jsonl lacks the record of epoch 1, which the run resumed at epoch 2 keeps, "
-     "is missing (nothing was changed)"),
+     "RUN/metrics.jsonl has no record of epoch 1, which the run resumed at epoch 2 must keep "
+     "(nothing was changed)"),
     ("model-bit-flipped", flipped_weight, ["--resume", "RUN/model.pt"], 2,
      "RUN/model.pt is damaged: its weights do not have the digest they were saved with"),
     ("config-is-a-directory", None, ["--config", "DIR"], 2,

@@ -49,7 +49,7 @@ MODULES = {
                "    units[1] = LocalLinearBlock(model.num_hidden + 1, model.num_hidden, "
                "index=1, **common)\n"
                "    return units, out\n",
-               "model misfit: block 2 (LocalLinearBlock) cannot take the previous unit's output "
+               "model misfit: block 2 (LocalLinearBlock) failed on the previous unit's output "
                "of shape [32] per example"),
 }
 
@@ -107,7 +107,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_finished_epoch(tm
     assert r.returncode == 1, r.stderr[-3000:]
     line = one_error_line(r.stderr)
     assert "No space left on device (" in line and "/checkpoints/e0000" in line, line
-    assert "free space on that file system" in line
+    assert "free space on that file system" in line and "--resume auto" in line
     run = tmp_path / "out" / "run"
     folder, manifest = latest_checkpoint(run)  # the finished epoch, intact
     assert folder.name == "e00001-end" and manifest["complete_epochs"] == 1

@@ -161,3 +161,17 @@ def test_real_mnist_one_epoch_mlp_predsim(mnist_copy, tmp_path):
     assert rec["train"]["num_examples"] == 60000 and rec["test"]["num_examples"] == 10000
     assert rec["test"]["error"] < 4.0
     print(json.dumps(rec["test"]))
+
+
+def test_a_run_continued_from_another_directory_resumes_again(tmp_path):
+    """A run continued from another run's checkpoint holds the records from its first epoch
+    on; resuming it again must not ask for the other run's earlier records."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden",
+            "16", "--no-progress", "--no-print-stats"]
+    assert main(["train", *tiny, "--epochs", "2", "--run-dir", str(a)]) == 0
+    assert main(["train", *tiny, "--epochs", "2", "--run-dir", str(b), "--resume",
+                 str(a / "checkpoints" / "e00001-end")]) == 0
+    assert [r["epoch"] for r in read_jsonl(b / "metrics.jsonl")] == [2]
+    assert main(["train", *tiny, "--epochs", "3", "--run-dir", str(b), "--resume", "auto"]) == 0
+    assert [r["epoch"] for r in read_jsonl(b / "metrics.jsonl")] == [2, 3]
