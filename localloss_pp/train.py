@@ -311,6 +311,7 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
         group, object_group = replica_groups(env, layout)
         sync = ReplicaSync(group=group, object_group=object_group, replica=r, num_replicas=R,
                            stage_index=k, num_stages=S)
+        sync.warm(env.device)  # the group's communicator made now, before any link
     model, names, part = _model_and_partition(cfg, env, info, S, sources)
     a, b = part.bounds[k]
     t = cfg.train

@@ -54,6 +54,15 @@ class ReplicaSync:
         return guarded(what, fn, *args, lost=f"lost a replica of stage "
                            f"{self.stage_index + 1}/{self.num_stages} while", **kw)
 
+    def warm(self, device: torch.device) -> None:
+        """One tiny all-reduce on the group, in the set-up: on NCCL it creates the group's
+        communicator there, before any link exists. Created by the first gradient average
+        inside batch 0 instead, it would be made while the links' sends and receives are in
+        flight on other communicators, which NCCL does not allow unless every rank issues them
+        in the same order (a known deadlock)."""
+        probe = torch.zeros(1, device=device)
+        self._call("connecting the replicas", dist.all_reduce, probe, group=self.group)
+
     # --- gradients ------------------------------------------------------------------------------
     def start(self, unit, batch_size: int) -> _Pending | None:
         """Launch the all-reduce of `unit`'s gradients and BatchNorm running statistics,

@@ -13,7 +13,7 @@ COLLECTIVES = ("all_gather", "broadcast", "all_gather_object", "gather_object",
                "broadcast_object_list", "barrier", "all_reduce", "new_group")
 
 
-def _stage(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+def _stage(rank: int, world: int, port: int, run_dir: str, out: str, extra=()) -> None:
     # two processes on two "nodes" (GROUP_RANK), so the shared-run-dir check runs too
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
                       LOCAL_WORLD_SIZE="1", GROUP_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -25,20 +25,27 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
     from localloss_pp.flags import config_from_args
     from localloss_pp.train import run_training
 
-    receivers, events = [], []
+    receivers, links, events = [], [], []
     original_init = transport.Receiver.__init__
+    original_send_init = transport.Sender.__init__
 
     def init(self, **kw):
         original_init(self, **kw)
         receivers.append(self)
+        links.append(self)
     transport.Receiver.__init__ = init
+
+    def send_init(self, **kw):
+        original_send_init(self, **kw)
+        links.append(self)
+    transport.Sender.__init__ = send_init
 
     def spy(name):
         fn = getattr(dist, name)
 
         def call(*args, **kw):
             posted = any(getattr(r, "_pending", None) is not None for r in receivers)
-            events.append([name, posted])
+            events.append([name, posted, bool(links)])  # links: any link made yet
             return fn(*args, **kw)
         setattr(dist, name, call)
     for name in COLLECTIVES:
@@ -46,7 +53,7 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
     args = build_parser().parse_args([
         "train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2",
         "--num-hidden", "32", "--epochs", "2", "--run-dir", run_dir, "--no-progress",
-        "--threads-per-rank", "1", "--timeout-s", "60"])
+        "--threads-per-rank", "1", "--timeout-s", "60", *extra])
     run_training(config_from_args(args))
     with open(out, "w") as fh:
         json.dump(events, fh)
@@ -73,3 +80,29 @@ def test_no_collective_runs_while_a_receive_is_posted(tmp_path):
         assert not [e for e in events if e[1]], (r, events)
         # what the ranks exchange is data (JSON in tensors): nobody unpickles a peer's bytes
         assert not [n for n in names if "_object" in n], names
+
+
+def test_replica_groups_have_their_first_collective_before_any_link(tmp_path):
+    """2 stages x 2 replicas: each stage's replica group runs a collective in the set-up,
+    before any link exists. On NCCL that creates the group's communicator there; made by the
+    first gradient all-reduce inside batch 0 instead, while the links' sends and receives are
+    in flight on other communicators, it can deadlock (NCCL runs several communicators'
+    operations concurrently only in the same order on every rank)."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_stage, args=(r, 4, port, str(tmp_path / "run"),
+                                               str(tmp_path / f"events{r}.json"),
+                                               ("--replicas", "2", "--epochs", "1")))
+             for r in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    for r in range(4):
+        events = json.loads((tmp_path / f"events{r}.json").read_text())
+        reduces = [e for e in events if e[0] == "all_reduce"]
+        assert reduces and not reduces[0][2], (r, events)
