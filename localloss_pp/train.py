@@ -36,6 +36,7 @@ from localloss_pp.pipeline.partition import Partition, choose_partition
 from localloss_pp.pipeline.replicas import ReplicaSync
 from localloss_pp.pipeline.stage import StageRunner
 from localloss_pp.pipeline.transport import config_fingerprint
+from localloss_pp.pipeline.warmup import batch_sizes, warm_compiled
 from localloss_pp.run.checkpoint import (CheckpointError, atomic_write_bytes, latest_checkpoint,
                                          load_model_state, load_units, save_model)
 from localloss_pp.run.resume import (ResumePlan, kept_metrics, plan_resume, reconcile_metrics,
@@ -443,6 +444,13 @@ def _build_runner(cfg: Config, env: DistEnv, run: _Run) -> StageRunner:
     if t.profile and run.replica == 0:
         trace = TraceWindow(parse_profile(t.profile), run.run_dir / "profile" /
                             f"stage{run.stage_index + 1}.json", env.device)
+    if t.compile and run.blocks:  # every graph compiled now, by all stages at once
+        seconds = warm_compiled(
+            run.blocks, run.info.num_classes,
+            batch_sizes(cfg.data.batch_size, run.sizes.train_examples,
+                        run.sizes.test_examples, run.replica, run.layout.num_replicas),
+            env.device, from_data=run.stage_index == 0, with_stats=t.print_stats)
+        log.info("blocks compiled on synthetic batches in %.1f s, before the links", seconds)
     return build_stage(cfg, env, run.model, run.part, run.stage_index,
                        fingerprint=config_fingerprint(run.config_toml), layout=run.layout,
                        replica=run.replica, mode=run.mode, num_classes=run.info.num_classes,
