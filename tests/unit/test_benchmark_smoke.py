@@ -61,3 +61,19 @@ def test_timelines_of_the_local_pipeline_gpipe_and_1f1b(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "mlp3x1024 gpipe: tracing 2 batches" in proc.stdout
+
+
+def test_gpu_check_preflight_names_what_is_missing_in_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from benchmarks import preflight
+    assert preflight.main() == 0  # this machine has everything
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("mlxtend", "PIL") else real(name, *a))
+    capsys.readouterr()
+    assert preflight.main() == 2
+    lines = [l for l in capsys.readouterr().out.splitlines() if "missing:" in l
+             and "optional" not in l]
+    assert len(lines) == 1 and "PIL" in lines[0] and "mlxtend" in lines[0]
+    assert "benchmarks/fetch_wheels.sh" in lines[0]
