@@ -16,6 +16,7 @@ import torch
 from localloss_pp.config import Config
 from localloss_pp.models.losses import onehot
 from localloss_pp.models import LocalModel, build_model
+from localloss_pp.models.blocks import activation_dtype
 
 __all__ = ["Partition", "balanced_split", "parse_counts", "choose_partition",
            "profile_unit_times", "profile_data_ms", "time_ms", "fold_output", "unit_step",
@@ -151,19 +152,28 @@ def unit_step(unit, x, y, y1h):
 def profile_unit_times(cfg: Config, input_shape, num_classes: int, device,
                        steps: int = 3) -> list[float]:
     """ms per train step of every unit (blocks, then output layer) at the configured batch size,
-    measured on throw-away copies with synthetic inputs (the run's state is not touched)."""
-    net = build_model(cfg.model, cfg.loss, input_shape, num_classes, seed=cfg.train.seed + 7919)
+    measured on throw-away copies with synthetic inputs (the run's state is not touched), set up
+    as the run sets up its own: precision, channels-last and compile. Each copy leaves the
+    device once timed, and the device's cached blocks are freed at the end."""
+    t = cfg.train
+    net = build_model(cfg.model, cfg.loss, input_shape, num_classes, seed=t.seed + 7919)
     gen = torch.Generator().manual_seed(0)
     bs = cfg.data.batch_size
     y = torch.randint(num_classes, (bs,), generator=gen).to(device)
     y1h = onehot(y, num_classes)
     times = []
-    for unit in net.units():
-        unit.setup(device, cfg.optim)
+    for i, unit in enumerate(net.units()):
+        unit.setup(device, cfg.optim, precision=t.precision, channels_last=t.channels_last,
+                   compile=t.compile)
         unit.set_lr(1e-6)
-        x = torch.randn((bs, *unit_input_shape(net, unit)), generator=gen).to(device)
+        # the first block reads fp32 data; every later unit the previous unit's activations
+        dtype = torch.float32 if i == 0 else activation_dtype(t.precision)
+        x = torch.randn((bs, *unit_input_shape(net, unit)), generator=gen).to(device, dtype)
         times.append(time_ms(unit_step(unit, x, y, y1h), steps, device))
         unit.to("cpu")
+    del net
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return times
 
 

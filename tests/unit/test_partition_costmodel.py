@@ -72,3 +72,30 @@ def test_summarise_median_windows_and_efficiency():
     assert row["peak_memory_mb"] == [1.0, 2.0] and row["bytes_per_sample"] == 5.0
     both = combine([row, dict(row, window_samples_per_s=[50.0] * 4, samples_per_s=50.0)])
     assert both["samples_per_s"] == pytest.approx(75) and len(both["window_samples_per_s"]) == 8
+
+
+def test_auto_partition_profiles_units_as_the_run_sets_them_up(monkeypatch):
+    """--partition auto times throw-away units set up like the run's own (precision,
+    channels-last, compile), with inputs of the dtype they receive; it used to time fp32 eager
+    NCHW units whatever the run used."""
+    import torch
+
+    from localloss_pp.config import build_config
+    from localloss_pp.models.blocks import LocalBlock, OutputLayer
+    from localloss_pp.pipeline.partition import profile_unit_times
+
+    seen = []
+    for cls in (LocalBlock, OutputLayer):
+        real = cls.setup
+
+        def setup(self, device, optim, _real=real, **kw):
+            seen.append(kw)
+            return _real(self, device, optim, **kw)
+        monkeypatch.setattr(cls, "setup", setup)
+    cfg = build_config(cli_values={"model": {"name": "vgg6a", "feat_mult": 0.0625,
+                                             "num_hidden": 32},
+                                   "data": {"dataset": "mnist5k", "batch_size": 8},
+                                   "train": {"precision": "bf16", "channels_last": True}})
+    times = profile_unit_times(cfg, (1, 28, 28), 10, torch.device("cpu"), steps=1)
+    assert len(times) == len(seen) and all(t > 0 for t in times)
+    assert all(kw.get("precision") == "bf16" and kw.get("channels_last") for kw in seen), seen
