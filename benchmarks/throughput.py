@@ -243,6 +243,19 @@ def parse_args(argv):
         p.error("--batch-size must be divisible by --microbatches and by --stages")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    if args.device == "cuda" and gpus < args.stages:
+        # ranks share a GPU: torch.distributed.pipelining's schedules need point-to-point
+        # between CUDA tensors, which gloo does not have and NCCL does not do on one GPU
+        shared = [v for v in ("gpipe", "1f1b") if v in args.variant_list]
+        if shared and args.variants != ",".join(VARIANTS):
+            p.error(f"--variants {','.join(shared)}: {args.stages} ranks on {gpus} GPU(s) "
+                    "share GPUs, and the GPipe and 1F1B schedules need one GPU per rank; "
+                    "leave them out or use as many GPUs as --stages")
+        if shared:
+            print(f"({args.stages} ranks on {gpus} GPU(s): the GPipe and 1F1B variants need "
+                  "one GPU per rank and are left out)")
+            args.variant_list = [v for v in args.variant_list if v not in shared]
     return args, rest
 
 
