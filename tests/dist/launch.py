@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import re
 import signal
@@ -154,3 +155,21 @@ class Ranks:
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def spawn(target, world: int, args_of, timeout: float) -> list[int | None]:
+    """Run `target(*args_of(rank))` in `world` spawned processes (a test's own stage function,
+    with spies installed before it trains); their exit codes. A process still alive after
+    `timeout` seconds is killed (exit code negative)."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of(rank)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]

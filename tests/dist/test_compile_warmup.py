@@ -2,12 +2,11 @@
 slow compile never reads as a lost stage (it used to: stage k's first message came only after
 every upstream stage had compiled, one after another, and again at the first evaluation)."""
 import json
-import multiprocessing as mp
 import os
 
 import pytest
 
-from launch import free_port
+from launch import free_port, spawn
 
 SLEEP_S = 4.0  # per compiled graph
 TIMEOUT_S = 8  # shorter than three upstream stages' compiles one after another
@@ -51,19 +50,10 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_a_slow_compile_is_no_lost_stage(tmp_path):
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_stage, args=(r, 4, port, str(tmp_path / "run"),
-                                               str(tmp_path / f"out{r}.json")))
-             for r in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    codes = spawn(_stage, 4, lambda r: (r, 4, port, str(tmp_path / "run"),
+                                        str(tmp_path / f"out{r}.json")), 240)
+    assert codes == [0, 0, 0, 0]
     outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(4)]
     assert all(o["graphs"] >= 2 for o in outs), outs  # every stage compiled (slowly)
     assert outs[3]["digest"]

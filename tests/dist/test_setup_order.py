@@ -4,10 +4,9 @@ unpickles what another process sent (NCCL documents that
 operations on several communicators at once can deadlock; with lazily created NCCL
 communicators a collective behind a posted receive blocks the whole set-up)."""
 import json
-import multiprocessing as mp
 import os
 
-from launch import free_port
+from launch import free_port, spawn
 
 COLLECTIVES = ("all_gather", "broadcast", "all_gather_object", "gather_object",
                "broadcast_object_list", "barrier", "all_reduce", "new_group")
@@ -60,19 +59,10 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str, extra=()) -
 
 
 def test_no_collective_runs_while_a_receive_is_posted(tmp_path):
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_stage, args=(r, 2, port, str(tmp_path / "run"),
-                                               str(tmp_path / f"events{r}.json")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    codes = spawn(_stage, 2, lambda r: (r, 2, port, str(tmp_path / "run"),
+                                        str(tmp_path / f"events{r}.json")), 120)
+    assert codes == [0, 0]
     for r in range(2):
         events = json.loads((tmp_path / f"events{r}.json").read_text())
         names = [e[0] for e in events]
@@ -88,20 +78,11 @@ def test_replica_groups_have_their_first_collective_before_any_link(tmp_path):
     first gradient all-reduce inside batch 0 instead, while the links' sends and receives are
     in flight on other communicators, it can deadlock (NCCL runs several communicators'
     operations concurrently only in the same order on every rank)."""
-    ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_stage, args=(r, 4, port, str(tmp_path / "run"),
-                                               str(tmp_path / f"events{r}.json"),
-                                               ("--replicas", "2", "--epochs", "1")))
-             for r in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    codes = spawn(_stage, 4, lambda r: (r, 4, port, str(tmp_path / "run"),
+                                        str(tmp_path / f"events{r}.json"),
+                                        ("--replicas", "2", "--epochs", "1")), 180)
+    assert codes == [0, 0, 0, 0]
     for r in range(4):
         events = json.loads((tmp_path / f"events{r}.json").read_text())
         reduces = [e for e in events if e[0] == "all_reduce"]
