@@ -238,18 +238,16 @@ def _lock_and_plan(cfg, env, run_dir: Path, writer: int) -> ResumePlan:
     if env.rank == writer:
         launch = env.launch
         try:
-            err = launch.refusal() if launch is not None else None
+            err = launch.refusal()
             if err is None:
-                restarted = launch is not None and launch.restarted
                 # a restarted attempt waits a little for its killed predecessor's lock
-                RunDirLock(run_dir).acquire(wait_s=30.0 if restarted else 0.0)
-                own = restarted and read_launch_mark(run_dir) == launch.id
+                RunDirLock(run_dir).acquire(wait_s=30.0 if launch.restarted else 0.0)
+                own = launch.restarted and read_launch_mark(run_dir) == launch.id
                 plan = dataclasses.asdict(plan_resume(cfg, run_dir, own))
         except Exception as exc:
             err = first_line(exc)
             try:
-                if launch is not None:
-                    launch.refuse(err)
+                launch.refuse(err)
             except Exception:  # the store is gone too: this attempt still refuses
                 pass
     all_agree(env, err)
@@ -363,7 +361,7 @@ def _write_run_files(env: DistEnv, run: _Run) -> None:
             keep, run.ckpt.records_from = kept_metrics(  # (raises before any change)
                 run.run_dir, run.start.epoch,
                 records_start(run.plan, run.run_dir, run.start.epoch))
-            write_launch_mark(run.run_dir, env.launch.id if env.launch is not None else "")
+            write_launch_mark(run.run_dir, env.launch.id)
             clean_run_dir(run.run_dir)
             if keep is not None:
                 reconcile_metrics(run.run_dir, run.start.epoch, keep)

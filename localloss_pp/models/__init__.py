@@ -6,12 +6,12 @@ registry. A user's model imports what it needs from here (docs/usage.md, "Your o
 from localloss_pp.models.blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, \
     output_loss_scale
 from localloss_pp.models.model import LocalModel, build_model, combine_digests, count_params, \
-    model_digest, state_digest, states_digest, unit_digest
+    model_digest, state_digest, states_digest, unit_digest, verified_digest
 from localloss_pp.models.registry import ENTRY_POINT_GROUP, load_model_module, model_builder, \
     register_model, registered_models, resolve_model
 from localloss_pp.models import zoo  # noqa: F401  (registers the built-in models)
 
 __all__ = ["register_model", "model_builder", "registered_models", "load_model_module",
            "resolve_model", "ENTRY_POINT_GROUP", "LocalModel", "build_model", "count_params",
-           "model_digest", "unit_digest", "state_digest", "states_digest", "combine_digests", "LocalLinearBlock",
+           "model_digest", "unit_digest", "state_digest", "states_digest", "combine_digests", "verified_digest", "LocalLinearBlock",
            "LocalConvBlock", "OutputLayer", "output_loss_scale"]

@@ -13,7 +13,7 @@ from localloss_pp.models.blocks import OutputLayer
 from localloss_pp.models.registry import check_units, model_builder, registered_models
 
 __all__ = ["LocalModel", "build_model", "count_params", "model_digest", "unit_digest",
-           "state_digest", "states_digest", "combine_digests"]
+           "state_digest", "states_digest", "combine_digests", "verified_digest"]
 
 
 class LocalModel(nn.Module):
@@ -124,6 +124,21 @@ def states_digest(unit_states: list[dict]) -> str:
     """The model digest of a whole model's unit state dicts, in unit order (as model.pt holds
     them): what model_digest gives for a model holding those states."""
     return combine_digests([state_digest(i, sd) for i, sd in enumerate(unit_states)])
+
+
+def verified_digest(state: dict, path) -> str:
+    """The digest of the weights in a loaded model file (`path` only names it in errors); a
+    ValueError when they cannot be read or no longer have the digest they were saved with."""
+    try:
+        computed = states_digest(state["units"])
+    except Exception as exc:  # not a list of state dicts of tensors
+        raise ValueError(f"{path} is damaged: its weights cannot be read "
+                         f"({first_line(exc)})") from None
+    if computed != state.get("digest"):
+        raise ValueError(f"{path} is damaged: its weights do not have the digest they were "
+                         f"saved with ({str(state.get('digest'))[:16]}, now {computed[:16]}); "
+                         "use a copy or a checkpoint of the run")
+    return computed
 
 
 def model_digest(model: LocalModel) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from localloss_pp.errors import first_line
-from localloss_pp.models.model import states_digest
+from localloss_pp.models.model import verified_digest
 from localloss_pp.observe.metrics import read_jsonl
 
 __all__ = ["load_run", "compare_table", "plot_compare"]
@@ -43,19 +43,17 @@ def load_run(run_dir: str | Path) -> dict:
 
 def _model_digest(path: Path) -> str | None:
     """The digest computed from the weights in model.pt (None without one); a ValueError when
-    the file is damaged: its weights no longer have the digest they were saved with."""
+    the file is unreadable or damaged (models.verified_digest)."""
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        computed = states_digest(state["units"])
     except Exception as exc:  # truncated, corrupt or foreign
         raise ValueError(f"{path} is not a readable localloss-pp model file "
                          f"({first_line(exc)})") from None
-    if computed != state.get("digest"):
-        raise ValueError(f"{path} is damaged: its weights do not have the digest they were "
-                         f"saved with ({str(state.get('digest'))[:16]}, now {computed[:16]})")
-    return computed
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a localloss-pp model file")
+    return verified_digest(state, path)
 
 
 def _summary(run: dict) -> dict:

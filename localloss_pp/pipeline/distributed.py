@@ -10,7 +10,7 @@ import os
 import threading
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -37,8 +37,8 @@ class DistEnv:
     timeout: timedelta = timedelta(minutes=10)
     node_rank: int = 0  # torchrun's GROUP_RANK: which node (agent) this process runs on
     local_world_size: int = 1  # processes on this node (they share its cores)
-    launch: "Launch | None" = None  # this launch's identity, its attempt and its refusal
-
+    # this launch's identity, attempt and refusal (init_distributed: shared with torchrun)
+    launch: "Launch" = field(default_factory=lambda: Launch(None))
 
     @property
     def staging(self) -> bool:
@@ -129,6 +129,9 @@ def init_distributed(train: TrainConfig) -> DistEnv:
     return env
 
 
+_JOIN_GRACE_S = 5.0  # past --timeout-s, before the watchdog ends a join that hangs
+
+
 @contextmanager
 def _bounded_join(timeout_s: float, rank: int):
     """Joining the process group ends within --timeout-s (plus a grace period), whatever the
@@ -154,9 +157,6 @@ def _bounded_join(timeout_s: float, rank: int):
         yield
     finally:
         done.set()
-
-
-_JOIN_GRACE_S = 5.0
 
 
 def replica_groups(env: DistEnv, layout) -> tuple:

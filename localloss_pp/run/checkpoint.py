@@ -18,9 +18,10 @@ import torch
 from localloss_pp.durable import fsync_dir, make_dirs
 from localloss_pp.errors import first_line
 from localloss_pp.faults import fault_point
-from localloss_pp.models import LocalModel, states_digest
+from localloss_pp.models import LocalModel, verified_digest
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "read_model_file", "load_model_state", "unit_states",
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "save_model", "read_model_file",
+           "load_model_state", "unit_states",
            "semantic_config", "checkpoint_name", "unit_checkpoint", "restore_unit",
            "save_stage_checkpoint", "write_manifest", "read_manifest", "list_checkpoints",
            "latest_checkpoint", "load_units", "prune_checkpoints", "MANIFEST",
@@ -61,7 +62,7 @@ def _atomic(path: Path, write, before_rename=None) -> None:
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno and not exc.filename:  # name the file that failed
+        if isinstance(exc, OSError) and exc.errno and not exc.filename:  # name the file
             raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
 
@@ -105,14 +106,9 @@ def read_model_file(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a localloss-pp model file (format "
                               f"{state.get('format') if isinstance(state, dict) else None!r})")
     try:
-        computed = states_digest(state["units"])
-    except Exception as exc:
-        raise CheckpointError(f"{path} is damaged: its weights cannot be read "
-                              f"({first_line(exc)})") from None
-    if computed != state.get("digest"):
-        raise CheckpointError(f"{path} is damaged: its weights do not have the digest they were "
-                              f"saved with ({str(state.get('digest'))[:16]}, now "
-                              f"{computed[:16]}); use a copy or a checkpoint of the run")
+        verified_digest(state, path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     return state
 
 

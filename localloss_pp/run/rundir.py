@@ -23,7 +23,8 @@ from pathlib import Path
 
 from localloss_pp.run.checkpoint import MANIFEST, atomic_write_bytes, list_checkpoints
 
-__all__ = ["LOCK_NAME", "LAUNCH_NAME", "read_launch_mark", "write_launch_mark", "RunDirLock", "release_locks", "clean_run_dir", "stop_with_parent"]
+__all__ = ["LOCK_NAME", "LAUNCH_NAME", "read_launch_mark", "write_launch_mark", "RunDirLock",
+           "release_locks", "clean_run_dir", "stop_with_parent"]
 
 log = logging.getLogger(__name__)
 
