@@ -27,6 +27,7 @@ from localloss_pp.pipeline.partition import (Partition, fold_output, time_ms, un
                                              unit_step)
 
 __all__ = ["BlockCost", "profile_blocks", "predict", "project", "stage_bytes", "count_flops",
+           "arithmetic_of",
            "matmul_peak_flops", "PROJECTION_ASSUMPTIONS"]
 
 
@@ -58,19 +59,42 @@ def count_flops(model: ModelConfig, loss: LossConfig, input_shape, num_classes: 
             sum(c.backbone_flops for c in costs) / batch_size)
 
 
-def matmul_peak_flops(device, size: int | None = None, seconds: float = 0.5) -> float:
-    """FLOP/s of a square fp32 matmul on `device` at the current thread count: the hardware
-    reference against which the variants' achieved FLOP/s are a utilisation (MFU)."""
+def matmul_peak_flops(device, size: int | None = None, seconds: float = 0.5,
+                      arithmetic: str = "fp32") -> float:
+    """FLOP/s of a square matmul on `device` at the current thread count: the hardware
+    reference against which the variants' achieved FLOP/s are a utilisation (MFU).
+    `arithmetic`: "fp32" (TF32 off), "tf32" (fp32 tensors on TF32 tensor cores, CUDA) or
+    "bf16"."""
     n = size or (4096 if device.type == "cuda" else 512)
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device)
-    b = torch.randn(n, n, generator=gen).to(device)
-    reps = 2
-    while True:
-        ms = time_ms(lambda: torch.mm(a, b), reps, device, rounds=3)
-        if ms * reps / 1000.0 >= seconds / 3 or reps >= 4096:
-            return 2.0 * n ** 3 / (ms / 1000.0)
-        reps *= 2
+    dtype = torch.bfloat16 if arithmetic == "bf16" else torch.float32
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = arithmetic == "tf32"
+    try:
+        reps = 2
+        while True:
+            ms = time_ms(lambda: torch.mm(a, b), reps, device, rounds=3)
+            if ms * reps / 1000.0 >= seconds / 3 or reps >= 4096:
+                return 2.0 * n ** 3 / (ms / 1000.0)
+            reps *= 2
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def arithmetic_of(precision: str, model_name: str, device: str) -> str:
+    """The arithmetic most of a run's FLOPs use, whose peak its MFU is measured against:
+    bf16 under --precision bf16; for fp32 on CUDA, TF32 where torch allows it for the layers
+    that carry the FLOPs (cuDNN convolutions allow TF32 by default, matmuls do not), else
+    fp32."""
+    if precision == "bf16":
+        return "bf16"
+    if device != "cuda":
+        return "fp32"
+    if model_name == "mlp":
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
 
 
 def profile_blocks(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 
 # module -> what it is for, and how to bring it on an offline machine
 NEEDED = {
@@ -43,10 +44,37 @@ def main() -> int:
     if absent:
         print("preflight: missing: " + "; ".join(f"{n} ({NEEDED[n]})" for n in absent))
         return 2
+    start = time.perf_counter()
     import torch
+    seconds = time.perf_counter() - start
     print(f"preflight: ok (Python {sys.version.split()[0]}, torch {torch.__version__}, "
-          f"{torch.cuda.device_count()} CUDA device(s))")
+          f"{torch.cuda.device_count()} CUDA device(s); import torch took {seconds:.1f} s)")
+    environment(torch)
     return 0
+
+
+def environment(torch) -> None:
+    """What the check runs on (merged into the preflight: one cold start of torch, not two)."""
+    import platform
+    import subprocess
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "python",
+          platform.python_version())
+    n = torch.cuda.device_count()
+    for i in range(n):
+        p = torch.cuda.get_device_properties(i)
+        print(f"cuda:{i} {p.name} {p.total_memory / 2**30:.0f} GiB")
+    if n == 0:
+        print("no GPU: neither the CUDA paths nor NCCL can be checked here (a DEVICE=cpu dry "
+              "run)")
+    elif n < 2:
+        print(f"{n} GPU: NCCL between two ranks cannot be tested here (NCCL needs one GPU per "
+              "rank); the NCCL tests skip, the CUDA paths are checked")
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        print("commit", rev or "unknown (no git checkout)")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

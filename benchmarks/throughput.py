@@ -1,7 +1,7 @@
 """Throughput of the local-loss pipeline against global backprop, on this machine, in one run.
 
     python -m benchmarks.throughput [--quick] [--models mlp,vgg8b,resnet18] [--stages S]
-                                    [--microbatches M] [--json PATH]
+                                    [--microbatches M] [--precision fp32,bf16] [--json PATH]
                                     [--plot PATH] [--time-to-accuracy --data-dir DIR]
 
 For each model (mlp 3x1024, vgg8b and resnet18 at MNIST size; --feat-mult and
@@ -12,6 +12,11 @@ backprop in one process, (d) global backprop with DDP on S ranks, (e) GPipe and 
 torch.distributed.pipelining over the same S-stage split with M micro-batches. Every multi-rank
 variant is a real torchrun launch. Speed is the median samples/s over windows of the measured
 batches (warm-up excluded); ratios are between numbers measured in this run only.
+
+--precision fp32,bf16 measures every variant in each precision (bf16: the local blocks under
+--precision bf16, the backprop baselines under torch.autocast). MFU is measured against the
+peak of the arithmetic that runs, measured in this run: fp32, TF32 (fp32 on CUDA where torch
+allows TF32 for the layers carrying the FLOPs: convolutions by default) or bf16.
 """
 from __future__ import annotations
 
@@ -30,12 +35,13 @@ import torch
 from localloss_pp.config import LossConfig, ModelConfig
 from localloss_pp.pipeline.partition import balanced_split, fold_output
 
-from .costmodel import (PROJECTION_ASSUMPTIONS, count_flops, matmul_peak_flops, predict,
-                        profile_blocks, project)
+from .costmodel import (PROJECTION_ASSUMPTIONS, arithmetic_of, count_flops, matmul_peak_flops,
+                        predict, profile_blocks, project)
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
 VARIANTS = ["local", "local1", "backprop1", "ddp", "gpipe", "1f1b"]
+PRECISIONS = ["fp32", "bf16"]
 LABELS = {"local": "(a) local pipeline", "local1": "(b) local, 1 process",
           "backprop1": "(c) backprop, 1 process", "ddp": "(d) backprop DDP",
           "gpipe": "(e) backprop GPipe", "1f1b": "(f) backprop 1F1B"}
@@ -134,20 +140,22 @@ def combine(reps: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | loss | variant | ranks x threads | samples/s | windows min-max | vs (a) "
-             "| pipeline efficiency | idle/bubble | GFLOP/s per rank | MFU | peak MB/rank "
-             "| bytes/sample |",
-             "|" + "---|" * 13]
+    lines = ["| model | loss | precision | variant | ranks x threads | samples/s | windows min-max "
+             "| vs (a) | pipeline efficiency | idle/bubble | GFLOP/s per rank | MFU (peak) "
+             "| peak MB/rank | bytes/sample |",
+             "|" + "---|" * 14]
     for r in rows:
         eff = f"{r['pipeline_efficiency']:.3f}" if r["variant"] == "local" else "-"
         bub = f"{r['bubble_fraction']:.2f}" if "bubble_fraction" in r and \
             r["variant"] != "local1" else "-"
         w = r["window_samples_per_s"]
-        lines.append(f"| {r['model']} | {r['loss']} | {r['label']} | {r['ranks']}x"
+        lines.append(f"| {r['model']} | {r['loss']} | {r['precision']} | {r['label']} | "
+                     f"{r['ranks']}x"
                      f"{r['threads_per_rank']} | {r['samples_per_s']:.0f} | "
                      f"{min(w):.0f}-{max(w):.0f} | {r['samples_per_s'] / r['vs_local']:.2f} | "
                      f"{eff} | {bub} | {r['flop_per_s_per_rank'] / 1e9:.2f} | "
-                     f"{100 * r['mfu']:.1f}% | {max(r['peak_memory_mb']):.0f} | "
+                     f"{100 * r['mfu']:.1f}% ({r['peak_arithmetic']}) | "
+                     f"{max(r['peak_memory_mb']):.0f} | "
                      f"{r['bytes_per_sample']:.0f} |")
     return "\n".join(lines)
 
@@ -165,14 +173,14 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    groups = sorted({(r["model"], r["loss"]) for r in results})
+    groups = sorted({_group(r) for r in results})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (model, loss) in zip(axes[0], groups):
-        rows = [r for r in results if r["model"] == model and r["loss"] == loss]
+    for ax, (model, loss, precision) in zip(axes[0], groups):
+        rows = [r for r in results if _group(r) == (model, loss, precision)]
         ax.bar([r["label"].split(" ", 1)[0] for r in rows], [r["samples_per_s"] for r in rows],
                color=["tab:green" if r["variant"].startswith("local") else "tab:gray"
                       for r in rows])
-        ax.set_title(f"{model}, local loss {loss}")
+        ax.set_title(f"{model}, local loss {loss}, {precision}")
         ax.set_ylabel("samples/s")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -202,6 +210,8 @@ def parse_args(argv):
                    help=f"which variants to run, comma-separated; 'local' is always run "
                    f"(default: all of {','.join(VARIANTS)})")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, bf16 or both (fp32,bf16): every variant in each (default fp32)")
     p.add_argument("--no-costmodel", action="store_true")
     p.add_argument("--validate-stages", default=None,
                    help="stage counts to validate the cost model on (default 1,2 and every "
@@ -231,6 +241,11 @@ def parse_args(argv):
     if bad or not args.models:
         p.error(f"--models: unknown {', '.join(bad) or 'nothing given'}; choose from "
                 f"{', '.join(MODEL_CHOICES)}")
+    args.precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    wrong = [x for x in args.precisions if x not in PRECISIONS]
+    if wrong or not args.precisions:
+        p.error(f"--precision: unknown {', '.join(wrong) or 'nothing given'}; choose from "
+                f"{', '.join(PRECISIONS)} (comma-separated for several)")
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
@@ -266,25 +281,29 @@ def _base_spec(args, mcfg: dict) -> dict:
 
 
 def _jobs(args, mcfg: dict, counts, cores: int) -> list[tuple]:
-    """(loss, variant, ranks, spec) of every run of one model."""
+    """(precision, loss, variant, ranks, spec) of every run of one model."""
     base = _base_spec(args, mcfg)
     S, jobs = args.stages, []
-    for i, loss in enumerate(args.losses.split(",")):
-        for variant in args.variant_list:
-            if variant in ("backprop1", "ddp", "gpipe", "1f1b") and i > 0:
-                continue  # global backprop does not use the local loss: measured once
-            ranks = 1 if variant in ("local1", "backprop1") else S
-            threads = cores if ranks == 1 else max(1, cores // S)
-            jobs.append((loss, variant, ranks, dict(
-                base, loss={"loss_sup": loss}, threads=threads,
-                counts=counts or balanced_split([1.0] * _num_blocks(mcfg), S))))
+    for precision in args.precisions:
+        for i, loss in enumerate(args.losses.split(",")):
+            for variant in args.variant_list:
+                if variant in ("backprop1", "ddp", "gpipe", "1f1b") and i > 0:
+                    continue  # global backprop does not use the local loss: measured once
+                ranks = 1 if variant in ("local1", "backprop1") else S
+                threads = cores if ranks == 1 else max(1, cores // S)
+                jobs.append((precision, loss, variant, ranks, dict(
+                    base, loss={"loss_sup": loss}, threads=threads, precision=precision,
+                    counts=counts or balanced_split([1.0] * _num_blocks(mcfg), S))))
     return jobs
 
 
-def utilisation(row: dict, flops_per_sample: float, peak_1: float, device: str) -> None:
-    """Achieved training FLOP/s per rank and as a fraction (MFU) of the matmul peak measured
-    in this run: on the CPU the one-thread peak times the threads the variant uses, on CUDA
-    the peak of one GPU times the GPUs it uses."""
+def utilisation(row: dict, flops_per_sample: float, peaks: dict, device: str) -> None:
+    """Achieved training FLOP/s per rank and as a fraction (MFU) of the peak of the row's
+    arithmetic measured in this run (`peaks`: arithmetic -> FLOP/s of one GPU or one thread):
+    on the CPU the one-thread peak times the threads the variant uses, on CUDA the peak of one
+    GPU times the GPUs it uses."""
+    row["peak_arithmetic"] = arithmetic_of(row["precision"], row["model_name"], device)
+    peak_1 = peaks[row["peak_arithmetic"]]
     achieved = row["samples_per_s"] * flops_per_sample
     if device == "cuda":
         peak = peak_1 * min(row["ranks"], max(1, torch.cuda.device_count()))
@@ -294,7 +313,7 @@ def utilisation(row: dict, flops_per_sample: float, peak_1: float, device: str) 
                mfu=achieved / peak)
 
 
-def run_model(args, model_name: str, mcfg: dict, cores: int, peak_1: float) -> tuple:
+def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tuple:
     """Every variant of one model: (result rows, cost-model rows, projection or None)."""
     mcfg = dict(mcfg, dropout=0.0)
     device = torch.device(args.device)
@@ -303,25 +322,30 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peak_1: float) -> t
     counts = balanced_split(fold_output([c.local_ms for c in costs]), args.stages) \
         if costs else None
     jobs = _jobs(args, mcfg, counts, cores)
-    summaries = {j[:2]: [] for j in jobs}
+    summaries = {j[:3]: [] for j in jobs}
     for rep in range(args.repeats):  # repeats interleaved: slow phases hit every variant
-        for loss, variant, ranks, spec in jobs:
-            print(f"- {model_name} {loss} {LABELS[variant]} (repeat {rep + 1}) ...", flush=True)
-            summaries[(loss, variant)].append(summarise(
+        for precision, loss, variant, ranks, spec in jobs:
+            print(f"- {model_name} {loss} {precision} {LABELS[variant]} (repeat {rep + 1}) ...",
+                  flush=True)
+            summaries[(precision, loss, variant)].append(summarise(
                 variant, run_variant(variant, spec, ranks, args.timeout), spec, args.windows))
     losses = args.losses.split(",")
     backbone = None
     rows = []
-    for loss in losses:
-        local_flops, backbone = count_flops(ModelConfig(**mcfg), LossConfig(loss_sup=loss),
-                                            INPUT_SHAPE, NUM_CLASSES, args.batch_size)
-        for variant in args.variant_list:
-            key = (loss, variant) if (loss, variant) in summaries else (losses[0], variant)
-            row = combine(summaries[key])
-            row.update(model=model_name, loss=loss, counts=jobs[0][3]["counts"])
-            utilisation(row, local_flops if variant.startswith("local") else backbone, peak_1,
-                        args.device)
-            rows.append(row)
+    for precision in args.precisions:
+        for loss in losses:
+            local_flops, backbone = count_flops(ModelConfig(**mcfg), LossConfig(loss_sup=loss),
+                                                INPUT_SHAPE, NUM_CLASSES, args.batch_size)
+            for variant in args.variant_list:
+                key = (precision, loss, variant)
+                if key not in summaries:  # backprop: measured with the first loss only
+                    key = (precision, losses[0], variant)
+                row = combine(summaries[key])
+                row.update(model=model_name, model_name=mcfg["name"], loss=loss,
+                           precision=precision, counts=jobs[0][4]["counts"])
+                utilisation(row, local_flops if variant.startswith("local") else backbone,
+                            peaks, args.device)
+                rows.append(row)
     if costs is None:
         return rows, [], None
     checks = validate(model_name, losses[0], mcfg, costs, _base_spec(args, mcfg), args, cores)
@@ -336,20 +360,26 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peak_1: float) -> t
                                           microbatches=args.microbatches)}
 
 
-def report(results, costmodel_rows, projection, peak_1: float, device: str) -> None:
-    for group in sorted({(r["model"], r["loss"]) for r in results}):
-        rows = [r for r in results if (r["model"], r["loss"]) == group]
+def _group(r: dict) -> tuple:
+    return r["model"], r["loss"], r["precision"]
+
+
+def report(results, costmodel_rows, projection, peaks: dict, device: str) -> None:
+    for group in sorted({_group(r) for r in results}):
+        rows = [r for r in results if _group(r) == group]
         ref = next(r for r in rows if r["variant"] == "local")["samples_per_s"]
         for r in rows:
             r["vs_local"] = ref
     print("\n## Throughput (samples/s: median over windows; 'vs (a)': this / local pipeline)\n")
     print(markdown(results))
-    print(f"\nMFU: achieved matmul/conv training FLOP/s over the fp32 matmul peak measured in "
-          f"this run ({peak_1 / 1e9:.1f} GFLOP/s per {'GPU' if device == 'cuda' else 'thread'})"
-          f", times the {'GPUs' if device == 'cuda' else 'threads'} each variant uses.")
-    for group in sorted({(r["model"], r["loss"]) for r in results}):
-        rows = [r for r in results if (r["model"], r["loss"]) == group]
-        print(f"\n### Ratios, {group[0]} {group[1]} (row samples/s / column samples/s)\n")
+    unit = "GPU" if device == "cuda" else "thread"
+    print("\nMFU: achieved matmul/conv training FLOP/s over the matmul peak of the arithmetic "
+          "the row runs (in brackets), measured in this run (" + ", ".join(
+              f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in peaks.items()) +
+          f" per {unit}), times the {unit}s each variant uses.")
+    for group in sorted({_group(r) for r in results}):
+        rows = [r for r in results if _group(r) == group]
+        print(f"\n### Ratios, {' '.join(group)} (row samples/s / column samples/s)\n")
         print(ratio_matrix(rows))
         for r in rows:
             if "stages" in r:
@@ -434,23 +464,27 @@ def main(argv=None) -> int:
                                                              else v)
                                                          for k, v in vars(args).items()}},
                      indent=1))
-    torch.set_num_threads(1)  # per-block costs and the matmul peak at one thread
-    peak_1 = matmul_peak_flops(torch.device(args.device))
-    print(f"fp32 matmul peak: {peak_1 / 1e9:.1f} GFLOP/s per "
-          f"{'GPU' if args.device == 'cuda' else 'thread'}", flush=True)
+    torch.set_num_threads(1)  # per-block costs and the matmul peaks at one thread
+    needed = sorted({arithmetic_of(p, m["name"], args.device) for p in args.precisions
+                     for _, m in models(args)})
+    peaks = {name: matmul_peak_flops(torch.device(args.device), arithmetic=name)
+             for name in needed}
+    for name, flops in peaks.items():
+        print(f"{name} matmul peak: {flops / 1e9:.1f} GFLOP/s per "
+              f"{'GPU' if args.device == 'cuda' else 'thread'}", flush=True)
     results, costmodel_rows, projection = [], [], []
     for model_name, mcfg in models(args):
-        rows, checks, pj = run_model(args, model_name, mcfg, cores, peak_1)
+        rows, checks, pj = run_model(args, model_name, mcfg, cores, peaks)
         results += rows
         costmodel_rows += checks
         if pj is not None:
             projection.append(pj)
-    report(results, costmodel_rows, projection, peak_1, args.device)
+    report(results, costmodel_rows, projection, peaks, args.device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"environment": env_info, "config": vars(args) | {
             "json": str(args.json), "plot": str(args.plot)}, "results": results,
-            "matmul_peak_flops": peak_1, "costmodel": costmodel_rows,
+            "matmul_peak_flops": peaks, "costmodel": costmodel_rows,
             "projection": projection}, indent=1, default=str))
         print(f"\nwrote {args.json}")
     if args.plot:

@@ -15,6 +15,7 @@ time at which every measured batch finished. Each rank writes OUT_DIR/rank<k>.js
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -45,7 +46,16 @@ def _config(spec: dict) -> Config:
                   data=DataConfig(dataset="MNIST", batch_size=spec["batch_size"]),
                   optim=OptimConfig(lr=1e-4, lr_decay_milestones=[]),
                   train=TrainConfig(device=spec.get("device", "cpu"),
-                                    threads_per_rank=spec.get("threads", 0)))
+                                    threads_per_rank=spec.get("threads", 0),
+                                    precision=spec.get("precision", "fp32")))
+
+
+def _amp(spec: dict, device):
+    """The global-backprop baselines under bf16: the whole step under torch.autocast, the
+    usual mixed precision of end-to-end training (the local blocks autocast each block)."""
+    if spec.get("precision", "fp32") == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _batches(spec: dict, n: int, device, batch_size=None):
@@ -135,7 +145,7 @@ def run_local(spec: dict, env) -> dict:
     if len(counts) != S or sum(counts) != len(model.blocks):
         raise ValueError(f"partition {counts} does not fit {S} stages x {len(model.blocks)} blocks")
     part = Partition(counts, [0.0] * len(model.blocks), "manual", "params")
-    model.setup_units(part.units_of(k), env.device, cfg.optim)
+    model.setup_units(part.units_of(k), env.device, cfg.optim, precision=cfg.train.precision)
     link = None
     if S > 1:
         dist.barrier(group=env.meta_group)  # gloo: no extra world-wide NCCL communicator
@@ -152,9 +162,9 @@ def run_local(spec: dict, env) -> dict:
         if k == 0 else None
     loader_m = [(x, y, y.cpu()) for x, y in _batches(spec, spec["batches"], env.device)] \
         if k == 0 else None
-    runner.train_epoch(1, loader_w)
+    runner.train_epoch(1, loader_w, spec["warmup"])
     stamps.clear()
-    measured = runner.train_epoch(2, loader_m)
+    measured = runner.train_epoch(2, loader_m, spec["batches"])
     runner.stop()
     return {"timestamps": stamps.seconds() if k == S - 1 else None,
             "times": measured.times.as_dict(),
@@ -174,7 +184,8 @@ def run_backprop1(spec: dict, env) -> dict:
     model.train()
     stamps = Stamps(env.device)
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
-        global_step(model.blocks, model.output, x, y, onehot(y, NUM_CLASSES), "backprop")
+        with _amp(spec, env.device):
+            global_step(model.blocks, model.output, x, y, onehot(y, NUM_CLASSES), "backprop")
         if i >= spec["warmup"]:
             stamps.mark()
     return {"timestamps": stamps.seconds(), "report": True}
@@ -193,7 +204,8 @@ def run_ddp(spec: dict, env) -> dict:
     stamps = Stamps(env.device)
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device,
                                         batch_size=local_bs)):
-        loss = F.cross_entropy(ddp(x), y)
+        with _amp(spec, env.device):
+            loss = F.cross_entropy(ddp(x), y)
         loss.backward()
         for unit in model.units():
             unit.step()
@@ -233,12 +245,13 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
         if trace is not None:
             trace.before(2, i - spec["warmup"])
-        if k == 0:
-            sched.step(x)
-        elif k == S - 1:
-            sched.step(target=y, losses=[])
-        else:
-            sched.step()
+        with _amp(spec, env.device):
+            if k == 0:
+                sched.step(x)
+            elif k == S - 1:
+                sched.step(target=y, losses=[])
+            else:
+                sched.step()
         with record_function("localloss_pp.optimizer_step"):
             for unit in units:
                 unit.step()

@@ -28,7 +28,7 @@ from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
                                           stage_summary)
 from localloss_pp.observe.profiling import TraceWindow
 from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
-from localloss_pp.pipeline.build import build_stage
+from localloss_pp.pipeline.build import build_stage, nhwc_boundary
 from localloss_pp.pipeline.distributed import (DistEnv, all_agree, broadcast_from, gather_all,
                                                gather_to, init_distributed, replica_groups,
                                                shutdown, torchrun_world)
@@ -447,7 +447,9 @@ def _build_runner(cfg: Config, env: DistEnv, run: _Run) -> StageRunner:
             run.blocks, run.info.num_classes,
             batch_sizes(cfg.data.batch_size, run.sizes.train_examples,
                         run.sizes.test_examples, run.replica, run.layout.num_replicas),
-            env.device, from_data=run.stage_index == 0, with_stats=t.print_stats)
+            env.device, from_data=run.stage_index == 0, with_stats=t.print_stats,
+            channels_last_input=run.stage_index > 0 and nhwc_boundary(
+                cfg, run.model, run.part.bounds[run.stage_index][0]))
         log.info("blocks compiled on synthetic batches in %.1f s, before the links", seconds)
     return build_stage(cfg, env, run.model, run.part, run.stage_index,
                        fingerprint=config_fingerprint(run.config_toml), layout=run.layout,

@@ -109,16 +109,28 @@ class EpochStats:
 class StageClock:
     """The one clock of a stage. `section(name)` times a part of the work (data, recv,
     compute, send, sync) and opens a `record_function` range of the same name for the
-    profiler. Sections nest: an inner section's time is not counted in the outer one. On CUDA
-    the compute sections are also bracketed by events, whose GPU time (read once per epoch by
-    `read`) is the busy time: timing never stalls the CPU's run-ahead of the GPU."""
+    profiler. Sections nest: an inner section's time is not counted in the outer one.
+
+    What the figures mean is the same on CPU and GPU (docs/usage.md, "Stage times"):
+    - compute (busy): the stage is occupied by its own batches' work. On the CPU the host time
+      of the compute sections; on CUDA the GPU time between events recorded at the start and
+      end of each compute section, less the sync windows inside it. Timing never stalls the
+      CPU's run-ahead of the GPU: the events are read once per epoch (`read`).
+    - sync: waiting for the replicas' gradient averages. On the CPU the host's wait; on CUDA the
+      GPU time between events around the wait, which with NCCL only makes the compute stream
+      wait for the all-reduce: the time the stream stood still for it.
+    - data, recv, send: the host blocked on loading a batch, on the previous stage's message
+      (its header), on back-pressure from the next stage. Host time on both.
+    """
+
+    GPU_TIMED = ("compute", "sync")
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
         self._stack: list[list] = []
-        self._events: list = []
-        self._gpu_s = 0.0
+        self._events: list = []  # (name, enclosing GPU-timed name or None, begin, end)
+        self._gpu: dict[str, float] = defaultdict(float)
 
     def _event(self):
         ev = torch.cuda.Event(enable_timing=True)
@@ -131,9 +143,11 @@ class StageClock:
         if self._stack:  # pause the enclosing section
             outer = self._stack[-1]
             self.seconds[outer[0]] += now - outer[1]
+        timed = self.cuda and name in self.GPU_TIMED
+        parent = next((e[0] for e in reversed(self._stack) if e[0] in self.GPU_TIMED), None)
         entry = [name, now]
         self._stack.append(entry)
-        begin = self._event() if self.cuda and name == "compute" else None
+        begin = self._event() if timed else None
         try:
             with record_function(f"localloss_pp.{name}"):
                 yield
@@ -144,25 +158,32 @@ class StageClock:
             if self._stack:
                 self._stack[-1][1] = end
             if begin is not None:
-                self._events.append((begin, self._event()))
+                self._events.append((name, parent, begin, self._event()))
                 if len(self._events) >= 256:
                     self._fold()
+
+    def _add(self, name: str, parent: str | None, seconds: float) -> None:
+        self._gpu[name] += seconds
+        if parent is not None and parent != name:
+            self._gpu[parent] -= seconds  # nested: not the outer section's own time
 
     def _fold(self) -> None:
         """Add up the event pairs the GPU has passed already (a query, no waiting), so that a
         long epoch does not hold thousands of events."""
-        while self._events and self._events[0][1].query():
-            a, b = self._events.pop(0)
-            self._gpu_s += a.elapsed_time(b) / 1000.0
+        while self._events and self._events[0][3].query():
+            name, parent, a, b = self._events.pop(0)
+            self._add(name, parent, a.elapsed_time(b) / 1000.0)
 
     def read(self) -> dict[str, float]:
-        """Seconds per section since the last read (compute: GPU time on CUDA)."""
+        """Seconds per section since the last read (compute and sync: GPU time on CUDA)."""
         out = dict(self.seconds)
         if self.cuda:
-            for a, b in self._events:
+            for name, parent, a, b in self._events:
                 b.synchronize()  # once per epoch, after the stream
-                self._gpu_s += a.elapsed_time(b) / 1000.0
-            out["compute"], self._gpu_s = self._gpu_s, 0.0
+                self._add(name, parent, a.elapsed_time(b) / 1000.0)
+            for name in self.GPU_TIMED:
+                out[name] = max(0.0, self._gpu.get(name, 0.0))
+            self._gpu.clear()
         self.seconds.clear()
         self._events.clear()
         return out
@@ -290,7 +311,11 @@ class StageTimes:
 
     def as_dict(self) -> dict:
         wall = self.wall_s or float("nan")
+        # idle: neither its own compute nor the replicas' averaging (waiting for data, the
+        # neighbours or the host): busy + sync + idle = wall on CPU and GPU alike
+        idle = max(0.0, self.wall_s - self.busy_s - self.wait_sync_s)
         return {"wall_s": self.wall_s, "busy_s": self.busy_s, "busy_fraction": self.busy_s / wall,
+                "idle_s": idle, "idle_fraction": idle / wall,
                 "data_s": self.data_s, "data_fraction": self.data_s / wall,
                 "wait_recv_s": self.wait_recv_s, "wait_send_s": self.wait_send_s,
                 "wait_sync_s": self.wait_sync_s, "batches": self.batches,

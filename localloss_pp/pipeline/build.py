@@ -12,14 +12,15 @@ from localloss_pp.pipeline.globalmode import GlobalRunner
 from localloss_pp.pipeline.stage import StageRunner
 from localloss_pp.pipeline.transport import Receiver, Sender
 
-__all__ = ["build_links", "build_stage"]
+__all__ = ["build_links", "build_stage", "nhwc_boundary"]
 
 
 def build_links(cfg: Config, env, model, part, stage_index: int, num_stages: int,
                 fingerprint: int, layout: Layout | None = None, replica: int = 0):
     """Sender and receiver of stage `stage_index` of `replica` (None at the ends), connected to
     the neighbours in chain order: stage k connects to k-1 (which is done with k-2), then to
-    k+1. Activations travel in the units' output dtype (bf16 under --precision bf16)."""
+    k+1. Activations travel in the units' output dtype (bf16 under --precision bf16), and in
+    channels-last when the blocks on both sides of the boundary run channels-last."""
     a, b = part.bounds[stage_index]
     layout = layout or Layout(num_stages, 1)
     lo, hi = shard_bounds(cfg.data.batch_size, 0, layout.num_replicas)  # the largest share
@@ -31,14 +32,23 @@ def build_links(cfg: Config, env, model, part, stage_index: int, num_stages: int
     if stage_index > 0:
         receiver = Receiver(peer_rank=layout.rank_of(stage_index - 1, replica),
                             peer_stage=stage_index - 1, sample_shape=model.blocks[a].in_shape,
-                            **common)
+                            channels_last=nhwc_boundary(cfg, model, a), **common)
         receiver.connect(fingerprint)
     if stage_index < num_stages - 1:
         sender = Sender(peer_rank=layout.rank_of(stage_index + 1, replica),
                         peer_stage=stage_index + 1, queue_depth=cfg.train.queue_depth,
-                        sample_shape=model.blocks[b - 1].out_shape, **common)
+                        sample_shape=model.blocks[b - 1].out_shape,
+                        channels_last=nhwc_boundary(cfg, model, b), **common)
         sender.connect(fingerprint)
     return sender, receiver
+
+
+def nhwc_boundary(cfg: Config, model, first: int) -> bool:
+    """Whether the activation between blocks first-1 and first travels in channels-last: both
+    blocks run channels-last, so the sender produces it so and the receiver uses it so."""
+    return cfg.train.channels_last and all(
+        getattr(block, "channels_last_capable", False)
+        for block in model.blocks[first - 1:first + 1])
 
 
 def build_stage(cfg: Config, env, model, part, stage_index: int, *, fingerprint: int,

@@ -20,6 +20,7 @@ from localloss_pp.config import TrainConfig
 from localloss_pp.pipeline.transport import guarded
 
 __all__ = ["DistEnv", "Launch", "init_distributed", "shutdown", "torchrun_world", "all_agree",
+           "gpu_identity", "local_gpu_identities", "gpus_shared", "payload_timeout",
            "import_before_process_group",
            "gather_to", "broadcast_from", "gather_all", "all_gather_json", "replica_groups"]
 
@@ -79,21 +80,58 @@ def _pick_device(spec: str, local_rank: int) -> torch.device:
     return torch.device(spec)
 
 
-def init_distributed(train: TrainConfig) -> DistEnv:
-    """Choose device, backend and threads; join the process group when launched by torchrun."""
-    rank, world, local_rank, local_world = torchrun_world()
-    device = _pick_device(train.device, local_rank)
-    backend = train.backend
+def gpu_identity(device: torch.device) -> str:
+    """What names a physical GPU across processes: its UUID (the same whatever
+    CUDA_VISIBLE_DEVICES shows the process), else the visible list and index."""
+    uuid_ = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    if uuid_ is not None:
+        return str(uuid_)
+    return f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}#{device.index}"
+
+
+def local_gpu_identities(store, node: int, local_rank: int, local_world: int,
+                         mine: str) -> list[str]:
+    """Every process's `gpu_identity` on this node, exchanged through the launch's store
+    before any process group exists (each process sets its own key and reads the others')."""
+    store.set(f"gpu/{node}/{local_rank}", mine)
+    return [store.get(f"gpu/{node}/{r}").decode() for r in range(local_world)]
+
+
+def gpus_shared(identities: list[str]) -> bool:
+    """Whether two processes of a node run on the same physical GPU."""
+    return len(set(identities)) < len(identities)
+
+
+def payload_timeout(timeout_s: float) -> timedelta:
+    """The NCCL payload group's timeout: longer than --timeout-s, so that a lost peer is
+    detected on the host first (the gloo header it waits for, the send poll's deadline), in the
+    run's terms with the stage named, before NCCL's watchdog would abort the process with its
+    own message."""
+    return timedelta(seconds=2 * timeout_s + 30)
+
+
+def _choose_backend(train: TrainConfig, device: torch.device, world: int, local_rank: int,
+                    local_world: int, identities: list[str] | None) -> str:
+    """NCCL when every process of the node has a GPU of its own, else gloo with CPU staging.
+    `identities` (the node's physical GPUs, one per process; None when not exchanged): a
+    launcher that gives every process one GPU through CUDA_VISIBLE_DEVICES shows each a single
+    "cuda:0", and only the identities tell that these are different GPUs."""
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    # several local processes on one GPU: more processes than GPUs, or one GPU named for all
-    shared = device.type == "cuda" and local_world > 1 and (
-        local_world > gpus or train.device.startswith("cuda:"))
+    if identities is not None:
+        shared = gpus_shared(identities)
+    else:  # no store to exchange through: more processes than GPUs, or one GPU named for all
+        shared = device.type == "cuda" and local_world > 1 and (
+            local_world > gpus or train.device.startswith("cuda:"))
+    backend = train.backend
     if backend == "auto":
         backend = "gloo" if device.type != "cuda" or (shared and world > 1) else "nccl"
         if shared and world > 1 and local_rank == 0:
             log.warning("%d processes share GPUs on this node (%d GPU(s), --device %s): stages "
                         "are linked through gloo with CPU staging (for testing; NCCL needs one "
                         "GPU per process)", local_world, gpus, train.device)
+        elif backend == "nccl" and local_world > gpus and local_rank == 0:
+            log.info("each of the %d processes on this node sees its own GPU "
+                     "(CUDA_VISIBLE_DEVICES): NCCL", local_world)
     if backend == "nccl" and device.type != "cuda":
         raise ValueError("--backend nccl needs CUDA devices; use --backend gloo on CPU")
     if backend == "nccl" and world > 1 and shared:
@@ -101,21 +139,37 @@ def init_distributed(train: TrainConfig) -> DistEnv:
                          f"--device {train.device}): NCCL needs one GPU per process; launch at "
                          "most that many processes per node with --device cuda, or let stages "
                          "share GPUs with --backend gloo (CPU staging)")
+    return backend
+
+
+def init_distributed(train: TrainConfig) -> DistEnv:
+    """Choose device, backend and threads; join the process group when launched by torchrun."""
+    rank, world, local_rank, local_world = torchrun_world()
+    device = _pick_device(train.device, local_rank)
     cores = os.cpu_count() or 1
     threads = train.threads_per_rank or max(1, cores // max(1, local_world))
     torch.set_num_threads(threads)
-    env = DistEnv(rank, world, device, None, threads,
-                  node_rank=int(os.environ.get("GROUP_RANK", "0")), local_world_size=local_world)
+    node = int(os.environ.get("GROUP_RANK", "0"))
+    env = DistEnv(rank, world, device, None, threads, node_rank=node,
+                  local_world_size=local_world)
     timeout = timedelta(seconds=train.timeout_s)
     with _bounded_join(train.timeout_s, rank):
         # under torchrun even a one-process run shares its launch's store with its restarts
         store = _attempt_store(world, timeout)
         env.launch = Launch(store.underlying_store if store is not None else None)
+        identities = None
+        if store is not None and device.type == "cuda" and world > 1 and local_world > 1:
+            identities = guarded("comparing GPUs", local_gpu_identities, store, node,
+                                 local_rank, local_world, gpu_identity(device),
+                                 lost="a stage failed or stopped while")
+        backend = _choose_backend(train, device, world, local_rank, local_world, identities)
         if world > 1:
             kw = {} if store is None else dict(store=store, rank=rank, world_size=world)
             try:
                 guarded("joining the process group", dist.init_process_group, backend,
-                        timeout=timeout, lost="a stage failed or stopped while", **kw)
+                        timeout=timeout if backend == "gloo" else
+                        payload_timeout(train.timeout_s),
+                        lost="a stage failed or stopped while", **kw)
             except Exception as exc:
                 if "EADDRINUSE" in str(exc):
                     raise ValueError(f"MASTER_PORT {os.environ.get('MASTER_PORT')} is in use "
@@ -166,7 +220,9 @@ def replica_groups(env: DistEnv, layout) -> tuple:
     mine = (None, None)
     for k in range(layout.num_stages):
         ranks = layout.stage_ranks(k)
-        group = dist.new_group(ranks, backend=env.backend, timeout=env.timeout)
+        group = dist.new_group(ranks, backend=env.backend, timeout=env.timeout
+                               if env.backend == "gloo"
+                               else payload_timeout(env.timeout.total_seconds()))
         objects = group if env.backend == "gloo" else \
             dist.new_group(ranks, backend="gloo", timeout=env.timeout)
         if env.rank in ranks:

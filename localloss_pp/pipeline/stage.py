@@ -98,6 +98,7 @@ class Batch(NamedTuple):
     x: torch.Tensor         # the input: images on the first stage, activations after it
     y: torch.Tensor         # the labels on this stage's device
     y_host: torch.Tensor    # the labels on the host: they go into the next message's header
+    last: bool | None = None  # the last batch of its stream (None: not known)
 
 
 @dataclass
@@ -218,9 +219,11 @@ class StageRunner:
         return names
 
     # --- the message stream ------------------------------------------------------------------
-    def batches(self, source, kind: Kind, epoch: int, start_seq: int = 0, hold_after=None):
+    def batches(self, source, kind: Kind, epoch: int, start_seq: int = 0, hold_after=None,
+                total: int | None = None):
         """The `Batch`es of this stage's input stream, until the end-of-stream marker: read from
-        `source` on the first stage, received from the previous stage on the others."""
+        `source` on the first stage (`total` batches in all, if known), received from the
+        previous stage on the others."""
         if self.receiver is None:  # the first stage: batches from its source (data/batches.py)
             it = iter(source)
             seq = start_seq
@@ -229,7 +232,7 @@ class StageRunner:
                     batch = next(it, None)
                 if batch is None:
                     return
-                yield Batch(seq, *batch)
+                yield Batch(seq, *batch, last=seq == total - 1 if total else None)
                 seq += 1
         end = END_TRAIN if kind == TRAIN else END_EVAL
         while True:
@@ -240,7 +243,7 @@ class StageRunner:
             if msg.kind != kind or msg.epoch != epoch:
                 raise StageFailure(f"{self._name()} expected a {KIND_NAMES[kind]} of epoch "
                                    f"{epoch}, got a {KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
-            yield Batch(msg.seq, msg.activation, msg.labels_device, msg.labels)
+            yield Batch(msg.seq, msg.activation, msg.labels_device, msg.labels, msg.last)
 
     def quiesce(self) -> None:
         """No send or receive of this stage left in flight (the end of a profiling window)."""
@@ -251,10 +254,10 @@ class StageRunner:
             with self.clock.section("recv"):
                 self.receiver.settle()
 
-    def _send(self, kind: Kind, epoch: int, seq: int, x=None, y_host=None) -> None:
+    def _send(self, kind: Kind, epoch: int, seq: int, x=None, y_host=None, last=None) -> None:
         if self.sender is not None:
             with self.clock.section("send"):
-                self.sender.send(kind, epoch, seq, x, y_host)
+                self.sender.send(kind, epoch, seq, x, y_host, last)
 
     def run_stream(self, source, kind: Kind, epoch: int, total: int | None, step,
                    start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
@@ -274,7 +277,7 @@ class StageRunner:
         seq = -1
         after_batch.start(start_seq)
         try:
-            for batch in self.batches(source, kind, epoch, start_seq, after_batch.hold()):
+            for batch in self.batches(source, kind, epoch, start_seq, after_batch.hold(), total):
                 seq = batch.seq
                 step(result.stats, watch, epoch, batch)
                 after_batch(batch)
@@ -317,7 +320,7 @@ class StageRunner:
         with self.clock.section("compute"):
             y1h = onehot(b.y, self.num_classes)
             h, ctxs = forwards(self.blocks, b.x)
-        self._send(TRAIN, epoch, b.seq, h, b.y_host)  # the next stage starts now
+        self._send(TRAIN, epoch, b.seq, h, b.y_host, b.last)  # the next stage starts now
         with self.clock.section("compute"):
             block_stats, out = local_updates(self.blocks, ctxs, h, b.y, y1h, self.output,
                                              self.replica_sync)
@@ -334,7 +337,7 @@ class StageRunner:
                     block_stats.append(s)
             out = self.output.predict(x, b.y) if self.output is not None else None
             self._statistics(stats, block_stats, out, b.y)
-        self._send(EVAL, epoch, b.seq, x, b.y_host)
+        self._send(EVAL, epoch, b.seq, x, b.y_host, b.last)
 
     # --- train and eval ----------------------------------------------------------------------
     def train_epoch(self, epoch: int, source=None, total: int | None = None, *,

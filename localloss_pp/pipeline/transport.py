@@ -1,25 +1,38 @@
 """The wire between consecutive stages: torch.distributed point-to-point messages.
 
-Every message is two tensors sent in this order: a *meta* tensor (int64: a fixed header then the
-labels, padded to the maximum batch size) and a *payload* tensor (the activation, padded to the
-maximum batch size). Sizes are fixed for the whole run and agreed in a handshake at start, so the
+Every message is a *meta* tensor (int64: a fixed header then the labels, padded to the maximum
+batch size), followed for a batch by a *payload* tensor (the activation, padded to the maximum
+batch size). Sizes are fixed for the whole run and agreed in a handshake at start, so the
 receiver can post the receive of the next message while the current batch computes, and a
 mismatch between the stages is a typed error naming both, never a hang or silent corruption.
 
-Header: kind, epoch, sequence number, batch size. Kinds: TRAIN, EVAL batches; END_TRAIN, END_EVAL
-at the end of an epoch's training and evaluation streams; STOP at the end of the run.
+Header: kind, epoch, sequence number, batch size, payload (1: a payload tensor follows), last
+(1: the last batch of its stream). Kinds: TRAIN, EVAL batches; END_TRAIN, END_EVAL at the end of
+an epoch's training and evaluation streams; STOP at the end of the run. End-of-stream markers
+carry no payload: the receiver pre-posts a payload receive only after a batch that is not the
+last of its stream, and otherwise posts it once a header has said that a payload follows. (A
+sender that could not tell the last batch, `last` unknown, sends a marker a zero payload to
+match the receive posted for it; the runs of this package always know it.)
+
+Activations travel in their memory format: channels-last when both blocks at the boundary run
+channels-last (`--channels-last`), so neither end copies them to NCHW and back.
 
 Meta tensors travel over `meta_group` (gloo, CPU); payloads over `group` (NCCL on CUDA, gloo on
 CPU). Gloo never copies a send buffer: the Work object and the tensors are kept until the send
 has been waited for (dropping a gloo send Work cancels it), and at most `queue_depth` messages
 are in flight per link (back-pressure).
 
+Memory held per link, with P = max batch x activation size: the sender at most `queue_depth`
+padded payloads in flight (P each; a full batch in channels-last or NCHW as produced is sent
+without a copy, a short or converted one is one padded copy), the receiver two slots of P it
+receives into alternately (on the device, or pinned host memory with CPU staging).
+
 Set-up of a link (`Sender.connect` / `Receiver.connect`, called in chain order stage k -> k+1
 after every set-up collective): the handshake on the meta group, then one small warm-up tensor
 on the payload group, which creates NCCL's lazily built communicator of the pair while both
 sides are known to be there. Receives are pre-posted one message ahead only inside a stream of
-batches: after an end-of-stream marker nothing is posted until the next `recv()`, so no receive
-is pending during the collectives and checkpoint writes of an epoch's end.
+batches: after the last batch of a stream nothing is posted until the next `recv()`, so no
+receive is pending during the collectives and checkpoint writes of an epoch's end.
 """
 from __future__ import annotations
 
@@ -53,9 +66,10 @@ TRAIN, EVAL, END_TRAIN, END_EVAL, STOP = Kind
 KIND_NAMES = {Kind.TRAIN: "train batch", Kind.EVAL: "eval batch",
               Kind.END_TRAIN: "end of training", Kind.END_EVAL: "end of evaluation",
               Kind.STOP: "stop"}
-HEADER_LEN = 4
+HEADER_LEN = 6  # kind, epoch, seq, batch size, payload follows, last batch of its stream
 _MAGIC = 0x4C4C5050  # "LLPP"
-_SPEC_LEN = 11  # magic, version, stage, fingerprint, ndim, 4 dims, dtype, max batch
+_VERSION = 2
+_SPEC_LEN = 12  # magic, version, stage, fingerprint, ndim, 4 dims, dtype, max batch, NHWC
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -80,20 +94,22 @@ class Message:
     labels: torch.Tensor | None = None          # on the host
     activation: torch.Tensor | None = None      # on this stage's device
     labels_device: torch.Tensor | None = None   # on this stage's device
+    last: bool = False                          # the last batch of its stream
 
 
 def _spec(stage_index: int, fingerprint: int, shape: tuple[int, ...], dtype: torch.dtype,
-          max_batch: int) -> torch.Tensor:
+          max_batch: int, channels_last: bool) -> torch.Tensor:
     if len(shape) > 4:
         raise ValueError(f"activation shapes of more than 4 dims are not supported: {shape}")
     dims = list(shape) + [0] * (4 - len(shape))
-    return torch.tensor([_MAGIC, 1, stage_index, fingerprint, len(shape), *dims,
-                         _DTYPES.index(dtype), max_batch], dtype=torch.int64)
+    return torch.tensor([_MAGIC, _VERSION, stage_index, fingerprint, len(shape), *dims,
+                         _DTYPES.index(dtype), max_batch, int(channels_last)], dtype=torch.int64)
 
 
 def _describe(spec: list[int]) -> str:
     shape = tuple(spec[5:5 + spec[4]])
-    return f"{shape} {str(_DTYPES[spec[9]]).replace('torch.', '')} x {spec[10]} samples"
+    fmt = " channels-last" if spec[11] else ""
+    return f"{shape} {str(_DTYPES[spec[9]]).replace('torch.', '')}{fmt} x {spec[10]} samples"
 
 
 _PEER_LOSS = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|[Tt]imeout|"
@@ -141,7 +157,7 @@ class _Link:
     def __init__(self, *, stage_index: int, num_stages: int, peer_rank: int, peer_stage: int,
                  sample_shape: tuple[int, ...], dtype: torch.dtype, max_batch: int,
                  device: torch.device, group, meta_group, staging: bool = False,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, channels_last: bool = False):
         self.stage_index, self.num_stages = stage_index, num_stages
         self.peer_rank, self.peer_stage = peer_rank, peer_stage
         self.shape, self.dtype, self.max_batch = tuple(sample_shape), dtype, max_batch
@@ -151,6 +167,13 @@ class _Link:
         self.staging = staging
         self.wire_device = torch.device("cpu") if staging else device
         self.timeout_s = timeout_s
+        # the activation's memory format on the wire: channels-last only for images (C, H, W)
+        self.channels_last = channels_last and len(self.shape) == 3
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # what travels: (C, H, W), or (H, W, C) for channels-last: a channels-last batch seen
+        # as (N, H, W, C) is contiguous, which every backend sends as it is
+        self.wire_shape = ((*self.shape[1:], self.shape[0]) if self.channels_last
+                           else self.shape)
         self._lost = f"lost {self._name(peer_stage)} (rank {peer_rank}) while"
 
     def _name(self, stage: int) -> str:
@@ -178,8 +201,10 @@ class Sender(_Link):
         self.queue_depth = queue_depth
         self.bytes = 0  # sent so far, headers included
         self._inflight: list[tuple[list, tuple, tuple]] = []
-        self._blank = torch.zeros((self.max_batch, *self.shape), dtype=self.dtype,
-                                  device=self.wire_device)
+        # True after a batch not known to be the last of its stream: the receiver has posted a
+        # payload receive for the next message, so a marker sent now must bring a payload
+        self._owes_payload = False
+        self._blank = None  # that zero payload, made only when needed
 
     def connect(self, fingerprint: int) -> None:
         """Handshake with the next stage, then warm the payload link."""
@@ -187,7 +212,8 @@ class Sender(_Link):
         self._warm(dist.isend)
 
     def handshake(self, fingerprint: int) -> None:
-        spec = _spec(self.stage_index, fingerprint, self.shape, self.dtype, self.max_batch)
+        spec = _spec(self.stage_index, fingerprint, self.shape, self.dtype, self.max_batch,
+                     self.channels_last)
         self._wait(self._issue(dist.isend, spec, self.meta_group, "handshaking"), "handshaking")
         ack = torch.zeros(2, dtype=torch.int64)
         self._wait(self._issue(dist.irecv, ack, self.meta_group, "handshaking"), "handshaking")
@@ -199,7 +225,8 @@ class Sender(_Link):
                 f"stage's message. Launch every rank with the same flags and config.")
 
     def _payload(self, activation: torch.Tensor) -> torch.Tensor:
-        """The activation padded to the agreed batch, on the wire's device, contiguous."""
+        """The activation padded to the agreed batch, on the wire's device, contiguous in the
+        wire's memory format (no copy for a full batch already in that format)."""
         bs = activation.size(0)
         if tuple(activation.shape[1:]) != self.shape or bs > self.max_batch:
             raise ShapeMismatchError(
@@ -209,11 +236,14 @@ class Sender(_Link):
         payload = activation.to(self.dtype)
         if bs < self.max_batch:
             payload = torch.cat([payload, payload.new_zeros((self.max_batch - bs, *self.shape))])
+        payload = payload.contiguous(memory_format=self.memory_format)
+        if self.channels_last:
+            payload = payload.permute(0, 2, 3, 1)  # a view: (N, H, W, C), contiguous
         if not self.staging:
-            return payload.contiguous()
-        # gloo sends from host memory: copy into pinned memory and wait for that copy only
-        # (staging is the one place where a stage waits for its GPU)
-        host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+            return payload
+        # gloo sends from host memory: copy into pinned memory (same strides) and wait for that
+        # copy only (staging is the one place where a stage waits for its GPU)
+        host = torch.empty_like(payload, device="cpu", pin_memory=True)
         host.copy_(payload, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -221,32 +251,47 @@ class Sender(_Link):
         return host
 
     def send(self, kind: int, epoch: int, seq: int, activation: torch.Tensor | None = None,
-             labels: torch.Tensor | None = None) -> None:
+             labels: torch.Tensor | None = None, last: bool | None = None) -> None:
         """Queue one message; blocks only while `queue_depth` earlier messages are in flight.
-        `labels` are on the host (headers never wait for the device)."""
+        `labels` are on the host (headers never wait for the device). For a batch, `last` says
+        whether it is the last of its stream (None: not known; the marker then brings a
+        zero payload)."""
         bs = 0 if activation is None else activation.size(0)
-        meta = torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
-        meta[:HEADER_LEN] = torch.tensor([int(kind), epoch, seq, bs])
-        if activation is None:
-            payload = self._blank
+        if activation is None:  # a marker: a payload only if a receive was posted for one
+            payload = self._zero_payload() if self._owes_payload else None
+            self._owes_payload = False
         else:
             if labels.device.type != "cpu":
                 raise ValueError("Sender.send takes the labels on the host (no device sync)")
             payload = self._payload(activation)
+            self._owes_payload = not last
+        meta = torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
+        meta[:HEADER_LEN] = torch.tensor([int(kind), epoch, seq, bs, int(payload is not None),
+                                          int(bool(last))])
+        if activation is not None:
             meta[HEADER_LEN:HEADER_LEN + bs] = labels
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
-        works = [self._issue(dist.isend, meta, self.meta_group, what),
-                 self._issue(dist.isend, payload, self.group, what)]
-        # keep the Work objects and both tensors alive until the send has been waited for
+        works = [self._issue(dist.isend, meta, self.meta_group, what)]
+        if payload is not None:
+            works.append(self._issue(dist.isend, payload, self.group, what))
+        # keep the Work objects and the tensors alive until the send has been waited for
         self._inflight.append((works, (meta, payload), (kind, epoch, seq)))
-        self.bytes += meta.numel() * 8 + payload.numel() * payload.element_size()
+        self.bytes += meta.numel() * 8
+        if payload is not None:
+            self.bytes += payload.numel() * payload.element_size()
         while len(self._inflight) > self.queue_depth:
             self._retire()
+
+    def _zero_payload(self) -> torch.Tensor:
+        if self._blank is None:
+            self._blank = torch.zeros((self.max_batch, *self.wire_shape), dtype=self.dtype,
+                                      device=self.wire_device)
+        return self._blank
 
     def _retire(self) -> None:
         works, _, (kind, epoch, seq) = self._inflight.pop(0)
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
-        if self.wire_device.type == "cuda":
+        if self.wire_device.type == "cuda" and len(works) > 1:
             self._poll(works[1], what)
         for work in works:
             self._wait(work, what)
@@ -271,7 +316,8 @@ class Sender(_Link):
 
 class Receiver(_Link):
     """Receiving side of the link stage k-1 -> k. Inside a stream of batches the next message
-    is always pre-posted; after an end-of-stream marker nothing is posted until `recv()`."""
+    is always pre-posted; after the last batch of a stream, or a marker, nothing is posted
+    until `recv()`."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -279,10 +325,10 @@ class Receiver(_Link):
         # pinned blocks before they go to the device (_pinned_copy)
         self._meta = [torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
                       for _ in range(2)]
-        self._payload = [torch.empty((self.max_batch, *self.shape), dtype=self.dtype,
+        self._payload = [torch.empty((self.max_batch, *self.wire_shape), dtype=self.dtype,
                                      device=self.wire_device) for _ in range(2)]
         self._slot = 0
-        self._pending = None
+        self._pending = None  # (slot, works, payload posted)
 
     def connect(self, fingerprint: int) -> None:
         """Handshake with the previous stage, then warm the payload link."""
@@ -292,9 +338,10 @@ class Receiver(_Link):
     def handshake(self, fingerprint: int) -> None:
         spec = torch.zeros(_SPEC_LEN, dtype=torch.int64)
         self._wait(self._issue(dist.irecv, spec, self.meta_group, "handshaking"), "handshaking")
-        mine = _spec(self.stage_index - 1, fingerprint, self.shape, self.dtype, self.max_batch)
+        mine = _spec(self.stage_index - 1, fingerprint, self.shape, self.dtype, self.max_batch,
+                     self.channels_last)
         theirs = spec.tolist()
-        if theirs[:2] != [_MAGIC, 1]:
+        if theirs[:2] != [_MAGIC, _VERSION]:
             code = 1
         elif theirs[3] != mine[3].item():
             code = 2
@@ -306,26 +353,44 @@ class Receiver(_Link):
             raise ShapeMismatchError(
                 f"{self._name(self.peer_stage)} and {self._name(self.stage_index)} run with "
                 "different configs; launch every rank with the same flags and config")
+        if code and theirs[:2] != [_MAGIC, _VERSION]:
+            raise ShapeMismatchError(
+                f"{self._name(self.peer_stage)} speaks another version of the stage protocol "
+                "than this one: launch every rank with the same version of localloss-pp")
         if code:
             raise ShapeMismatchError(
                 f"{self._name(self.peer_stage)} sends {_describe(theirs)}, but "
                 f"{self._name(self.stage_index)} expects {_describe(mine.tolist())}")
 
-    def _post(self) -> None:
+    def _post(self, payload: bool) -> None:
+        """Post the receive of the next message: its header, and its payload when one is
+        known to follow (the previous batch was not the last of its stream)."""
         s = self._slot
         self._slot = 1 - s
         what = "posting the next receive"
-        self._pending = (s, [self._issue(dist.irecv, self._meta[s], self.meta_group, what),
-                             self._issue(dist.irecv, self._payload[s], self.group, what)])
+        works = [self._issue(dist.irecv, self._meta[s], self.meta_group, what)]
+        if payload:
+            works.append(self._issue(dist.irecv, self._payload[s], self.group, what))
+        self._pending = (s, works, payload)
 
     def settle(self) -> None:
         """Complete the pre-posted receive now (its message stays for the next recv()): no
         receive issued so far is left in flight."""
         if self._pending is not None:
-            slot, works = self._pending
+            slot, works, payload = self._pending
             for work in works:
                 self._wait(work, "waiting for the next message")
-            self._pending = (slot, [])
+            self._pending = (slot, [], payload)
+
+    def _header(self, slot: int) -> list[int]:
+        header = self._meta[slot][:HEADER_LEN].tolist()
+        kind, _, _, bs, has_payload, last = header
+        batch = kind in (TRAIN, EVAL)
+        if (kind not in KIND_NAMES or not 0 <= bs <= self.max_batch or has_payload not in (0, 1)
+                or last not in (0, 1) or (batch and not has_payload)):
+            raise ShapeMismatchError(f"{self._name(self.stage_index)} received a malformed "
+                                     f"header {header} from {self._name(self.peer_stage)}")
+        return header
 
     def recv(self, hold_after=None) -> Message:
         """The next message. Its tensors stay valid until the next call of recv(). The labels
@@ -333,35 +398,43 @@ class Receiver(_Link):
         asynchronously from pinned memory on CUDA). `hold_after(seq)` true: do not pre-post the
         next receive after this batch (a checkpoint follows it)."""
         if self._pending is None:
-            self._post()
-        slot, works = self._pending
-        for work in works:
-            self._wait(work, "waiting for the next message")
+            self._post(payload=False)
+        slot, works, posted = self._pending
+        if works:  # the header (settle() may have completed the receive already)
+            self._wait(works[0], "waiting for the next message")
         self._pending = None
-        kind, epoch, seq, bs = self._meta[slot][:HEADER_LEN].tolist()
-        if kind not in KIND_NAMES or not 0 <= bs <= self.max_batch:
-            raise ShapeMismatchError(f"{self._name(self.stage_index)} received a malformed "
-                                     f"header {[kind, epoch, seq, bs]} from "
-                                     f"{self._name(self.peer_stage)}")
+        kind, epoch, seq, bs, has_payload, last = self._header(slot)
+        if has_payload and not posted:  # the first batch after a marker: its payload now
+            works = [None, self._issue(dist.irecv, self._payload[slot], self.group,
+                                       "receiving a payload")]
+        elif posted and not has_payload:
+            raise ShapeMismatchError(
+                f"{self._name(self.peer_stage)} sent a {KIND_NAMES[Kind(kind)]} without the "
+                f"payload that {self._name(self.stage_index)} was told to expect")
+        for work in works[1:]:
+            self._wait(work, "waiting for the next message")
         kind = Kind(kind)
         if kind not in (TRAIN, EVAL):  # the end of a stream: post nothing more for now
             return Message(kind, epoch, seq)
-        if hold_after is None or not hold_after(seq):
-            self._post()  # the next message of the stream arrives while this one computes
+        if not last and (hold_after is None or not hold_after(seq)):
+            self._post(payload=True)  # the next batch arrives while this one computes
         labels = self._meta[slot][HEADER_LEN:HEADER_LEN + bs]
         activation = self._payload[slot][:bs]
+        if self.channels_last:  # (N, C, H, W) with channels-last strides, a view
+            activation = activation.permute(0, 3, 1, 2)
         if self.device.type != "cuda":
             return Message(kind, epoch, seq, labels=labels, activation=activation,
-                           labels_device=labels)
+                           labels_device=labels, last=bool(last))
         if self.staging:  # off the receive buffer at once: it is posted again next time
             activation = _pinned_copy(activation).to(self.device, non_blocking=True)
         return Message(kind, epoch, seq, labels=labels, activation=activation,
-                       labels_device=_pinned_copy(labels).to(self.device, non_blocking=True))
+                       labels_device=_pinned_copy(labels).to(self.device, non_blocking=True),
+                       last=bool(last))
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
     """A copy of a host tensor in pinned memory from torch's caching host allocator, which
     keeps the block until the asynchronous device copies that read it have run."""
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out = torch.empty_like(t, pin_memory=True)  # same strides: a channels-last slot stays so
     out.copy_(t)
     return out

@@ -39,11 +39,12 @@ def batch_sizes(batch_size: int, train_examples: int, test_examples: int, replic
 
 
 def warm_compiled(blocks, num_classes: int, sizes: list[int], device: torch.device, *,
-                  from_data: bool, with_stats: bool) -> float:
+                  from_data: bool, with_stats: bool, channels_last_input: bool = False) -> float:
     """Run `blocks` (a stage's chain) once per batch size in `sizes`, a training step's forward
     and local backward and an evaluation, on random data (fp32 like the data on the first stage,
-    `from_data`; else the activations' dtype); then put back every unit's weights, buffers,
-    gradients and dropout generator. Returns the seconds it took."""
+    `from_data`; else the activations' dtype, in channels-last when they arrive so,
+    `channels_last_input`: compiled graphs are specialised on strides); then put back every
+    unit's weights, buffers, gradients and dropout generator. Returns the seconds it took."""
     if not blocks:
         return 0.0
     input_dtype = torch.float32 if from_data else blocks[0].act_dtype
@@ -54,6 +55,8 @@ def warm_compiled(blocks, num_classes: int, sizes: list[int], device: torch.devi
     gen = torch.Generator(device="cpu").manual_seed(0)
     for bs in sizes:
         x = torch.randn(bs, *blocks[0].in_shape, generator=gen).to(device, input_dtype)
+        if channels_last_input and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(num_classes, (bs,), generator=gen).to(device)
         y1h = onehot(y, num_classes)
         h = x

@@ -106,6 +106,20 @@ def test_compiled_blocks_on_cuda(tmp_path, monkeypatch):
     assert "recompile_limit" not in text and "Graph break" not in text, text[-3000:]
 
 
+def test_compile_under_sync_debug_with_short_last_batches(tmp_path, monkeypatch):
+    """mnist5k at batch 128 ends both streams with a short batch (4000 = 31 x 128 + 32, 1000 =
+    7 x 128 + 104). The set-up warm-up compiles those shapes, and the received activations'
+    (two stages sharing the GPU), before the links: no compilation, whose autotuning
+    synchronises the device, runs inside a steady-state batch checked by sync-debug."""
+    monkeypatch.setenv("LOCALLOSS_PP_SYNC_DEBUG", "error")
+    args = [*MLP, "--batch-size", "128", "--compile"]
+    for procs, extra in ((1, ["--device", "cuda"]),
+                         (2, ["--device", "cuda:0", "--backend", "gloo"])):
+        recs, text = train(tmp_path, f"compiled-{procs}", [*args, *extra], procs)
+        assert recs and "synchroniz" not in text.lower(), text[-3000:]
+        assert "compiled on synthetic batches" in text
+
+
 @pytest.mark.parametrize("procs,extra", [(1, ["--device", "cuda"]),
                                          (2, ["--device", "cuda:0", "--backend", "gloo"])],
                          ids=["one-stage", "two-stages-sharing-the-gpu"])

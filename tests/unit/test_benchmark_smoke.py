@@ -21,7 +21,7 @@ def test_quick_benchmark_runs_every_variant(tmp_path):
     assert data["environment"]["cores"] and "torch" in data["environment"]
     variants = {r["variant"] for r in data["results"]}
     assert variants == {"local", "local1", "backprop1", "ddp", "gpipe", "1f1b"}
-    assert data["matmul_peak_flops"] > 1e8
+    assert data["matmul_peak_flops"]["fp32"] > 1e8
     for r in data["results"]:
         assert r["samples_per_s"] > 0 and all(m > 0 for m in r["peak_memory_mb"])
         assert 0 < r["mfu"] < 2 and r["flop_per_s_per_rank"] > 0
@@ -32,6 +32,25 @@ def test_quick_benchmark_runs_every_variant(tmp_path):
     assert data["projection"][0]["rows"]
     assert "## Cost model vs measurement" in proc.stdout and "PROJECTION" in proc.stdout
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_each_precision_is_measured_against_the_peak_of_its_arithmetic(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--models", "mlp",
+                           "--losses", "predsim", "--stages", "1", "--variants",
+                           "local,backprop1", "--precision", "fp32,bf16", "--batches", "6",
+                           "--warmup", "2", "--windows", "2", "--repeats", "1",
+                           "--no-costmodel", "--device", "cpu", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["matmul_peak_flops"]) == {"fp32", "bf16"}
+    rows = {(r["precision"], r["variant"]): r for r in data["results"]}
+    assert set(rows) == {(p, v) for p in ("fp32", "bf16") for v in ("local", "backprop1")}
+    for (precision, _), r in rows.items():
+        assert r["peak_arithmetic"] == precision and 0 < r["mfu"] < 2
+    assert "| mlp3x1024 | predsim | bf16 |" in proc.stdout and "(bf16)" in proc.stdout
 
 
 @pytest.mark.slow

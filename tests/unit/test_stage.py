@@ -23,7 +23,7 @@ class MemoryLink:
         self.queue: deque[Message] = deque()
         self.bytes = 0
 
-    def send(self, kind, epoch, seq, activation=None, labels=None):
+    def send(self, kind, epoch, seq, activation=None, labels=None, last=None):
         if activation is None:
             self.queue.append(Message(kind, epoch, seq))
             return
@@ -31,7 +31,7 @@ class MemoryLink:
         act = activation.detach().clone()
         self.bytes += act.numel() * act.element_size()
         self.queue.append(Message(kind, epoch, seq, labels=labels.clone(), activation=act,
-                                  labels_device=labels.clone()))
+                                  labels_device=labels.clone(), last=bool(last)))
 
     def recv(self, hold_after=None):
         return self.queue.popleft()
