@@ -86,13 +86,13 @@ def matmul_peak_flops(device, size: int | None = None, seconds: float = 0.5,
 def arithmetic_of(precision: str, model_name: str, device: str) -> str:
     """The arithmetic most of a run's FLOPs use, whose peak its MFU is measured against:
     bf16 under --precision bf16; for fp32 on CUDA, TF32 where torch allows it for the layers
-    that carry the FLOPs (cuDNN convolutions allow TF32 by default, matmuls do not), else
-    fp32."""
+    that carry the FLOPs (convolutions: the VGGs and ResNets; matmuls: the mlp and the ViTs;
+    cuDNN convolutions allow TF32 by default, matmuls do not), else fp32."""
     if precision == "bf16":
         return "bf16"
     if device != "cuda":
         return "fp32"
-    if model_name == "mlp":
+    if model_name == "mlp" or model_name.startswith("vit"):  # linear layers carry the FLOPs
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
     return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
 

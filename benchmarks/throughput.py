@@ -59,7 +59,8 @@ def environment() -> dict:
             if torch.cuda.is_available() else None, "git_revision": rev}
 
 
-MODEL_CHOICES = ("mlp", "vgg8b", "resnet18")
+MODEL_CHOICES = ("mlp", "vgg8b", "resnet18", "vit")
+DEFAULT_MODELS = ("mlp", "vgg8b", "resnet18")
 
 
 def models(args) -> list[tuple[str, dict]]:
@@ -72,6 +73,8 @@ def models(args) -> list[tuple[str, dict]]:
         "resnet18": (f"resnet18 x{args.resnet_feat_mult:g}", {
             "name": "resnet18", "feat_mult": args.resnet_feat_mult, "dim_in_decoder": 1024,
             "nonlin": "leakyrelu"}),
+        # a Vision Transformer: units are the patch embedding and every transformer block
+        "vit": (args.vit, {"name": args.vit}),
     }
     chosen = ["mlp"] if args.mlp_only else args.models
     return [every[m] for m in chosen]
@@ -197,8 +200,11 @@ def parse_args(argv):
     p.add_argument("--feat-mult", type=float, default=0.25, help="vgg8b width (0.25)")
     p.add_argument("--resnet-feat-mult", type=float, default=0.125,
                    help="resnet18 width (0.125)")
-    p.add_argument("--models", default=",".join(MODEL_CHOICES),
-                   help=f"which models, comma-separated (default: {','.join(MODEL_CHOICES)})")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"which models, comma-separated, of {','.join(MODEL_CHOICES)} "
+                   f"(default: {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--vit", default="vit-micro", metavar="NAME",
+                   help="the ViT of --models vit (default vit-micro: 6 blocks, dim 64, patch 4)")
     p.add_argument("--losses", default="predsim,pred")
     p.add_argument("--batches", type=int, default=60, help="measured batches per variant")
     p.add_argument("--warmup", type=int, default=8)
@@ -241,6 +247,12 @@ def parse_args(argv):
     if bad or not args.models:
         p.error(f"--models: unknown {', '.join(bad) or 'nothing given'}; choose from "
                 f"{', '.join(MODEL_CHOICES)}")
+    if "vit" in args.models:
+        from localloss_pp.models.vit import parse_vit
+        try:
+            parse_vit(args.vit)
+        except ValueError as exc:
+            p.error(f"--vit: {exc}")
     args.precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     wrong = [x for x in args.precisions if x not in PRECISIONS]
     if wrong or not args.precisions:

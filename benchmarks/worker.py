@@ -217,6 +217,25 @@ def run_ddp(spec: dict, env) -> dict:
             "report": env.rank == 0, "bytes_per_batch": 2 * (S - 1) / S * params}
 
 
+class _ContiguousFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class _Contiguous(nn.Module):
+    """torch.distributed.pipelining sends a stage's output forward and its input's gradient
+    back as they are, and the backends send contiguous tensors only: a ViT's token tensors and
+    their gradients can come out of a transpose. An identity that makes both contiguous."""
+
+    def forward(self, x):
+        return _ContiguousFn.apply(x)
+
+
 def run_pipelining(spec: dict, env, schedule: str) -> dict:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     cfg = _config(spec)
@@ -229,7 +248,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     units = list(model.blocks[a:b]) + ([model.output] if k == S - 1 else [])
     for unit in units:
         unit.set_lr(1e-4)
-    stage = PipelineStage(nn.Sequential(*units), k, S, env.device)
+    stage = PipelineStage(nn.Sequential(_Contiguous(), *units, _Contiguous()), k, S, env.device)
     if spec.get("trace"):  # name every micro-batch's forward and backward for the timeline
         for method, label in (("forward_one_chunk", "Forward"),
                               ("backward_one_chunk", "Backward")):

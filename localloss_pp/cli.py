@@ -27,7 +27,8 @@ PARAM_TABLE = [
     ("vgg8b", "STL10", 1, 1, 1024), ("vgg11b", "CIFAR10", 1, 1, 1024),
     ("vgg11b", "CIFAR100", 1, 1, 1024), ("vgg11b", "CIFAR10", 2, 1, 1024),
     ("vgg11b", "CIFAR100", 2, 1, 1024), ("vgg11b", "CIFAR10", 3, 1, 1024),
-    ("vgg11b", "CIFAR100", 3, 1, 1024),
+    ("vgg11b", "CIFAR100", 3, 1, 1024), ("vit-micro", "MNIST", 1, 3, 1024),
+    ("vit-tiny", "CIFAR10", 1, 3, 1024),
 ]
 
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="print the paper's parameter count of a model")
     params.add_argument("--model", default="vgg8b", metavar="NAME",
                         help="mlp, vgg6a ... vgg19, resnet18 ... resnet152, "
-                        "wresnet<depth>-<width>[a] (default: vgg8b)")
+                        "wresnet<depth>-<width>[a], vit-<depth>-<dim>[-p<patch>][-h<heads>]"
+                        "[-m<mlp ratio>], vit-nano, vit-micro, vit-tiny (default: vgg8b)")
     params.add_argument("--dataset", default="CIFAR10", metavar="NAME",
                         help=f"one of {', '.join(DATASET_NAMES)} (default: CIFAR10)")
     params.add_argument("--feat-mult", type=float, default=1.0, metavar="F",

@@ -43,7 +43,9 @@ _REF = " [reference flag]"
 # Reference flags first (same names and meanings as the reference), then this tool's own flags.
 FLAGS: list[Flag] = [
     Flag("--model", "model", "name", str, "model", "the network: mlp, vgg6a ... vgg19, resnet18 "
-         "... resnet152, wresnet<depth>-<width>[a], or a model a --model-module registers" + _REF,
+         "... resnet152, wresnet<depth>-<width>[a], vit-<depth>-<dim>[-p<patch>][-h<heads>][-m<mlp "
+         "ratio>] or vit-nano/vit-micro/vit-tiny (Vision Transformers), or a model a "
+         "--model-module registers" + _REF,
          "NAME"),
     Flag("--num-layers", "model", "num_layers", int, "model", "hidden linear blocks: of the mlp, "
          "or of a VGG's head (0: the head is one linear layer)" + _REF, "N"),

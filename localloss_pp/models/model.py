@@ -79,7 +79,8 @@ def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
     builder = model_builder(model.name)
     if builder is None:
         raise ValueError(f"unknown model {model.name!r}; choose one of "
-                         f"{', '.join(registered_models())} or a wresnet<depth>-<width>[a]")
+                         f"{', '.join(registered_models())}, a wresnet<depth>-<width>[a] or a "
+                         "vit-<depth>-<dim>[-p<patch>][-h<heads>][-m<ratio>]")
     try:
         units, output = builder(model, loss, input_shape, num_classes, seed)
     except ValueError:

@@ -17,6 +17,7 @@ from typing import Callable
 from localloss_pp.config import LossConfig, ModelConfig
 from localloss_pp.errors import first_line
 from localloss_pp.models.resnets import parse_wresnet
+from localloss_pp.models.vit import VIT_PRESETS, is_vit, parse_vit
 
 __all__ = ["register_model", "model_builder", "registered_models", "load_model_module",
            "resolve_model", "check_units", "UNIT_METHODS", "OUTPUT_METHODS", "UNIT_STATE",
@@ -127,11 +128,15 @@ def resolve_model(m: ModelConfig) -> None:
     if lower.startswith("wresnet"):  # any wresnet<6n+4>-<k>[a], not only the table's
         m.name = lower
         parse_wresnet(m.name)
+    elif is_vit(lower):  # any vit-<depth>-<dim>[-p<patch>][-h<heads>][-m<ratio>], or a preset
+        m.name = lower
+        parse_vit(m.name)
     elif lower in BUILTIN_MODELS:
         m.name = lower
     elif model_builder(m.name) is None:
         raise ValueError(f"unknown model {m.name!r} (--model); choose one of: "
-                         f"{', '.join(registered_models())}, wresnet<depth>-<width>[a]; or "
+                         f"{', '.join(registered_models())}, wresnet<depth>-<width>[a], "
+                         "vit-<depth>-<dim>[-p<patch>][-h<heads>][-m<ratio>]; or "
                          "register your own and name its module with --model-module "
                          "(docs/usage.md, \"Your own model\")")
     if m.pre_act and not m.name.startswith("resnet"):

@@ -1,5 +1,6 @@
 """The built-in models: the reference's mlp and VGGs (docs/algorithm.md section 5), and the
-registration of every built-in family (ResNets and Wide-ResNets live in resnets.py).
+registration of every built-in family (ResNets and Wide-ResNets live in resnets.py, Vision
+Transformers in vit.py).
 
 Architecture only: no training logic lives here. A max-pool that follows a block is attached to
 that block (`block.post`), so cutting the block list anywhere gives valid pipeline stages.
@@ -13,6 +14,7 @@ from localloss_pp.models.blocks import LocalConvBlock, LocalLinearBlock, OutputL
     output_loss_scale
 from localloss_pp.models.registry import register_model
 from localloss_pp.models.resnets import build_resnet, build_wresnet
+from localloss_pp.models.vit import VIT_PATTERN, VIT_PRESETS, build_vit
 
 __all__ = ["VGG_CFGS", "build_mlp", "build_vgg"]
 
@@ -117,3 +119,6 @@ for _name in VGG_CFGS:
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     register_model(_name, build_resnet)
 register_model(r"wresnet\d+-\d+a?", build_wresnet, pattern=True)
+for _name in VIT_PRESETS:
+    register_model(_name, build_vit)
+register_model(VIT_PATTERN, build_vit, pattern=True)

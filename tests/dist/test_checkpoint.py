@@ -35,6 +35,21 @@ def test_resume_mid_epoch_and_at_epoch_end_with_other_stage_counts(tmp_path):
     assert digest(end) == digest(full) and records(end) == ref[1:]
 
 
+def test_a_vit_checkpointed_mid_epoch_in_one_process_resumes_on_three_stages(tmp_path):
+    vit = ["--model", "vit-3-16-p7", "--dataset", "mnist5k", "--dropout", "0.1", "--epochs",
+           "2", "--batch-size", "200", "--lr", "1e-3", "--threads-per-rank", "1",
+           "--no-progress", "--no-print-stats"]
+    full = tmp_path / "full"
+    ok(launch(1, ["train", *vit, "--run-dir", str(full), "--checkpoint-every", "7",
+                  "--keep-checkpoints", "100"]))
+    mid = full / "checkpoints" / "e00001-s0000014"
+    assert json.loads((mid / "manifest.json").read_text())["partition"] == [4]
+    resumed = tmp_path / "resumed"
+    ok(launch(3, ["train", *vit, "--run-dir", str(resumed), "--resume", str(mid)]))
+    assert digest(resumed) == digest(full)
+    assert records(resumed) == records(full)
+
+
 def test_resume_auto_continues_an_interrupted_run_in_place(tmp_path):
     run = tmp_path / "run"
     ok(launch(2, ["train", *ARGS, "--epochs", "1", "--run-dir", str(run)]))

@@ -14,6 +14,9 @@ MLP = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4", "--num-hid
 CONV = ["--model", "vgg8b", "--dataset", "mnist5k", "--feat-mult", "0.0625",
         "--dim-in-decoder", "128", "--num-hidden", "64", "--dropout", "0.1", "--epochs", "2",
         "--batch-size", "100"]
+# a tiny Vision Transformer: patch embedding + 3 transformer blocks, tokens (16, 16) on the wire
+VIT = ["--model", "vit-3-16-p7", "--dataset", "mnist5k", "--dropout", "0.1", "--epochs", "2",
+       "--batch-size", "100", "--lr", "1e-3"]
 
 
 def run_stages(tmp_path, name, num_stages, args, extra=()):
@@ -38,7 +41,7 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,args,stage_counts", [
-    ("mlp", MLP, [1, 2, 3, 4]), ("conv", CONV, [1, 2, 4]),
+    ("mlp", MLP, [1, 2, 3, 4]), ("conv", CONV, [1, 2, 4]), ("vit", VIT, [1, 2, 3, 4]),
     # bf16 activations on the wire (and between the blocks of a stage), NHWC convolutions
     ("conv-bf16", CONV + ["--precision", "bf16", "--channels-last"], [1, 3])])
 def test_pipeline_equals_one_process(tmp_path, one_process, name, args, stage_counts):

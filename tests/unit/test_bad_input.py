@@ -165,6 +165,14 @@ FIX = "delete it and run with --download"
 ROWS = [
     # (id, prepare, argv (RUN = the good run, NEW = a fresh run dir, DIR = its parent), code, message)
     ("unknown-model", None, ["--model", "alexnet"], 2, "unknown model 'alexnet'"),
+    ("vit-name", None, ["--model", "vit-6"], 2,
+     "model 'vit-6': a ViT is named vit-<depth>-<dim>[-p<patch>][-h<heads>][-m<mlp ratio>]"),
+    ("vit-heads", None, ["--model", "vit-2-30-h4"], 2,
+     "dim 30 is not divisible by 4 heads"),
+    ("vit-patch", None, ["--model", "vit-2-32-p5"], 2,
+     "vit-2-32-p5: patch 5 does not tile the 28x28 input"),
+    ("vit-recon", None, ["--model", "vit-nano", "--loss-unsup", "recon"], 2,
+     "--loss-unsup recon is not available for ViT models"),
     ("unknown-dataset", None, ["--dataset", "CIFAR11"], 2, "unknown dataset"),
     ("unknown-loss", None, ["--loss-sup", "mse"], 2, "unknown supervised loss"),
     ("unknown-optimizer", None, ["--optim", "lamb"], 2, "unknown optimizer"),
