@@ -110,13 +110,18 @@ def _cmd_params(args) -> int:
         3 if args.model.lower() == "mlp" else 1)
     total, rows = _count(args.model, args.dataset, args.feat_mult, num_layers, args.num_hidden,
                          not args.no_batch_norm)
-    print(f"{args.model} on {args.dataset}, feat-mult {args.feat_mult}, {num_layers} hidden FC "
-          f"layer(s) of {args.num_hidden} (backprop-mode count, BN affine included, local "
-          f"heads excluded)")
-    print(f"{'unit':>6}  {'layer':<28} {'params':>12}")
+    if args.model.lower().startswith("vit"):  # width and depth are in the name
+        print(f"{args.model} on {args.dataset} (backprop-mode count, LayerNorms included, local "
+              "heads excluded)")
+    else:
+        print(f"{args.model} on {args.dataset}, feat-mult {args.feat_mult}, {num_layers} hidden "
+              f"FC layer(s) of {args.num_hidden} (backprop-mode count, BN affine included, "
+              "local heads excluded)")
+    width = max([28] + [len(unit.describe()) for _, unit, _ in rows])
+    print(f"{'unit':>6}  {'layer':<{width}} {'params':>12}")
     for name, unit, n in rows:
         layer = unit.describe()
-        print(f"{name:>6}  {layer:<28} {n:>12,}")
+        print(f"{name:>6}  {layer:<{width}} {n:>12,}")
     print(f"total: {total}")
     if args.table:
         print("\nmodel    dataset        feat-mult  params")

@@ -9,18 +9,24 @@ layer; every unit has its own local loss, exactly like the blocks of the VGGs:
 - **Transformer block** (units 1..depth): pre-norm, as in the ViT paper: x + Attention(LN(x)),
   then x + MLP(LN(x)) with GELU; multi-head self-attention through
   `torch.nn.functional.scaled_dot_product_attention` (fused kernels on GPUs).
-- **Output layer**: LayerNorm, the mean over the tokens, a linear classifier.
+- **Output layer**: LayerNorm, then the tokens' grid read like the local heads read it (below),
+  then a linear classifier.
 
 Local losses on tokens: a block's heads read its output tokens through a LayerNorm of their own,
-averaged over the tokens (the *pooled tokens*, B x dim). `pred` is a linear classifier on the
-pooled tokens (the block's decoder); `sim` is the similarity matching loss on a linear projection
-(dim -> dim, no bias) of the pooled tokens, as the linear blocks of the mlp project their output;
-`predsim` mixes them as for every other model. Mean pooling, not a class token: a class token is
-read only by the loss at the end, so under local losses it would get a gradient from no block's
-loss but the last one; the mean of the tokens is what every token contributes to, so each
-block's loss trains every token position. The output layer pools the same way for the same
-reason (mean pooling classifies as well as a class token in ViTs: Beyer et al. 2022, "Better
-plain ViT baselines").
+laid out as the grid of their patches (B, dim, g, g) and average-pooled to at most
+`--dim-in-decoder` values, exactly as the conv blocks' decoders read their maps. `pred` is a
+linear classifier on those values (the block's decoder); `sim` is the similarity matching loss
+on a per-token linear projection (dim -> dim, no bias) of the normalised tokens, whose
+similarity matrix takes each channel's standard deviation over the grid, as a conv block's
+similarity does over its map; `predsim` mixes them as for every other model.
+
+Why the grid and not the mean token (or a class token), measured: with heads and output layer
+on the mean of the tokens, one epoch of vit-nano on MNIST (local pred, lr 3e-3) ended at 41.8%
+test error, against 4.3% with the grid (and 3.5% for backprop). A local loss on the mean can
+only use what survives averaging over positions, so the early blocks, which cannot yet route
+information between tokens, learn almost nothing useful; the grid keeps where each patch is.
+A class token would be worse still: it is read only at the end, so no block's loss but the
+last would train it.
 
 Names: vit-<depth>-<dim>[-p<patch>][-h<heads>][-m<mlp ratio>], defaults patch 4, heads dim/64
 (at least 1), MLP ratio 4; and the presets of `VIT_PRESETS`.
@@ -33,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from localloss_pp.models.blocks import LocalBlock, OutputLayer, output_loss_scale
+from localloss_pp.models.blocks import LocalBlock, OutputLayer, decoder_pool, output_loss_scale
 from localloss_pp.seeds import derive_seed
 
 __all__ = ["VIT_PRESETS", "ViTSpec", "parse_vit", "is_vit", "build_vit", "PatchEmbedUnit",
@@ -85,21 +91,29 @@ def parse_vit(name: str) -> ViTSpec:
     return ViTSpec(depth, dim, patch, heads, mlp_ratio)
 
 
-class _TokenHeads(LocalBlock):
-    """The local heads of a unit whose output is tokens (B, N, dim): pooled tokens (LayerNorm,
-    then the mean over the tokens) feed the pred decoder and, through a linear projection, the
-    similarity matching loss."""
+def _grid(t: torch.Tensor, grid: int) -> torch.Tensor:
+    """Tokens (B, N, dim) as the map (B, dim, g, g) of their patches' grid (N = g x g)."""
+    return t.transpose(1, 2).reshape(t.size(0), t.size(2), grid, grid)
 
-    def __init__(self, dim: int, *, loss, **kw):
+
+class _TokenHeads(LocalBlock):
+    """The local heads of a unit whose output is tokens (B, N, dim): the normalised tokens on
+    their patches' grid, average-pooled to at most dim_in_decoder values, feed the pred decoder;
+    a per-token linear projection of them feeds the similarity matching loss (module
+    docstring)."""
+
+    def __init__(self, dim: int, *, loss, grid: int, dim_in_decoder: int, **kw):
         if loss.loss_unsup == "recon":
             raise ValueError("--loss-unsup recon is not available for ViT models (a block's "
                              "input is not an image it could decode back to); use --loss-unsup "
                              "sim or none")
         super().__init__(loss=loss, nonlin="relu", **kw)
-        self.dim = dim
+        self.dim, self.grid = dim, grid
+        pool, _, _, dec_in = decoder_pool(dim, grid, dim_in_decoder)
         with torch.device("meta"):
             self.head_norm = nn.LayerNorm(dim) if self.local else None
-            self._build_common_heads(dim, dim)
+            self.avg_pool = pool
+            self._build_common_heads(dim, dec_in)
             if self.use_sim and not self.cfg.bio:
                 self.linear_loss = nn.Linear(dim, dim, bias=False)
 
@@ -110,12 +124,16 @@ class _TokenHeads(LocalBlock):
                 if isinstance(module, nn.LayerNorm):
                     module.reset_parameters()
 
+    def _map(self, t):
+        return _grid(t, self.grid)
+
     def pred_input(self, h):
-        return self.head_norm(h).mean(dim=1)
+        m = self._map(self.head_norm(h))
+        return self.avg_pool(m) if self.avg_pool is not None else m
 
     def sim_input(self, h):
-        pooled = self.pred_input(h)
-        return pooled if self.cfg.bio else self.linear_loss(pooled)
+        t = self.head_norm(h)
+        return self.pred_input(h) if self.cfg.bio else self._map(self.linear_loss(t))
 
 
 class PatchEmbedUnit(_TokenHeads):
@@ -170,12 +188,16 @@ class TransformerUnit(_TokenHeads):
 
 
 class TokenOutputLayer(OutputLayer):
-    """LayerNorm -> mean over the tokens -> linear classifier."""
+    """LayerNorm -> the tokens' grid average-pooled to at most dim_in_decoder values (as the
+    local heads read it) -> linear classifier."""
 
-    def __init__(self, dim: int, num_classes: int, **kw):
-        super().__init__(dim, num_classes, **kw)
+    def __init__(self, dim: int, grid: int, dim_in_decoder: int, num_classes: int, **kw):
+        pool, _, _, dec_in = decoder_pool(dim, grid, dim_in_decoder)
+        super().__init__(dec_in, num_classes, **kw)
+        self.dim, self.grid = dim, grid
         with torch.device("meta"):
             self.norm = nn.LayerNorm(dim)
+            self.avg_pool = pool
 
     def materialize(self) -> None:
         super().materialize()
@@ -183,11 +205,15 @@ class TokenOutputLayer(OutputLayer):
             self.norm.reset_parameters()
 
     def describe(self) -> str:
-        return (f"LayerNorm-mean-Linear({self.linear.in_features}->"
+        pool = "" if self.avg_pool is None else "-pool"
+        return (f"LayerNorm{pool}-Linear({self.linear.in_features}->"
                 f"{self.linear.out_features})")
 
     def forward(self, x):
-        return self.linear(self.norm(x).mean(dim=1))
+        m = _grid(self.norm(x), self.grid)
+        if self.avg_pool is not None:
+            m = self.avg_pool(m)
+        return self.linear(m.flatten(1))
 
 
 def build_vit(model, loss, input_shape, num_classes: int, seed: int):
@@ -198,10 +224,12 @@ def build_vit(model, loss, input_shape, num_classes: int, seed: int):
         raise ValueError(f"{model.name}: patch {spec.patch} does not tile the {size}x{width} "
                          f"input; choose -p<patch> dividing {size} (e.g. 4 or 7 for 28x28, 4 or "
                          "8 for 32x32)")
-    common = dict(seed=seed, num_classes=num_classes, loss=loss, dropout=model.dropout)
+    common = dict(seed=seed, num_classes=num_classes, loss=loss, dropout=model.dropout,
+                  grid=size // spec.patch, dim_in_decoder=model.dim_in_decoder)
     units = [PatchEmbedUnit(channels, size, spec, index=0, **common)]
     for i in range(spec.depth):
         units.append(TransformerUnit(spec, index=i + 1, **common))
-    output = TokenOutputLayer(spec.dim, num_classes, index=len(units), seed=seed,
+    output = TokenOutputLayer(spec.dim, size // spec.patch, model.dim_in_decoder, num_classes,
+                              index=len(units), seed=seed,
                               zero_init=not loss.backprop, loss_scale=output_loss_scale(loss))
     return units, output

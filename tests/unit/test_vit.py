@@ -11,24 +11,33 @@ from localloss_pp.models.vit import parse_vit
 MNIST = (1, 28, 28)
 
 
-def hand_count(depth, dim, patch, mlp_ratio, size=28, channels=1, classes=10):
+def hand_count(depth, dim, patch, mlp_ratio, head_in, size=28, channels=1, classes=10):
+    """`head_in`: what the output layer's linear classifier reads, the tokens' grid pooled to at
+    most --dim-in-decoder (4096 by default) values (worked out by hand in the table below)."""
     tokens = (size // patch) ** 2
     embed = channels * patch * patch * dim + dim + tokens * dim  # conv, bias, positions
     block = (2 * 2 * dim                       # two LayerNorms
              + dim * 3 * dim + 3 * dim         # qkv
              + dim * dim + dim                 # attention output projection
              + dim * mlp_ratio * dim + mlp_ratio * dim + mlp_ratio * dim * dim + dim)  # MLP
-    head = 2 * dim + dim * classes + classes   # LayerNorm, linear classifier
+    head = 2 * dim + head_in * classes + classes   # LayerNorm, linear classifier
     return embed + depth * block + head
 
 
-@pytest.mark.parametrize("name,depth,dim,patch,ratio", [
-    ("vit-3-16-p7", 3, 16, 7, 4), ("vit-nano", 4, 32, 7, 4), ("vit-micro", 6, 64, 4, 4),
-    ("vit-2-24-p4-h3-m2", 2, 24, 4, 2)])
-def test_parameter_counts_match_a_hand_count(name, depth, dim, patch, ratio):
-    assert count_params(ModelConfig(name=name), MNIST, 10) == hand_count(depth, dim, patch, ratio)
+@pytest.mark.parametrize("name,depth,dim,patch,ratio,head_in", [
+    ("vit-3-16-p7", 3, 16, 7, 4, 16 * 4 * 4),  # a 4x4 grid of 16 channels, unpooled
+    ("vit-nano", 4, 32, 7, 4, 32 * 4 * 4),
+    ("vit-micro", 6, 64, 4, 4, 64 * 7 * 7),    # 3136 <= 4096: unpooled
+    ("vit-2-24-p4-h3-m2", 2, 24, 4, 2, 24 * 7 * 7)])
+def test_parameter_counts_match_a_hand_count(name, depth, dim, patch, ratio, head_in):
+    assert count_params(ModelConfig(name=name), MNIST, 10) == \
+        hand_count(depth, dim, patch, ratio, head_in)
+
+
+def test_vit_tiny_on_cifar_sized_images_matches_a_hand_count():
+    # an 8x8 grid of 192 channels (12288 values): pooled 2x1 (6144), then 2x2 -> 4x4 = 3072
     assert count_params(ModelConfig(name="vit-tiny"), (3, 32, 32), 10) == \
-        hand_count(12, 192, 4, 4, size=32, channels=3)
+        hand_count(12, 192, 4, 4, 192 * 4 * 4, size=32, channels=3)
 
 
 def test_names_and_presets():
@@ -63,7 +72,7 @@ def test_every_unit_learns_from_its_own_loss_on_tokens(loss):
     for block, state in zip(net.blocks, before):
         assert block.in_shape == tuple(h.shape[1:])
         h_next, ctx = block.train_forward(h)
-        assert h_next.shape == (12, 16, 16) and not h_next.requires_grad
+        assert h_next.shape == (12, 16, 16) and not h_next.requires_grad  # 16 tokens of 16
         stats = block.train_update(ctx, y, y1h)
         assert torch.isfinite(stats).all() and stats[0] > 0
         # a second step: the zero-initialised decoder passes no gradient in the first one
