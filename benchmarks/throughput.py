@@ -9,7 +9,11 @@ For each model (mlp 3x1024, vgg8b and resnet18 at MNIST size; --feat-mult and
 (predsim, pred) it runs, with the same global batch and the same synthetic in-memory batches:
 (a) local pipeline on S stages, (b) the local algorithm in one process on every core, (c) global
 backprop in one process, (d) global backprop with DDP on S ranks, (e) GPipe and (f) 1F1B from
-torch.distributed.pipelining over the same S-stage split with M micro-batches. Every multi-rank
+torch.distributed.pipelining over the same S-stage split with M micro-batches, and the schedules
+with 2 virtual stages per rank: (g) Interleaved1F1B, (h) LoopedBFS, (i) ZB1P (interleaved zero
+bubble), (j) ZBV (zero bubble, V-shaped placement) and (k) DualPipeV; the default runs (a)-(g)
+and (i), --variants picks; a schedule that cannot run in a configuration gets a row that says
+why. Every multi-rank
 variant is a real torchrun launch. Speed is the median samples/s over windows of the measured
 batches (warm-up excluded); ratios are between numbers measured in this run only.
 
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -40,11 +45,20 @@ from .costmodel import (PROJECTION_ASSUMPTIONS, arithmetic_of, count_flops, matm
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
-VARIANTS = ["local", "local1", "backprop1", "ddp", "gpipe", "1f1b"]
+VARIANTS = ["local", "local1", "backprop1", "ddp", "gpipe", "1f1b", "i1f1b", "loopedbfs",
+            "zb1p", "zbv", "dualpipev"]
+# the pipeline schedules of torch.distributed.pipelining with V = 2 virtual stages per rank
+VIRTUAL_VARIANTS = ("i1f1b", "loopedbfs", "zb1p", "zbv", "dualpipev")
+PIPELINES = ("gpipe", "1f1b") + VIRTUAL_VARIANTS
+DEFAULT_VARIANTS = ["local", "local1", "backprop1", "ddp", "gpipe", "1f1b", "i1f1b", "zb1p"]
 PRECISIONS = ["fp32", "bf16"]
 LABELS = {"local": "(a) local pipeline", "local1": "(b) local, 1 process",
           "backprop1": "(c) backprop, 1 process", "ddp": "(d) backprop DDP",
-          "gpipe": "(e) backprop GPipe", "1f1b": "(f) backprop 1F1B"}
+          "gpipe": "(e) backprop GPipe", "1f1b": "(f) backprop 1F1B",
+          "i1f1b": "(g) backprop Interleaved1F1B", "loopedbfs": "(h) backprop LoopedBFS",
+          "zb1p": "(i) backprop ZB1P", "zbv": "(j) backprop ZBV",
+          "dualpipev": "(k) backprop DualPipeV"}
+VIRTUAL = 2  # virtual stages per rank of the interleaved and V-shaped schedules
 
 
 def environment() -> dict:
@@ -125,11 +139,23 @@ def summarise(variant: str, ranks: list[dict], spec: dict, windows: int) -> dict
     elif variant in ("gpipe", "1f1b"):
         S, M = len(ranks), spec["microbatches"]
         out["bubble_fraction"] = (S - 1) / (M + S - 1)  # the schedule's ideal bubble
+    elif variant in ("i1f1b", "loopedbfs"):
+        S, M = len(ranks), spec["microbatches"]
+        out["bubble_fraction"] = (S - 1) / (VIRTUAL * M + S - 1)  # ideal, V chunks per rank
     return out
+
+
+def not_run(variant: str, ranks: int, threads: int, why: str) -> dict:
+    """The row of a variant that could not run in this configuration, with the reason."""
+    return {"variant": variant, "label": LABELS[variant], "ranks": ranks,
+            "threads_per_rank": threads, "error": why}
 
 
 def combine(reps: list[dict]) -> dict:
     """One row from the summaries of several repeats of the same variant."""
+    failed = next((r for r in reps if "error" in r), None)
+    if failed is not None:
+        return dict(failed)
     out = dict(reps[-1])
     windows = [w for r in reps for w in r["window_samples_per_s"]]
     out["window_samples_per_s"] = windows
@@ -148,6 +174,11 @@ def markdown(rows: list[dict]) -> str:
              "| peak MB/rank | bytes/sample |",
              "|" + "---|" * 14]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['loss']} | {r['precision']} | {r['label']} | "
+                         f"{r['ranks']}x{r['threads_per_rank']} | not run: {r['error']} |"
+                         + " |" * 8)
+            continue
         eff = f"{r['pipeline_efficiency']:.3f}" if r["variant"] == "local" else "-"
         bub = f"{r['bubble_fraction']:.2f}" if "bubble_fraction" in r and \
             r["variant"] != "local1" else "-"
@@ -179,7 +210,7 @@ def plot(results: list[dict], path: Path) -> None:
     groups = sorted({_group(r) for r in results})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (model, loss, precision) in zip(axes[0], groups):
-        rows = [r for r in results if _group(r) == (model, loss, precision)]
+        rows = [r for r in results if _group(r) == (model, loss, precision) and "error" not in r]
         ax.bar([r["label"].split(" ", 1)[0] for r in rows], [r["samples_per_s"] for r in rows],
                color=["tab:green" if r["variant"].startswith("local") else "tab:gray"
                       for r in rows])
@@ -212,9 +243,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=2, help="runs of every variant, interleaved")
     p.add_argument("--quick", action="store_true", help="mlp only, predsim only, fewer batches")
     p.add_argument("--mlp-only", action="store_true")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"which variants to run, comma-separated; 'local' is always run "
-                   f"(default: all of {','.join(VARIANTS)})")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"which variants to run, comma-separated, of {','.join(VARIANTS)}; "
+                   f"'local' is always run (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--precision", default="fp32",
                    help="fp32, bf16 or both (fp32,bf16): every variant in each (default fp32)")
@@ -242,6 +273,8 @@ def parse_args(argv):
     if args.quick:
         args.mlp_only, args.losses, args.batches, args.warmup = True, "predsim", 30, 5
         args.repeats = 1
+        if args.variants == ",".join(DEFAULT_VARIANTS):
+            args.variants = "local,local1,backprop1,ddp,gpipe,1f1b,i1f1b,zb1p"
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in MODEL_CHOICES]
     if bad or not args.models:
@@ -262,9 +295,9 @@ def parse_args(argv):
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if args.stages == 1 and any(v in chosen for v in ("ddp", "gpipe", "1f1b")):
-        p.error("--stages 1: the ddp, gpipe and 1f1b variants need 2 or more ranks; leave them "
-                "out with --variants local,local1,backprop1")
+    if args.stages == 1 and any(v in chosen for v in ("ddp",) + PIPELINES):
+        p.error("--stages 1: the ddp and pipeline-schedule variants need 2 or more ranks; leave "
+                "them out with --variants local,local1,backprop1")
     args.variant_list = [v for v in VARIANTS if v in chosen or v == "local"]
     if args.batch_size % args.microbatches or args.batch_size % args.stages:
         p.error("--batch-size must be divisible by --microbatches and by --stages")
@@ -274,14 +307,14 @@ def parse_args(argv):
     if args.device == "cuda" and gpus < args.stages:
         # ranks share a GPU: torch.distributed.pipelining's schedules need point-to-point
         # between CUDA tensors, which gloo does not have and NCCL does not do on one GPU
-        shared = [v for v in ("gpipe", "1f1b") if v in args.variant_list]
-        if shared and args.variants != ",".join(VARIANTS):
+        shared = [v for v in PIPELINES if v in args.variant_list]
+        if shared and args.variants != ",".join(DEFAULT_VARIANTS):
             p.error(f"--variants {','.join(shared)}: {args.stages} ranks on {gpus} GPU(s) "
                     "share GPUs, and the GPipe and 1F1B schedules need one GPU per rank; "
                     "leave them out or use as many GPUs as --stages")
         if shared:
-            print(f"({args.stages} ranks on {gpus} GPU(s): the GPipe and 1F1B variants need "
-                  "one GPU per rank and are left out)")
+            print(f"({args.stages} ranks on {gpus} GPU(s): the pipeline schedules of "
+                  "torch.distributed.pipelining need one GPU per rank and are left out)")
             args.variant_list = [v for v in args.variant_list if v not in shared]
     return args, rest
 
@@ -299,14 +332,32 @@ def _jobs(args, mcfg: dict, counts, cores: int) -> list[tuple]:
     for precision in args.precisions:
         for i, loss in enumerate(args.losses.split(",")):
             for variant in args.variant_list:
-                if variant in ("backprop1", "ddp", "gpipe", "1f1b") and i > 0:
+                if variant in ("backprop1", "ddp") + PIPELINES and i > 0:
                     continue  # global backprop does not use the local loss: measured once
                 ranks = 1 if variant in ("local1", "backprop1") else S
                 threads = cores if ranks == 1 else max(1, cores // S)
                 jobs.append((precision, loss, variant, ranks, dict(
                     base, loss={"loss_sup": loss}, threads=threads, precision=precision,
-                    counts=counts or balanced_split([1.0] * _num_blocks(mcfg), S))))
+                    counts=counts or balanced_split([1.0] * _num_blocks(mcfg), S),
+                    vcounts=_virtual_counts(_num_blocks(mcfg) + 1, S * VIRTUAL))))
     return jobs
+
+
+def _virtual_counts(units: int, chunks: int) -> list[int]:
+    """Units (blocks and the output layer) per virtual stage: contiguous, as equal as the
+    counts allow; [] when there are fewer units than virtual stages (the worker says so)."""
+    if units < chunks:
+        return []
+    return [units // chunks + (1 if c < units % chunks else 0) for c in range(chunks)]
+
+
+def _why(exc: Exception) -> str:
+    """The reason a variant's launch failed, in one line: its first Python error."""
+    text = str(exc)
+    m = re.search(r"\[rank\d+\]: (\w+(?:Error|Exception): [^\n]*)", text)
+    line = m.group(1) if m else next((ln for ln in reversed(text.splitlines()) if ln.strip()),
+                                     text)
+    return line.strip()[:160]
 
 
 def utilisation(row: dict, flops_per_sample: float, peaks: dict, device: str) -> None:
@@ -339,8 +390,17 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
         for precision, loss, variant, ranks, spec in jobs:
             print(f"- {model_name} {loss} {precision} {LABELS[variant]} (repeat {rep + 1}) ...",
                   flush=True)
-            summaries[(precision, loss, variant)].append(summarise(
-                variant, run_variant(variant, spec, ranks, args.timeout), spec, args.windows))
+            try:
+                row = summarise(variant, run_variant(variant, spec, ranks, args.timeout), spec,
+                                args.windows)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                if variant not in VIRTUAL_VARIANTS:
+                    raise
+                # a schedule that cannot run here (its constraints on M, S or the units) is a
+                # row that says why, never a silent omission
+                row = not_run(variant, ranks, spec["threads"], _why(exc))
+                print(f"  not run: {row['error']}", flush=True)
+            summaries[(precision, loss, variant)].append(row)
     losses = args.losses.split(",")
     backbone = None
     rows = []
@@ -355,8 +415,9 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
                 row = combine(summaries[key])
                 row.update(model=model_name, model_name=mcfg["name"], loss=loss,
                            precision=precision, counts=jobs[0][4]["counts"])
-                utilisation(row, local_flops if variant.startswith("local") else backbone,
-                            peaks, args.device)
+                if "error" not in row:
+                    utilisation(row, local_flops if variant.startswith("local") else backbone,
+                                peaks, args.device)
                 rows.append(row)
     if costs is None:
         return rows, [], None
@@ -390,7 +451,7 @@ def report(results, costmodel_rows, projection, peaks: dict, device: str) -> Non
               f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in peaks.items()) +
           f" per {unit}), times the {unit}s each variant uses.")
     for group in sorted({_group(r) for r in results}):
-        rows = [r for r in results if _group(r) == group]
+        rows = [r for r in results if _group(r) == group and "error" not in r]
         print(f"\n### Ratios, {' '.join(group)} (row samples/s / column samples/s)\n")
         print(ratio_matrix(rows))
         for r in rows:

@@ -228,9 +228,11 @@ class _ContiguousFn(torch.autograd.Function):
 
 
 class _Contiguous(nn.Module):
-    """torch.distributed.pipelining sends a stage's output forward and its input's gradient
-    back as they are, and the backends send contiguous tensors only: a ViT's token tensors and
-    their gradients can come out of a transpose. An identity that makes both contiguous."""
+    """torch.distributed.pipelining sends a stage's input gradient back as autograd makes it,
+    and the backends send contiguous tensors only: a ViT's token gradients can come out of a
+    transpose. An identity at a stage's input whose backward makes the gradient contiguous.
+    (Not at the output: every unit returns a fresh contiguous tensor, and the zero-bubble
+    schedules detach a stage's output in place, which a view returned here would forbid.)"""
 
     def forward(self, x):
         return _ContiguousFn.apply(x)
@@ -248,7 +250,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     units = list(model.blocks[a:b]) + ([model.output] if k == S - 1 else [])
     for unit in units:
         unit.set_lr(1e-4)
-    stage = PipelineStage(nn.Sequential(_Contiguous(), *units, _Contiguous()), k, S, env.device)
+    stage = PipelineStage(nn.Sequential(_Contiguous(), *units), k, S, env.device)
     if spec.get("trace"):  # name every micro-batch's forward and backward for the timeline
         for method, label in (("forward_one_chunk", "Forward"),
                               ("backward_one_chunk", "Backward")):
@@ -285,6 +287,67 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
             "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
 
 
+# virtual-stage schedules of torch.distributed.pipelining: V chunks per rank
+VIRTUAL = {"i1f1b": ("ScheduleInterleaved1F1B", "looped"),
+           "loopedbfs": ("ScheduleLoopedBFS", "looped"),
+           "zb1p": ("ScheduleInterleavedZeroBubble", "looped"),
+           "zbv": ("ScheduleZBVZeroBubble", "v"),
+           "dualpipev": ("ScheduleDualPipeV", "v")}
+
+
+def chunks_of_rank(rank: int, ranks: int, virtual: int, placement: str) -> list[int]:
+    """The virtual stages (chunks) a rank holds: looped (rank k: k, k + S, k + 2S, ...) or
+    V-shaped (rank k: k and 2S - 1 - k; V = 2), in ascending order."""
+    if placement == "v":
+        return sorted({rank, 2 * ranks - 1 - rank})
+    return [rank + v * ranks for v in range(virtual)]
+
+
+def run_virtual(spec: dict, env, schedule: str) -> dict:
+    """A backprop schedule with V virtual stages per rank: the units (blocks, then the output
+    layer) split into S x V contiguous chunks of `spec["vcounts"]` units, placed looped or
+    V-shaped as the schedule requires; the same micro-batches and global batch as GPipe/1F1B."""
+    import torch.distributed.pipelining as pp
+    cfg = _config(spec)
+    S, k = env.world_size, env.rank
+    cls_name, placement = VIRTUAL[schedule]
+    V = 2 if placement == "v" else spec.get("virtual", 2)
+    model = build_model(cfg.model, LossConfig(backprop=True), INPUT_SHAPE, NUM_CLASSES, seed=1,
+                        materialize=())
+    every = list(model.blocks) + [model.output]
+    counts = spec["vcounts"]
+    if len(counts) != S * V or sum(counts) != len(every) or min(counts) < 1:
+        raise ValueError(f"{S * V} virtual stages need at least {S * V} units; the model has "
+                         f"{len(every)} (blocks and output layer)")
+    starts = [sum(counts[:c]) for c in range(S * V)]
+    mine = chunks_of_rank(k, S, V, placement)
+    owned = [every[starts[c]:starts[c] + counts[c]] for c in mine]
+    model.setup_units({u.index for units in owned for u in units}, env.device, cfg.optim)
+    units = [u for chunk in owned for u in chunk]
+    for unit in units:
+        unit.set_lr(1e-4)
+    stages = [pp.PipelineStage(nn.Sequential(_Contiguous(), *chunk), c, S * V,
+                               env.device) for c, chunk in zip(mine, owned)]
+    sched = getattr(pp, cls_name)(stages, n_microbatches=spec["microbatches"],
+                                  loss_fn=lambda out, target: F.cross_entropy(out, target))
+    first, last = 0 in mine, S * V - 1 in mine
+    stamps = Stamps(env.device)
+    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
+        args = (x,) if first else ()
+        kw = dict(target=y, losses=[]) if last else {}
+        with _amp(spec, env.device):
+            sched.step(*args, **kw)
+        with record_function("localloss_pp.optimizer_step"):
+            for unit in units:
+                unit.step()
+        if i >= spec["warmup"]:
+            stamps.mark()
+    # every chunk boundary carries each sample's activation forward and its gradient backward
+    act = sum(4 * torch.Size(every[starts[c] - 1].out_shape).numel() for c in range(1, S * V))
+    return {"timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
+            "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
+
+
 def main(argv=None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
     spec = json.loads(Path(argv[0]).read_text())
@@ -301,6 +364,8 @@ def main(argv=None) -> int:
         result = run_ddp(spec, env)
     elif variant in ("gpipe", "1f1b"):
         result = run_pipelining(spec, env, variant)
+    elif variant in VIRTUAL:
+        result = run_virtual(spec, env, variant)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     result.update(rank=env.rank, world_size=env.world_size, variant=variant,

@@ -20,7 +20,7 @@ def test_quick_benchmark_runs_every_variant(tmp_path):
     data = json.loads(out.read_text())
     assert data["environment"]["cores"] and "torch" in data["environment"]
     variants = {r["variant"] for r in data["results"]}
-    assert variants == {"local", "local1", "backprop1", "ddp", "gpipe", "1f1b"}
+    assert variants == {"local", "local1", "backprop1", "ddp", "gpipe", "1f1b", "i1f1b", "zb1p"}
     assert data["matmul_peak_flops"]["fp32"] > 1e8
     for r in data["results"]:
         assert r["samples_per_s"] > 0 and all(m > 0 for m in r["peak_memory_mb"])
