@@ -404,14 +404,15 @@ class Receiver(_Link):
             self._wait(works[0], "waiting for the next message")
         self._pending = None
         kind, epoch, seq, bs, has_payload, last = self._header(slot)
+        payload_works = works[1:]  # the pre-posted payload receive, if any (and not settled)
         if has_payload and not posted:  # the first batch after a marker: its payload now
-            works = [None, self._issue(dist.irecv, self._payload[slot], self.group,
-                                       "receiving a payload")]
+            payload_works = [self._issue(dist.irecv, self._payload[slot], self.group,
+                                         "receiving a payload")]
         elif posted and not has_payload:
             raise ShapeMismatchError(
                 f"{self._name(self.peer_stage)} sent a {KIND_NAMES[Kind(kind)]} without the "
                 f"payload that {self._name(self.stage_index)} was told to expect")
-        for work in works[1:]:
+        for work in payload_works:
             self._wait(work, "waiting for the next message")
         kind = Kind(kind)
         if kind not in (TRAIN, EVAL):  # the end of a stream: post nothing more for now
