@@ -1,107 +1,306 @@
-"""Time to accuracy on real data: the local pipeline against global backprop.
+"""Time to accuracy on real data, at sub-epoch resolution: the local pipeline against backprop.
 
-    python -m benchmarks.throughput --time-to-accuracy --data-dir DIR [--dataset MNIST]
-        [--target-error 3.0] [--epochs 3] [--stages 2] [--json PATH] [--plot PATH]
+    python -m benchmarks.tta --data-dir DIR [--dataset MNIST|FashionMNIST] [--seeds 1,2,3]
+        [--epochs 3] [--stages 2] [--points-per-epoch 20] [--variants ...] [--targets 3,2,1.5]
+        [--json PATH] [--plot PATH]
 
-Both runs are real `localloss-pp train` runs on the same data, model (mlp 3x1024) and cores:
-the local pipeline (predsim) on S stages under torchrun, and global backprop in one process
-with every core. Wall time is the cumulative training time of the epochs (evaluation excluded).
+Every variant is a real `localloss-pp train` run of the same model (mlp 3x1024, leaky ReLU,
+dropout 0.1, batch 128, Adam at the default learning rate, no decay) on the same data and cores,
+with `--snapshot-every K` (K = batches per epoch // points per epoch): every stage keeps its
+weights every K batches, stamped with its training time so far (evaluation, epoch-end
+statistics, checkpoints and the copies themselves left out). After each run the snapshots are
+evaluated on the whole test set in this process, so evaluation costs the runs nothing. A point's
+time is the slowest stage's stamp. Variants:
+
+  local-pred, local-predsim      the local pipeline, S stages under torchrun (one thread each)
+  local1-pred, local1-predsim    the same local algorithm in one process, every core
+  backprop1                      global backprop in one process, every core
+  ddp                            global backprop data-parallel on S ranks (`--backprop
+                                 --replicas S`: the batch split, gradients all-reduced every step)
+
+The backprop pipeline schedules (GPipe, 1F1B, Interleaved1F1B, ZB1P) update the weights exactly
+as one-process backprop does on the same batches, so their curves are DERIVED, not run: the
+backprop1 curve with its time axis stretched by the ratio of the schedules' measured samples/s
+to backprop1's (`benchmarks.throughput` on the same model, ranks and machine, measured at the
+start of this command). Times to each target error are the median over the seeds with their
+range.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-
-from localloss_pp.observe.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
+VARIANTS = ("local-pred", "local-predsim", "local1-pred", "local1-predsim", "backprop1", "ddp")
+DERIVED = ("gpipe", "1f1b", "i1f1b", "zb1p")
+LABELS = {"local-pred": "local pipeline, pred", "local-predsim": "local pipeline, predsim",
+          "local1-pred": "local, 1 process, pred", "local1-predsim": "local, 1 process, predsim",
+          "backprop1": "backprop, 1 process", "ddp": "backprop data-parallel",
+          "gpipe": "backprop GPipe (derived)", "1f1b": "backprop 1F1B (derived)",
+          "i1f1b": "backprop Interleaved1F1B (derived)", "zb1p": "backprop ZB1P (derived)"}
+DEFAULT_TARGETS = {"MNIST": "3,2,1.5", "FashionMNIST": "15,12"}
+TRAIN_EXAMPLES = {"MNIST": 60000, "FashionMNIST": 60000}
+MODEL = ["--model", "mlp", "--num-layers", "3", "--num-hidden", "1024", "--nonlin", "leakyrelu",
+         "--dropout", "0.1", "--lr-decay-milestones"]
 
-def _run(cmd, env, timeout):
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{proc.stderr[-3000:]}")
 
-
-def _curve(run_dir: Path) -> list[dict]:
-    t, out = 0.0, []
-    for rec in read_jsonl(run_dir / "metrics.jsonl"):
-        t += rec["train_time_s"]
-        out.append({"epoch": rec["epoch"], "wall_s": t, "test_error": rec["test"]["error"]})
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: give comma-separated numbers, got {text!r}")
+    if not out or any(not (0 < v < 100) for v in out):
+        raise argparse.ArgumentTypeError(f"{what}: every value must lie in (0, 100), got {text!r}")
     return out
 
 
-def _time_to(curve, target):
-    return next((p["wall_s"] for p in curve if p["test_error"] <= target), None)
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: give comma-separated integers, got {text!r}")
+    if not out:
+        raise argparse.ArgumentTypeError(f"{what}: give at least one value")
+    return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput --time-to-accuracy")
-    p.add_argument("--data-dir", required=True)
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tta", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="folder holding <dataset>/raw")
     p.add_argument("--dataset", default="MNIST", choices=["MNIST", "FashionMNIST"])
-    p.add_argument("--target-error", type=float, default=3.0)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--seeds", default="1,2,3", help="run seeds; times are their median (1,2,3)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (3)")
+    p.add_argument("--stages", type=int, default=2, help="ranks of the multi-rank variants (2)")
+    p.add_argument("--points-per-epoch", type=int, default=20,
+                   help="snapshots per epoch, at least (20)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"runs, any of {','.join(VARIANTS)} (default all)")
+    p.add_argument("--derived", default=",".join(DERIVED),
+                   help=f"derived backprop pipeline curves, any of {','.join(DERIVED)}, or "
+                   "none (default all; needs backprop1)")
+    p.add_argument("--targets", default=None, help="target test errors in %% (MNIST 3,2,1.5; "
+                   "FashionMNIST 15,12)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
-    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--timeout", type=float, default=3600, help="per run, seconds")
     args = p.parse_args(argv)
+    try:
+        args.seeds = _ints(args.seeds, "--seeds")
+        args.targets = _floats(args.targets or DEFAULT_TARGETS[args.dataset], "--targets")
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        p.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
+    args.derived = [] if args.derived == "none" else [v for v in args.derived.split(",") if v]
+    bad = [v for v in args.derived if v not in DERIVED]
+    if bad:
+        p.error(f"--derived: unknown {bad}; choose from {','.join(DERIVED)} or none")
+    if args.derived and "backprop1" not in args.variants:
+        p.error("--derived curves stretch the backprop1 curve: add backprop1 to --variants, or "
+                "pass --derived none")
+    for name, value, low in (("--epochs", args.epochs, 1), ("--stages", args.stages, 2),
+                             ("--points-per-epoch", args.points_per_epoch, 1)):
+        if value < low:
+            p.error(f"{name} must be >= {low}, got {value}")
     if not (Path(args.data_dir) / args.dataset / "raw").is_dir():
         p.error(f"{args.data_dir}/{args.dataset}/raw not found; pass --data-dir with the "
                 "official files in <DIR>/<dataset>/raw")
-    cores = os.cpu_count() or 1
-    common = ["--model", "mlp", "--dataset", args.dataset, "--num-layers", "3", "--num-hidden",
-              "1024", "--dropout", "0.1", "--epochs", str(args.epochs), "--lr-decay-milestones",
-              "--data-dir", args.data_dir, "--no-progress", "--no-print-stats"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    curves = {}
+    return args
+
+
+def _command(variant: str, args, seed: int, every: int, run_dir: Path, cores: int):
+    """(argv, OMP threads) of one run."""
+    common = ["train", *MODEL, "--dataset", args.dataset, "--data-dir", args.data_dir,
+              "--epochs", str(args.epochs), "--seed", str(seed), "--snapshot-every", str(every),
+              "--no-progress", "--no-print-stats", "--run-dir", str(run_dir)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(args.stages), "-m", "localloss_pp"]
+    one = [sys.executable, "-m", "localloss_pp"]
+    loss = variant.rsplit("-", 1)[-1]
+    if variant.startswith("local-"):
+        return torchrun + common + ["--loss-sup", loss, "--threads-per-rank", "1"], 1
+    if variant.startswith("local1-"):
+        return one + common + ["--loss-sup", loss, "--threads-per-rank", str(cores)], cores
+    if variant == "backprop1":
+        return one + common + ["--backprop", "--threads-per-rank", str(cores)], cores
+    return torchrun + common + ["--backprop", "--replicas", str(args.stages),
+                                "--threads-per-rank", "1"], 1
+
+
+def _run(cmd, threads: int, timeout: float) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:8])} ... exited {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    """Training time of the first point at or below `target` % test error (None: never)."""
+    return next((p["train_s"] for p in curve if p["test_error"] <= target), None)
+
+
+def summary(times: list[float | None]) -> dict:
+    """Median and range over seeds; a seed that never reaches the target counts as infinite,
+    so the median is None when half or more never reach it."""
+    vals = sorted(math.inf if t is None else t for t in times)
+    med = statistics.median(vals)
+    return {"median_s": None if math.isinf(med) else med,
+            "min_s": None if math.isinf(vals[0]) else vals[0],
+            "max_s": None if math.isinf(vals[-1]) else vals[-1],
+            "reached": sum(t is not None for t in times), "seeds": len(times)}
+
+
+def step_rates(args, cores: int) -> dict:
+    """samples/s of backprop1 and of each derived schedule, measured now by benchmarks.throughput
+    on the same model (synthetic batches, so the ratio is the schedules' alone)."""
+    variants = ",".join(["backprop1", *args.derived])
     with tempfile.TemporaryDirectory() as tmp:
-        local_dir, bp_dir = Path(tmp) / "local", Path(tmp) / "backprop"
-        print(f"- local pipeline, predsim, {args.stages} stages ...", flush=True)
-        _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-              str(args.stages), "-m", "localloss_pp", "train", *common, "--nonlin", "leakyrelu",
-              "--run-dir", str(local_dir)], dict(env, OMP_NUM_THREADS="1"), args.timeout)
-        curves["local pipeline (predsim)"] = _curve(local_dir)
-        print("- global backprop, one process ...", flush=True)
-        _run([sys.executable, "-m", "localloss_pp", "train", *common, "--backprop",
-              "--threads-per-rank", str(cores), "--run-dir", str(bp_dir)], env, args.timeout)
-        curves["global backprop"] = _curve(bp_dir)
-    print(f"\n## Time to {args.target_error}% test error on {args.dataset} ({cores} cores)\n")
-    print("| variant | epochs | final error | train wall time | time to target |")
-    print("|---|---|---|---|---|")
+        out = Path(tmp) / "rates.json"
+        cmd = [sys.executable, "-m", "benchmarks.throughput", "--models", "mlp", "--losses",
+               "pred", "--variants", variants, "--stages", str(args.stages), "--no-costmodel",
+               "--repeats", "1", "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              timeout=args.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmarks.throughput failed:\n{proc.stderr[-3000:]}")
+        rows = json.loads(out.read_text())["results"]
+    rates = {}
+    for row in rows:
+        key = row.get("variant")
+        if row.get("samples_per_s"):
+            rates[key] = row["samples_per_s"]
+    return rates
+
+
+def _fmt(s: dict) -> str:
+    if s["median_s"] is None:
+        return f"not reached ({s['reached']}/{s['seeds']})"
+    text = f"{s['median_s']:.1f}s"
+    if s["seeds"] > 1:
+        hi = "-" if s["max_s"] is None else f"{s['max_s']:.1f}"
+        text += f" [{s['min_s']:.1f}-{hi}]"
+        if s["reached"] < s["seeds"]:
+            text += f" ({s['reached']}/{s['seeds']})"
+    return text
+
+
+def table(rows: list[dict], targets: list[float]) -> str:
+    head = ("| variant | ranks x threads | points/epoch | final error (median) | "
+            + " | ".join(f"time to {t:g}%" for t in targets) + " |")
+    lines = [head, "|" + "---|" * (4 + len(targets))]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['ranks']}x{r['threads']} | {r['points_per_epoch']} | "
+                     f"{r['final_error']:.2f}% | "
+                     + " | ".join(_fmt(r["time_to"][f"{t:g}"]) for t in targets) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], args, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        curve = r["curves"][0]  # the first seed's curve
+        ax.plot([p["train_s"] for p in curve], [p["test_error"] for p in curve],
+                "--" if r["derived"] else "-", lw=1.3, label=r["label"])
+    for t in args.targets:
+        ax.axhline(t, color="gray", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_ylim(min(args.targets) * 0.6, 30)
+    ax.set_xlabel("training wall time (s): evaluation excluded")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{args.dataset}, mlp 3x1024, seed {args.seeds[0]}; dashed: derived from "
+                 "backprop's curve")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from localloss_pp.observe.snapshots import evaluate_run
+    from .throughput import environment
+
+    args = parse_args(argv)
+    import torch
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    batches = math.ceil(TRAIN_EXAMPLES[args.dataset] / 128)
+    every = max(1, batches // args.points_per_epoch)
+    env_info = environment()
+    print(f"# time to accuracy, {args.dataset}, mlp 3x1024 (seeds {args.seeds}, {args.epochs} "
+          f"epochs, a snapshot every {every} of {batches} batches)")
+    print(f"machine: {cores} cores, {env_info['platform']}, torch {env_info['torch']}, git "
+          f"{env_info['git_revision']}, {time.strftime('%Y-%m-%d')}", flush=True)
+    started = time.perf_counter()
+    rates = step_rates(args, cores) if args.derived else {}
+    if rates:
+        print("samples/s for the derived curves (benchmarks.throughput, synthetic batches): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), flush=True)
     rows = []
-    for name, curve in curves.items():
-        tt = _time_to(curve, args.target_error)
-        rows.append({"variant": name, "curve": curve, "time_to_target_s": tt})
-        print(f"| {name} | {len(curve)} | {curve[-1]['test_error']:.2f}% | "
-              f"{curve[-1]['wall_s']:.1f}s | {'not reached' if tt is None else f'{tt:.1f}s'} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants:
+            curves = []
+            for seed in args.seeds:
+                run_dir = Path(tmp) / f"{variant}-s{seed}"
+                cmd, threads = _command(variant, args, seed, every, run_dir, cores)
+                t0 = time.perf_counter()
+                _run(cmd, threads, args.timeout)
+                curve = evaluate_run(run_dir)
+                curves.append(curve)
+                print(f"- {LABELS[variant]}, seed {seed}: {len(curve)} points, final "
+                      f"{curve[-1]['test_error']:.2f}% at {curve[-1]['train_s']:.1f}s "
+                      f"(run and evaluation {time.perf_counter() - t0:.0f}s)", flush=True)
+                import shutil
+                shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
+            ranks = args.stages if variant.startswith("local-") or variant == "ddp" else 1
+            rows.append({"variant": variant, "label": LABELS[variant], "derived": False,
+                         "ranks": ranks, "threads": 1 if ranks > 1 else cores,
+                         "curves": curves})
+    base = next((r for r in rows if r["variant"] == "backprop1"), None)
+    for name in args.derived:
+        if base is None or name not in rates or "backprop1" not in rates:
+            print(f"- {LABELS[name]}: no measured samples/s, left out")
+            continue
+        stretch = rates["backprop1"] / rates[name]
+        rows.append({"variant": name, "label": LABELS[name], "derived": True,
+                     "ranks": args.stages, "threads": 1, "stretch": stretch,
+                     "curves": [[dict(p, train_s=p["train_s"] * stretch) for p in c]
+                                for c in base["curves"]]})
+    for r in rows:
+        r["points_per_epoch"] = math.ceil(batches / every)
+        r["final_error"] = statistics.median(c[-1]["test_error"] for c in r["curves"])
+        r["time_to"] = {f"{t:g}": summary([time_to(c, t) for c in r["curves"]])
+                        for t in args.targets}
+    print(f"\n## Time to test error on {args.dataset} (median of {len(args.seeds)} seed(s) "
+          f"[range]; training time only)\n")
+    print(table(rows, args.targets))
+    print(f"\n(total {time.perf_counter() - started:.0f}s)")
     if args.json:
-        args.json.write_text(json.dumps({"dataset": args.dataset, "target_error": args.target_error,
-                                         "cores": cores, "runs": rows}, indent=1))
-        print(f"\nwrote {args.json}")
+        args.json.write_text(json.dumps({"dataset": args.dataset, "targets": args.targets,
+                                         "seeds": args.seeds, "epochs": args.epochs,
+                                         "snapshot_every": every, "environment": env_info,
+                                         "samples_per_s": rates, "runs": rows}, indent=1))
+        print(f"wrote {args.json}")
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, curve in curves.items():
-            ax.plot([0] + [c["wall_s"] for c in curve], [100] + [c["test_error"] for c in curve],
-                    "o-", label=name)
-        ax.axhline(args.target_error, color="gray", ls="--", lw=1)
-        ax.set_ylim(0, max(10, 2 * args.target_error))
-        ax.set_xlabel("training wall time (s)")
-        ax.set_ylabel("test error (%)")
-        ax.set_title(f"time to accuracy, {args.dataset}")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
-        plt.close(fig)
+        plot(rows, args, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

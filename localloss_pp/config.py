@@ -119,6 +119,7 @@ class TrainConfig:
     tensorboard: str = ""   # "" off; "auto": RUN_DIR/tb; else the folder
     log_every: int = 0      # TensorBoard scalars every N training batches (0: per epoch only)
     profile: str = ""       # EPOCH:START:STEPS: profiler traces of those training batches
+    snapshot_every: int = 0  # weight snapshots every N training batches (0: off)
 
 
 @dataclass(kw_only=True)
@@ -331,6 +332,8 @@ def _check_train(t: TrainConfig) -> None:
           f"--checkpoint-every must be >= 0 (0 = only at epoch ends), got {t.checkpoint_every}")
     _need(t.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {t.keep_checkpoints}")
     _need(t.log_every >= 0, f"--log-every must be >= 0 (0 = per epoch only), got {t.log_every}")
+    _need(t.snapshot_every >= 0,
+          f"--snapshot-every must be >= 0 (0 = no snapshots), got {t.snapshot_every}")
     _need(not t.log_every or t.tensorboard, "--log-every writes TensorBoard scalars: add "
           "--tensorboard (event files in RUN_DIR/tb, or --tensorboard FOLDER)")
     if t.profile:

@@ -162,6 +162,10 @@ FLAGS: list[Flag] = [
     Flag("--profile", "train", "profile", str, "observe", "torch.profiler traces of training "
          "batches START to START+STEPS-1 of EPOCH, per stage in RUN_DIR/profile",
          "EPOCH:START:STEPS"),
+    Flag("--snapshot-every", "train", "snapshot_every", int, "observe", "keep the weights every "
+         "N training batches (and at each epoch's end) with the training time so far, in "
+         "RUN_DIR/snapshots: test error against time within epochs (python -m benchmarks.tta "
+         "evaluates them; 0: off)", "N"),
 ]
 
 

@@ -27,6 +27,7 @@ from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
                                           merge_stage_summaries, read_jsonl, setup_logging,
                                           stage_summary)
 from localloss_pp.observe.profiling import TraceWindow
+from localloss_pp.observe.snapshots import SnapshotRecorder
 from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
 from localloss_pp.pipeline.build import build_stage, nhwc_boundary
 from localloss_pp.pipeline.distributed import (DistEnv, all_agree, broadcast_from, gather_all,
@@ -213,6 +214,7 @@ class _Run:
     config_toml: str
     start: StartPoint = StartPoint()
     tb: TensorBoardLog | None = None  # this stage's event files (replica 1), or None
+    snapshots: SnapshotRecorder | None = None  # --snapshot-every (replica 1), or None
 
     @property
     def num_stages(self) -> int:
@@ -439,6 +441,13 @@ def _build_runner(cfg: Config, env: DistEnv, run: _Run) -> StageRunner:
             decoders = [hasattr(blk, "decoder_y") for blk in run.blocks]
             on_log = lambda epoch, done, stats: run.tb.batch(  # noqa: E731
                 epoch, done, *stats.summary(decoders))
+    if t.snapshot_every and run.replica == 0:
+        a, b = run.part.bounds[run.stage_index]
+        units = list(run.model.blocks[a:b]) + ([run.model.output]
+                                               if run.stage_index == run.num_stages - 1 else [])
+        run.snapshots = SnapshotRecorder(run.run_dir, run.stage_index, units, t.snapshot_every,
+                                         env.device, run.sizes.train_batches)
+        run.snapshots.resume_from(run.start.epoch)
     if t.profile and run.replica == 0:
         trace = TraceWindow(parse_profile(t.profile), run.run_dir / "profile" /
                             f"stage{run.stage_index + 1}.json", env.device)
@@ -457,7 +466,8 @@ def _build_runner(cfg: Config, env: DistEnv, run: _Run) -> StageRunner:
                        with_stats=t.print_stats and run.mode != RunMode.BACKPROP,
                        show_progress=t.progress and run.replica == 0,
                        check_every=1 if env.device.type == "cpu" else 50, sync=run.sync,
-                       log_every=t.log_every if on_log else 0, on_log=on_log, trace=trace)
+                       log_every=t.log_every if on_log else 0, on_log=on_log, trace=trace,
+                       on_batch=run.snapshots.after_batch if run.snapshots else None)
 
 
 def _train_epochs(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner) -> dict | None:
@@ -483,10 +493,14 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
         if was_nclass and not train_src.class_sampler_active():
             log.info("epoch %d: classes-per-batch sampler off, ordinary shuffling from now on",
                      epoch)
+    if run.snapshots is not None:
+        run.snapshots.begin(epoch, run.sizes.train_batches)
     tr = runner.train_epoch(epoch, train_src, run.sizes.train_batches, start_seq=skip,
                             initial=initial,
                             checkpoint_every=cfg.train.checkpoint_every,
                             on_checkpoint=lambda e, n, st: run.ckpt.save(e, n, st))
+    if run.snapshots is not None:
+        run.snapshots.end()
     te = runner.eval_epoch(epoch, test_src, run.sizes.test_batches)
     # the streams are drained: no receive is posted, no send in flight, from here to the next
     # epoch's first batch
@@ -517,6 +531,8 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
     if cfg.train.print_stats and run.replica == 0:
         log_blocks(summary)  # every stage logs its own blocks
     run.ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one
+    if run.snapshots is not None:
+        run.snapshots.flush()
     return rec
 
 

@@ -263,6 +263,8 @@ ROWS = [
      "--classes-per-batch 11: mnist5k has only 10 classes"),
     ("profile-past-epoch-end", None, ["--profile", "1:100:3"], 2,
      "--profile 1:100:3: an epoch has 32 training batches, fewer than START + STEPS = 103"),
+    ("snapshot-every-negative", None, ["--snapshot-every", "-1"], 2,
+     "--snapshot-every must be >= 0 (0 = no snapshots), got -1"),
     ("log-every-without-tensorboard", None, ["--log-every", "5"], 2,
      "--log-every writes TensorBoard scalars: add --tensorboard"),
     ("profile-spec", None, ["--profile", "1:x:3"], 2, "--profile 1:x:3: give EPOCH:START:STEPS"),
