@@ -3,6 +3,8 @@
     python -m benchmarks.throughput [--quick] [--models mlp,vgg8b,resnet18] [--stages S]
                                     [--microbatches M] [--precision fp32,bf16] [--json PATH]
                                     [--plot PATH] [--time-to-accuracy --data-dir DIR]
+                                    [--memory-sweep 1,2,4,8 [--memory-plot PNG]
+                                     [--memory-only]]
 
 For each model (mlp 3x1024, vgg8b and resnet18 at MNIST size; --feat-mult and
 --resnet-feat-mult shrink the conv nets; --models picks) and local loss
@@ -21,6 +23,14 @@ batches (warm-up excluded); ratios are between numbers measured in this run only
 --precision bf16, the backprop baselines under torch.autocast). MFU is measured against the
 peak of the arithmetic that runs, measured in this run: fp32, TF32 (fp32 on CUDA where torch
 allows TF32 for the layers carrying the FLOPs: convolutions by default) or bf16.
+
+Activation memory per rank (benchmarks/memory.py), measured the same way for every variant:
+the peak bytes autograd holds saved for backward over the measured batches (parameters
+excluded) plus the bytes of the buffers the rank talks to its neighbours with (receive buffers,
+sends in flight, DDP's gradient buckets). --memory-sweep M1,M2,... measures it for the pipelines
+at M micro-batches of a fixed micro-batch size (--memory-microbatch-size, default
+--batch-size / --microbatches): the backprop schedules on a global batch of M x m, the local
+pipeline (no micro-batches) on batches of m at every M.
 """
 from __future__ import annotations
 
@@ -52,6 +62,8 @@ VIRTUAL_VARIANTS = ("i1f1b", "loopedbfs", "zb1p", "zbv", "dualpipev")
 PIPELINES = ("gpipe", "1f1b") + VIRTUAL_VARIANTS
 DEFAULT_VARIANTS = ["local", "local1", "backprop1", "ddp", "gpipe", "1f1b", "i1f1b", "zb1p"]
 PRECISIONS = ["fp32", "bf16"]
+# the memory sweep: few batches per point (the figure is a peak, not a rate)
+SWEEP_WARMUP, SWEEP_BATCHES = 2, 3
 LABELS = {"local": "(a) local pipeline", "local1": "(b) local, 1 process",
           "backprop1": "(c) backprop, 1 process", "ddp": "(d) backprop DDP",
           "gpipe": "(e) backprop GPipe", "1f1b": "(f) backprop 1F1B",
@@ -124,6 +136,7 @@ def summarise(variant: str, ranks: list[dict], spec: dict, windows: int) -> dict
            "threads_per_rank": ranks[0]["threads"], "samples_per_s": statistics.median(rates),
            "window_samples_per_s": rates,
            "peak_memory_mb": [round(r["peak_memory_bytes"] / 2 ** 20, 1) for r in ranks]}
+    out.update(memory_summary(ranks))
     out["bytes_per_sample"] = sum(r.get("bytes_per_batch", 0) for r in ranks) / spec["batch_size"]
     out["bytes_how"] = "measured" if variant.startswith("local") else "analytic"
     if variant in ("local", "local1"):
@@ -145,6 +158,28 @@ def summarise(variant: str, ranks: list[dict], spec: dict, windows: int) -> dict
     return out
 
 
+def memory_summary(ranks: list[dict]) -> dict:
+    """A variant's activation memory from its ranks' JSON (in rank order): per rank and the
+    maximum over ranks of the saved activations (peak over the measured batches), the buffer
+    bytes, and their sum (`activation_memory_bytes_*`); `buffers_measured` is false when some
+    rank's buffers are computed from their shapes instead of read from the objects."""
+    ranks = sorted(ranks, key=lambda r: r.get("rank", 0))
+    if any(r.get("saved_activation_bytes") is None for r in ranks):
+        return {}
+    saved = [int(r["saved_activation_bytes"]) for r in ranks]
+    buffers = [int(r.get("buffer_bytes", 0)) for r in ranks]
+    return _memory_totals(saved, buffers, all(r.get("buffers_measured", True) for r in ranks),
+                          [r.get("buffer_parts", {}) for r in ranks])
+
+
+def _memory_totals(saved: list[int], buffers: list[int], measured: bool, parts: list) -> dict:
+    act = [s + b for s, b in zip(saved, buffers)]
+    return {"saved_activation_bytes_per_rank": saved, "saved_activation_bytes_max": max(saved),
+            "buffer_bytes_per_rank": buffers, "buffer_bytes_max": max(buffers),
+            "buffer_parts_per_rank": parts, "buffers_measured": measured,
+            "activation_memory_bytes_per_rank": act, "activation_memory_bytes_max": max(act)}
+
+
 def not_run(variant: str, ranks: int, threads: int, why: str) -> dict:
     """The row of a variant that could not run in this configuration, with the reason."""
     return {"variant": variant, "label": LABELS[variant], "ranks": ranks,
@@ -162,6 +197,11 @@ def combine(reps: list[dict]) -> dict:
     out["samples_per_s"] = statistics.median(windows)
     out["repeat_samples_per_s"] = [r["samples_per_s"] for r in reps]
     out["peak_memory_mb"] = [max(v) for v in zip(*(r["peak_memory_mb"] for r in reps))]
+    if all("saved_activation_bytes_per_rank" in r for r in reps):  # per rank, the largest
+        out.update(_memory_totals(
+            [max(v) for v in zip(*(r["saved_activation_bytes_per_rank"] for r in reps))],
+            [max(v) for v in zip(*(r["buffer_bytes_per_rank"] for r in reps))],
+            all(r["buffers_measured"] for r in reps), reps[-1]["buffer_parts_per_rank"]))
     for key in ("pipeline_efficiency", "bubble_fraction"):
         if key in out:
             out[key] = statistics.median(r[key] for r in reps)
@@ -171,13 +211,13 @@ def combine(reps: list[dict]) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | loss | precision | variant | ranks x threads | samples/s | windows min-max "
              "| vs (a) | pipeline efficiency | idle/bubble | GFLOP/s per rank | MFU (peak) "
-             "| peak MB/rank | bytes/sample |",
-             "|" + "---|" * 14]
+             "| peak MB/rank | act. MB/rank (saved + buffers) | bytes/sample |",
+             "|" + "---|" * 15]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['loss']} | {r['precision']} | {r['label']} | "
                          f"{r['ranks']}x{r['threads_per_rank']} | not run: {r['error']} |"
-                         + " |" * 8)
+                         + " |" * 9)
             continue
         eff = f"{r['pipeline_efficiency']:.3f}" if r["variant"] == "local" else "-"
         bub = f"{r['bubble_fraction']:.2f}" if "bubble_fraction" in r and \
@@ -189,9 +229,27 @@ def markdown(rows: list[dict]) -> str:
                      f"{min(w):.0f}-{max(w):.0f} | {r['samples_per_s'] / r['vs_local']:.2f} | "
                      f"{eff} | {bub} | {r['flop_per_s_per_rank'] / 1e9:.2f} | "
                      f"{100 * r['mfu']:.1f}% ({r['peak_arithmetic']}) | "
-                     f"{max(r['peak_memory_mb']):.0f} | "
+                     f"{max(r['peak_memory_mb']):.0f} | {_act_mb(r)} | "
                      f"{r['bytes_per_sample']:.0f} |")
     return "\n".join(lines)
+
+
+def _act_mb(r: dict) -> str:
+    """The activation memory cell: max over ranks of saved + buffers, in MB (* where buffers
+    are computed from their shapes)."""
+    if "activation_memory_bytes_max" not in r:
+        return "-"
+    star = "" if r.get("buffers_measured", True) else "*"
+    return (f"{r['activation_memory_bytes_max'] / 2 ** 20:.2f}{star} "
+            f"({r['saved_activation_bytes_max'] / 2 ** 20:.2f} + "
+            f"{r['buffer_bytes_max'] / 2 ** 20:.2f})")
+
+
+ACT_NOTE = ("act. MB/rank: the largest over ranks of the peak bytes autograd holds saved for "
+            "backward over the measured batches (parameters and input batches excluded) plus "
+            "the rank's buffers (receive buffers, sends in flight, DDP's gradient buckets); in "
+            "brackets the largest saved and the largest buffers (ranks may differ); * buffers "
+            "computed from their shapes, not read from the objects.")
 
 
 def ratio_matrix(rows: list[dict]) -> str:
@@ -265,6 +323,20 @@ def parse_args(argv):
                    "on the first model and draw their timelines one above the other")
     p.add_argument("--timeline-batches", type=int, default=4,
                    help="batches per timeline (4)")
+    p.add_argument("--memory-sweep", default=None, metavar="M1,M2,...",
+                   help="also measure the activation memory per rank of the pipelines (local and "
+                   "the backprop schedules chosen) at these micro-batch counts M, each micro-batch "
+                   "of a fixed size m: the schedules on a global batch of M x m, the local "
+                   f"pipeline on batches of m ({SWEEP_WARMUP} warm-up, {SWEEP_BATCHES} measured "
+                   "batches per point), e.g. 1,2,4,8")
+    p.add_argument("--memory-microbatch-size", type=int, default=None, metavar="m",
+                   help="the fixed micro-batch size of --memory-sweep (default: --batch-size / "
+                   "--microbatches)")
+    p.add_argument("--memory-plot", type=Path, default=None, metavar="PNG",
+                   help="with --memory-sweep: draw MB per rank against M here")
+    p.add_argument("--memory-only", action="store_true",
+                   help="with --memory-sweep: only the sweep (no throughput runs, no cost model; "
+                   "stages split by equal block counts)")
     args, rest = p.parse_known_args(argv)
     if args.time_to_accuracy:
         return args, rest
@@ -301,6 +373,24 @@ def parse_args(argv):
     args.variant_list = [v for v in VARIANTS if v in chosen or v == "local"]
     if args.batch_size % args.microbatches or args.batch_size % args.stages:
         p.error("--batch-size must be divisible by --microbatches and by --stages")
+    args.sweep = []
+    if args.memory_sweep is not None:
+        try:
+            args.sweep = [int(x) for x in args.memory_sweep.split(",") if x.strip()]
+        except ValueError:
+            args.sweep = []
+        if not args.sweep or min(args.sweep) < 1:
+            p.error(f"--memory-sweep {args.memory_sweep}: give micro-batch counts >= 1, "
+                    "comma-separated, e.g. 1,2,4,8")
+        args.sweep = sorted(set(args.sweep))
+        if args.stages < 2:
+            p.error("--memory-sweep: the pipelines need --stages 2 or more")
+    elif args.memory_plot or args.memory_only or args.memory_microbatch_size is not None:
+        p.error("--memory-plot, --memory-only and --memory-microbatch-size go with "
+                "--memory-sweep M1,M2,...")
+    if args.memory_microbatch_size is not None and args.memory_microbatch_size < 1:
+        p.error(f"--memory-microbatch-size must be >= 1, got {args.memory_microbatch_size}")
+    args.sweep_microbatch = args.memory_microbatch_size or args.batch_size // args.microbatches
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
@@ -433,6 +523,135 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
                                           microbatches=args.microbatches)}
 
 
+def memory_sweep(args, model_name: str, mcfg: dict, counts, cores: int) -> list[dict]:
+    """Activation memory per rank of the pipelines at each M of --memory-sweep, micro-batches
+    of a fixed size m: the backprop schedules (GPipe, 1F1B and the virtual-stage ones chosen
+    with --variants) train a global batch of M x m in M micro-batches, as they must to keep the
+    pipeline full; the local pipeline has no micro-batches and streams batches of m: measured
+    at every M all the same (one launch per variant runs every M in turn). One row per variant,
+    loss (the local pipeline: each loss; the schedules: the first, they do not use it),
+    precision and M; a point or a launch that fails gets a row with its error."""
+    mcfg = dict(mcfg, dropout=0.0)
+    S, m = args.stages, args.sweep_microbatch
+    counts = counts or balanced_split([1.0] * _num_blocks(mcfg), S)
+    losses = args.losses.split(",")
+    base = dict(_base_spec(args, mcfg), warmup=SWEEP_WARMUP, batches=SWEEP_BATCHES,
+                threads=max(1, cores // S), counts=counts,
+                vcounts=_virtual_counts(_num_blocks(mcfg) + 1, S * VIRTUAL))
+    jobs = [(loss, "local") for loss in losses] + \
+        [(losses[0], v) for v in args.variant_list if v in PIPELINES]
+    rows = []
+    for precision in args.precisions:
+        for loss, variant in jobs:
+            local = variant == "local"
+            points = [{"microbatches": M, "batch_size": m if local else M * m}
+                      for M in args.sweep]
+            spec = dict(base, loss={"loss_sup": loss}, precision=precision, points=points)
+            print(f"- {model_name} memory sweep, {LABELS[variant]}"
+                  f"{' ' + loss if local else ''} {precision}, M = "
+                  f"{','.join(map(str, args.sweep))} ...", flush=True)
+            try:
+                ranks = sorted(run_variant(variant, spec, S, args.timeout),
+                               key=lambda r: r["rank"])
+                per_point = [[dict(r["points"][i], rank=r["rank"]) for r in ranks]
+                             for i in range(len(points))]
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                why = _why(exc)
+                print(f"  not run: {why}", flush=True)
+                per_point = [[{"error": why}] for _ in points]
+            for point, ranks_of_point in zip(points, per_point):
+                row = {"model": model_name, "loss": loss if local else "-",
+                       "precision": precision, "variant": variant, "label": LABELS[variant],
+                       "ranks": S, "microbatches": point["microbatches"],
+                       "micro_batch_size": m, "batch_size": point["batch_size"],
+                       "counts": counts}
+                error = next((r["error"] for r in ranks_of_point if "error" in r), None)
+                if error is not None:
+                    row["error"] = error
+                else:
+                    row.update(memory_summary(ranks_of_point))
+                rows.append(row)
+    return rows
+
+
+def sweep_markdown(rows: list[dict], sweep: list[int]) -> str:
+    """Rows: variant (and loss, precision); columns: M; cells: MB per rank (max over ranks of
+    saved activations + buffers), or "not run: reason"."""
+    lines = ["| model | loss | precision | variant | " +
+             " | ".join(f"M={M}" for M in sweep) + " |", "|" + "---|" * (4 + len(sweep))]
+    keys = []
+    for r in rows:
+        key = (r["model"], r["loss"], r["precision"], r["variant"])
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        cells = {r["microbatches"]: r for r in rows
+                 if (r["model"], r["loss"], r["precision"], r["variant"]) == key}
+        out = []
+        for M in sweep:
+            r = cells.get(M)
+            if r is None or "error" in r:
+                out.append(f"not run: {r['error'] if r else 'no result'}")
+            else:
+                star = "" if r["buffers_measured"] else "*"
+                out.append(f"{r['activation_memory_bytes_max'] / 2 ** 20:.2f}{star}")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {LABELS[key[3]]} | " +
+                     " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def sweep_plot(rows: list[dict], sweep: list[int], path: Path) -> None:
+    """MB per rank (max over ranks of saved + buffers) against M, one line per variant (and
+    loss), one panel per model and precision; points that did not run are left out (the
+    table says why)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = []
+    for r in rows:
+        if (r["model"], r["precision"]) not in panels:
+            panels.append((r["model"], r["precision"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (model, precision) in zip(axes[0], panels):
+        lines = []
+        for r in rows:
+            if (r["model"], r["precision"]) == (model, precision) and \
+                    (r["variant"], r["loss"]) not in lines:
+                lines.append((r["variant"], r["loss"]))
+        palette = iter(["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown",
+                        "tab:pink", "tab:gray", "tab:olive", "tab:cyan"] * 2)
+        styles = iter(["-", "--", ":", "-."] * 4)  # the local pipeline, one line per loss
+        for variant, loss in lines:
+            pts = {r["microbatches"]: r for r in rows if (r["model"], r["precision"],
+                                                          r["variant"], r["loss"]) ==
+                   (model, precision, variant, loss)}
+            ys = [pts[M]["activation_memory_bytes_max"] / 2 ** 20
+                  if M in pts and "error" not in pts[M] else float("nan") for M in sweep]
+            label = LABELS[variant] + (f" ({loss})" if variant == "local" else "")
+            local = variant == "local"
+            ax.plot(sweep, ys, marker="o", label=label, linewidth=2.5 if local else 1.5,
+                    color="tab:green" if local else next(palette),
+                    linestyle=next(styles) if local else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sweep, [str(M) for M in sweep])
+        ax.set_xlabel(f"micro-batches M (micro-batch of {rows[0]['micro_batch_size']} samples)")
+        ax.set_ylabel("activation memory, MB per rank (max over ranks)")
+        ax.set_title(f"{model}, {precision}: saved activations + buffers")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+SWEEP_NOTE = ("MB per rank: the largest over the ranks of the peak bytes autograd holds saved "
+              "for backward over the measured batches (parameters and input batches excluded) "
+              "plus the rank's buffers (receive buffers and sends in flight); * buffers "
+              "computed from their shapes. The schedules run a global batch of M x m in M "
+              "micro-batches; the local pipeline runs batches of m at every M (it has no "
+              "micro-batches).")
+
+
 def _group(r: dict) -> tuple:
     return r["model"], r["loss"], r["precision"]
 
@@ -445,6 +664,7 @@ def report(results, costmodel_rows, projection, peaks: dict, device: str) -> Non
             r["vs_local"] = ref
     print("\n## Throughput (samples/s: median over windows; 'vs (a)': this / local pipeline)\n")
     print(markdown(results))
+    print("\n" + ACT_NOTE)
     unit = "GPU" if device == "cuda" else "thread"
     print("\nMFU: achieved matmul/conv training FLOP/s over the matmul peak of the arithmetic "
           "the row runs (in brackets), measured in this run (" + ", ".join(
@@ -539,30 +759,47 @@ def main(argv=None) -> int:
                      indent=1))
     torch.set_num_threads(1)  # per-block costs and the matmul peaks at one thread
     needed = sorted({arithmetic_of(p, m["name"], args.device) for p in args.precisions
-                     for _, m in models(args)})
+                     for _, m in models(args)}) if not args.memory_only else []
     peaks = {name: matmul_peak_flops(torch.device(args.device), arithmetic=name)
              for name in needed}
     for name, flops in peaks.items():
         print(f"{name} matmul peak: {flops / 1e9:.1f} GFLOP/s per "
               f"{'GPU' if args.device == 'cuda' else 'thread'}", flush=True)
-    results, costmodel_rows, projection = [], [], []
+    results, costmodel_rows, projection, sweep_rows = [], [], [], []
     for model_name, mcfg in models(args):
-        rows, checks, pj = run_model(args, model_name, mcfg, cores, peaks)
-        results += rows
-        costmodel_rows += checks
-        if pj is not None:
-            projection.append(pj)
-    report(results, costmodel_rows, projection, peaks, args.device)
+        counts = None
+        if not args.memory_only:
+            rows, checks, pj = run_model(args, model_name, mcfg, cores, peaks)
+            results += rows
+            costmodel_rows += checks
+            if pj is not None:
+                projection.append(pj)
+            counts = rows[0]["counts"]  # the sweep uses the same split
+        if args.sweep:
+            sweep_rows += memory_sweep(args, model_name, mcfg, counts, cores)
+    if results:
+        report(results, costmodel_rows, projection, peaks, args.device)
+    sweep = None
+    if args.sweep:
+        print(f"\n## Activation memory per rank against M (MB; micro-batches of "
+              f"{args.sweep_microbatch} samples, {args.stages} ranks)\n")
+        print(sweep_markdown(sweep_rows, args.sweep))
+        print("\n" + SWEEP_NOTE)
+        sweep = {"microbatches": args.sweep, "micro_batch_size": args.sweep_microbatch,
+                 "warmup": SWEEP_WARMUP, "batches": SWEEP_BATCHES, "rows": sweep_rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"environment": env_info, "config": vars(args) | {
             "json": str(args.json), "plot": str(args.plot)}, "results": results,
             "matmul_peak_flops": peaks, "costmodel": costmodel_rows,
-            "projection": projection}, indent=1, default=str))
+            "projection": projection, "memory_sweep": sweep}, indent=1, default=str))
         print(f"\nwrote {args.json}")
-    if args.plot:
+    if args.plot and results:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
+    if args.memory_plot and sweep_rows:
+        sweep_plot(sweep_rows, args.sweep, args.memory_plot)
+        print(f"wrote {args.memory_plot}")
     return 0
 
 

@@ -8,15 +8,31 @@ Variants:
   backprop1   global backprop in one process (every core)
   ddp         global backprop, DistributedDataParallel on S ranks (global batch split)
   gpipe, 1f1b global backprop pipelined with torch.distributed.pipelining over the same split
+  i1f1b, loopedbfs, zb1p, zbv, dualpipev   the same with 2 virtual stages per rank
 
 Every variant trains on the same in-memory synthetic batches (MNIST-sized), so data loading is
 excluded. It runs `warmup` batches, then `batches` measured ones; the reporting rank records the
 time at which every measured batch finished. Each rank writes OUT_DIR/rank<k>.json.
+
+Every rank also reports its activation memory over the measured batches (benchmarks/memory.py):
+`saved_activation_bytes`, the peak of the bytes autograd holds saved for backward (parameters,
+input batches and receive buffers excluded; the peak is reset after the warm-up batches, so
+with `warmup` 0 the first batch, which allocates a pipeline stage's receive buffers, also
+counts the stage inputs in them as saved), and `buffer_bytes`, what the rank holds to talk to
+its neighbours (`buffer_parts`: "recv" buffers and "send" tensors in flight, or DDP's gradient
+"buckets"; `buffers_measured`: read from the objects, or false where computed from the
+shapes).
+
+With a `points` list in the spec (the memory sweep of benchmarks.throughput) the variant runs
+once per point, each a dict of spec entries that replace the spec's (microbatches, batch_size),
+in the same processes; a point whose set-up raises ValueError (a schedule's constraint on M)
+gets {"error": ...} and the next one runs. The rank's JSON then holds {"points": [...]}.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import resource
 import sys
 import time
@@ -37,6 +53,11 @@ from localloss_pp.models import build_model
 from localloss_pp.pipeline.build import build_stage
 from localloss_pp.pipeline.partition import Partition
 from localloss_pp.pipeline.transport import config_fingerprint
+
+from benchmarks.memory import (ChunkOutputWatch, SavedActivationMeter, SendWatch,
+                               analytic_receiver_bytes, analytic_stage_buffer_bytes,
+                               ddp_bucket_bytes, receiver_buffers, stage_recv_buffers,
+                               unique_bytes)
 
 INPUT_SHAPE, NUM_CLASSES = (1, 28, 28), 10
 
@@ -70,6 +91,32 @@ def _peak_memory(device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _weights(model) -> list:
+    """The model's parameters and buffers: never counted as saved activations."""
+    return list(model.parameters()) + list(model.buffers())
+
+
+def _data(batches) -> list:
+    """The tensors of the input batches: data that the caller holds for the step whatever the
+    variant, never counted as saved activations (a micro-batch is a view of the global batch,
+    so counting its storage would count the whole global batch)."""
+    return [t for batch in (batches or []) for t in batch]
+
+
+def _memory(meter: SavedActivationMeter, measured: bool, **parts: int) -> dict:
+    """The memory entries of a rank's JSON (see the module docstring); `parts`: the buffer
+    bytes by kind (recv, send, buckets)."""
+    return {"saved_activation_bytes": int(meter.peak),
+            "buffer_bytes": int(sum(parts.values())),
+            "buffer_parts": {k: int(v) for k, v in parts.items()},
+            "buffers_measured": bool(measured)}
+
+
+def _act_size(spec: dict) -> int:
+    """Bytes of one element of the activations between pipeline stages (analytic figures)."""
+    return 2 if spec.get("precision", "fp32") == "bf16" else 4
 
 
 def _sync(device):
@@ -162,11 +209,23 @@ def run_local(spec: dict, env) -> dict:
         if k == 0 else None
     loader_m = [(x, y, y.cpu()) for x, y in _batches(spec, spec["batches"], env.device)] \
         if k == 0 else None
-    runner.train_epoch(1, loader_w, spec["warmup"])
-    stamps.clear()
-    measured = runner.train_epoch(2, loader_m, spec["batches"])
+    meter = SavedActivationMeter(_weights(model) + _data(loader_w) + _data(loader_m))
+    recv = receiver_buffers(runner.receiver)  # the stage input is received into these
+    if recv is not None:
+        meter.exclude(recv)
+    sends = SendWatch(runner.sender, meter)
+    with meter:
+        runner.train_epoch(1, loader_w, spec["warmup"])
+        meter.reset_peak()
+        sends.reset()
+        stamps.clear()
+        measured = runner.train_epoch(2, loader_m, spec["batches"])
     runner.stop()
-    return {"timestamps": stamps.seconds() if k == S - 1 else None,
+    recv_bytes = unique_bytes(recv) if recv is not None else \
+        analytic_receiver_bytes(runner.receiver)
+    return {**_memory(meter, recv is not None and sends.measured, recv=recv_bytes,
+                       send=sends.peak),
+            "timestamps": stamps.seconds() if k == S - 1 else None,
             "times": measured.times.as_dict(),
             # the measured epoch's traffic (its end-of-epoch marker included) per batch
             "bytes_per_batch": measured.times.bytes_sent / max(measured.times.batches, 1),
@@ -183,12 +242,16 @@ def run_backprop1(spec: dict, env) -> dict:
         unit.set_lr(1e-4)
     model.train()
     stamps = Stamps(env.device)
-    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
-        with _amp(spec, env.device):
+    batches = _batches(spec, spec["warmup"] + spec["batches"], env.device)
+    meter = SavedActivationMeter(_weights(model) + _data(batches))
+    for i, (x, y) in enumerate(batches):
+        if i == spec["warmup"]:
+            meter.reset_peak()
+        with meter, _amp(spec, env.device):
             global_step(model.blocks, model.output, x, y, onehot(y, NUM_CLASSES), "backprop")
         if i >= spec["warmup"]:
             stamps.mark()
-    return {"timestamps": stamps.seconds(), "report": True}
+    return {**_memory(meter, True), "timestamps": stamps.seconds(), "report": True}
 
 
 def run_ddp(spec: dict, env) -> dict:
@@ -202,18 +265,24 @@ def run_ddp(spec: dict, env) -> dict:
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     local_bs = spec["batch_size"] // S
     stamps = Stamps(env.device)
-    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device,
-                                        batch_size=local_bs)):
-        with _amp(spec, env.device):
-            loss = F.cross_entropy(ddp(x), y)
-        loss.backward()
+    batches = _batches(spec, spec["warmup"] + spec["batches"], env.device, batch_size=local_bs)
+    meter = SavedActivationMeter(_weights(model) + _data(batches))
+    for i, (x, y) in enumerate(batches):
+        if i == spec["warmup"]:
+            meter.reset_peak()
+        with meter:
+            with _amp(spec, env.device):
+                loss = F.cross_entropy(ddp(x), y)
+            loss.backward()
         for unit in model.units():
             unit.step()
         if i >= spec["warmup"]:
             stamps.mark()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buckets, buckets_measured = ddp_bucket_bytes(ddp)  # DDP's communication buffers
     # ring all-reduce: each rank sends 2 (S-1)/S of the gradient bytes per step
-    return {"timestamps": stamps.seconds() if env.rank == 0 else None,
+    return {**_memory(meter, buckets_measured, buckets=buckets),
+            "timestamps": stamps.seconds() if env.rank == 0 else None,
             "report": env.rank == 0, "bytes_per_batch": 2 * (S - 1) / S * params}
 
 
@@ -263,16 +332,28 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
                 loss_fn=lambda out, target: F.cross_entropy(out, target))
     stamps = Stamps(env.device)
     trace = _trace_window(spec, env)  # counted over the measured batches, as for `local`
-    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
+    batches = _batches(spec, spec["warmup"] + spec["batches"], env.device)
+    meter = SavedActivationMeter(_weights(model) + _data(batches))
+    held = ChunkOutputWatch([stage], meter)
+    prev, nxt = [k > 0], [k < S - 1]
+    recv = None
+    for i, (x, y) in enumerate(batches):
         if trace is not None:
             trace.before(2, i - spec["warmup"])
-        with _amp(spec, env.device):
+        if i == spec["warmup"]:
+            meter.reset_peak()
+            held.reset()
+        with meter, _amp(spec, env.device):
             if k == 0:
                 sched.step(x)
             elif k == S - 1:
                 sched.step(target=y, losses=[])
             else:
                 sched.step()
+        if i == 0:  # the first step allocated the receive buffers: counted as buffers
+            recv = stage_recv_buffers([stage], prev, nxt)
+            if recv is not None:
+                meter.exclude(recv)
         with record_function("localloss_pp.optimizer_step"):
             for unit in units:
                 unit.step()
@@ -283,7 +364,17 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     # every boundary carries each sample's activation forward and its gradient backward
     act = sum(4 * torch.Size(model.blocks[bnd - 1].out_shape).numel()
               for _, bnd in part.bounds[:-1])
-    return {"timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
+    if recv is not None:
+        recv_bytes = unique_bytes(recv)
+    else:
+        mb = spec["batch_size"] // spec["microbatches"] * _act_size(spec)
+        recv_bytes = analytic_stage_buffer_bytes(
+            [mb * math.prod(model.blocks[a].in_shape)] if k > 0 else [0],
+            [mb * math.prod(model.blocks[b - 1].out_shape)] if k < S - 1 else [0],
+            spec["microbatches"])
+    return {**_memory(meter, recv is not None and held.measured, recv=recv_bytes,
+                       send=held.peak),
+            "timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
             "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
 
 
@@ -332,11 +423,25 @@ def run_virtual(spec: dict, env, schedule: str) -> dict:
                                   loss_fn=lambda out, target: F.cross_entropy(out, target))
     first, last = 0 in mine, S * V - 1 in mine
     stamps = Stamps(env.device)
-    for i, (x, y) in enumerate(_batches(spec, spec["warmup"] + spec["batches"], env.device)):
+    batches = _batches(spec, spec["warmup"] + spec["batches"], env.device)
+    meter = SavedActivationMeter(_weights(model) + _data(batches))
+    held = ChunkOutputWatch(stages, meter)
+    # links to another rank (a V-shaped placement passes between its own two chunks directly)
+    prev = [c > 0 and c - 1 not in mine for c in mine]
+    nxt = [c < S * V - 1 and c + 1 not in mine for c in mine]
+    recv = None
+    for i, (x, y) in enumerate(batches):
         args = (x,) if first else ()
         kw = dict(target=y, losses=[]) if last else {}
-        with _amp(spec, env.device):
+        if i == spec["warmup"]:
+            meter.reset_peak()
+            held.reset()
+        with meter, _amp(spec, env.device):
             sched.step(*args, **kw)
+        if i == 0:  # the first step allocated the receive buffers: counted as buffers
+            recv = stage_recv_buffers(stages, prev, nxt)
+            if recv is not None:
+                meter.exclude(recv)
         with record_function("localloss_pp.optimizer_step"):
             for unit in units:
                 unit.step()
@@ -344,8 +449,54 @@ def run_virtual(spec: dict, env, schedule: str) -> dict:
             stamps.mark()
     # every chunk boundary carries each sample's activation forward and its gradient backward
     act = sum(4 * torch.Size(every[starts[c] - 1].out_shape).numel() for c in range(1, S * V))
-    return {"timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
+    if recv is not None:
+        recv_bytes = unique_bytes(recv)
+    else:
+        mb = spec["batch_size"] // spec["microbatches"] * _act_size(spec)
+        recv_bytes = analytic_stage_buffer_bytes(
+            [mb * math.prod(every[starts[c] - 1].out_shape) if p else 0
+             for c, p in zip(mine, prev)],
+            [mb * math.prod(every[starts[c] + counts[c] - 1].out_shape) if n else 0
+             for c, n in zip(mine, nxt)], spec["microbatches"])
+    return {**_memory(meter, recv is not None and held.measured, recv=recv_bytes,
+                       send=held.peak),
+            "timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
             "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
+
+
+MEMORY_KEYS = ("saved_activation_bytes", "buffer_bytes", "buffer_parts", "buffers_measured")
+
+
+def run(spec: dict, env) -> dict:
+    """One run of the spec's variant in this process (one rank of it)."""
+    variant = spec["variant"]
+    if variant in ("local", "local1"):
+        return run_local(spec, env)
+    if variant == "backprop1":
+        return run_backprop1(spec, env)
+    if variant == "ddp":
+        return run_ddp(spec, env)
+    if variant in ("gpipe", "1f1b"):
+        return run_pipelining(spec, env, variant)
+    if variant in VIRTUAL:
+        return run_virtual(spec, env, variant)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def run_points(spec: dict, env) -> list[dict]:
+    """The variant once per entry of spec["points"] (see the module docstring): the memory
+    entries of each run, or {"error": "ValueError: ..."} for a point the variant cannot run
+    (a schedule's constraint, raised on every rank before any communication)."""
+    out = []
+    for point in spec["points"]:
+        try:
+            result = run(dict(spec, **point), env)
+            out.append(dict(point, **{key: result[key] for key in MEMORY_KEYS}))
+        except ValueError as exc:
+            out.append(dict(point, error=f"ValueError: {str(exc).splitlines()[0][:160]}"))
+        if env.world_size > 1:
+            dist.barrier(group=env.meta_group)
+    return out
 
 
 def main(argv=None) -> int:
@@ -356,18 +507,10 @@ def main(argv=None) -> int:
     import_before_process_group()
     env = init_distributed(cfg.train)
     variant = spec["variant"]
-    if variant in ("local", "local1"):
-        result = run_local(spec, env)
-    elif variant == "backprop1":
-        result = run_backprop1(spec, env)
-    elif variant == "ddp":
-        result = run_ddp(spec, env)
-    elif variant in ("gpipe", "1f1b"):
-        result = run_pipelining(spec, env, variant)
-    elif variant in VIRTUAL:
-        result = run_virtual(spec, env, variant)
+    if spec.get("points"):
+        result = {"points": run_points(spec, env), "report": env.rank == 0}
     else:
-        raise ValueError(f"unknown variant {variant!r}")
+        result = run(spec, env)
     result.update(rank=env.rank, world_size=env.world_size, variant=variant,
                   threads=env.threads, peak_memory_bytes=_peak_memory(env.device),
                   device=str(env.device))

@@ -1,6 +1,7 @@
 """Every backprop pipeline schedule of torch.distributed.pipelining that the throughput benchmark
-runs with virtual stages: a smoke run each (a tiny mlp, 2 ranks over gloo, a few steps), and the
-row that says why when a schedule cannot run in a configuration."""
+runs with virtual stages: a smoke run each (a tiny mlp, 2 ranks over gloo, a few steps), with its
+activation memory per rank, and the row that says why when a schedule cannot run in a
+configuration."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.throughput import VIRTUAL_VARIANTS, _virtual_counts, _why
+from benchmarks.throughput import VIRTUAL_VARIANTS, _virtual_counts, _why, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,8 +20,7 @@ def _env():
                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-@pytest.mark.parametrize("variant", VIRTUAL_VARIANTS)
-def test_each_virtual_stage_schedule_trains_on_two_ranks(tmp_path, variant):
+def _run_two_ranks(tmp_path, variant):
     spec = {"model": {"name": "mlp", "num_layers": 3, "num_hidden": 32, "dropout": 0.0},
             "batch_size": 16, "warmup": 1, "batches": 2, "microbatches": 4, "device": "cpu",
             "loss": {"loss_sup": "predsim"}, "threads": 1, "precision": "fp32",
@@ -31,9 +31,45 @@ def test_each_virtual_stage_schedule_trains_on_two_ranks(tmp_path, variant):
                            str(tmp_path / "spec.json"), str(tmp_path)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return spec, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _assert_memory_measured(row, ranks):
+    """Saved activations on every rank, receive buffers read from the objects."""
+    assert row["saved_activation_bytes_max"] > 0
+    assert all(b > 0 for b in row["saved_activation_bytes_per_rank"])
+    assert len(row["buffer_bytes_per_rank"]) == 2 and row["buffer_bytes_max"] > 0
+    assert row["buffers_measured"] is True
+    assert row["activation_memory_bytes_max"] == max(
+        s + b for s, b in zip(row["saved_activation_bytes_per_rank"],
+                              row["buffer_bytes_per_rank"]))
+    for r in ranks:
+        assert r["buffer_bytes"] == sum(r["buffer_parts"].values())
+
+
+@pytest.mark.parametrize("variant", VIRTUAL_VARIANTS)
+def test_each_virtual_stage_schedule_trains_on_two_ranks(tmp_path, variant):
+    spec, ranks = _run_two_ranks(tmp_path, variant)
     assert len(ranks[0]["timestamps"]) == 2 and ranks[0]["bytes_per_batch"] > 0
     assert ranks[1]["timestamps"] is None  # rank 0 reports
+    row = summarise(variant, ranks, spec, windows=1)
+    _assert_memory_measured(row, ranks)
+    # 4 micro-batches of 4 samples, 32 features (fp32), 4 virtual stages on 2 ranks: every
+    # rank receives activations or gradients from the other rank for every micro-batch
+    assert all(r["buffer_parts"]["recv"] >= 4 * 4 * 32 * 4 for r in ranks)
+
+
+def test_the_local_pipeline_reports_its_activation_memory(tmp_path):
+    spec, ranks = _run_two_ranks(tmp_path, "local")
+    row = summarise("local", ranks, spec, windows=1)
+    _assert_memory_measured(row, ranks)
+    # the transport: two receive slots of a full batch (16 x 32 fp32) and their headers (int64:
+    # 6 fields + 16 labels) on the second stage; the first holds its sends in flight (at most
+    # queue_depth = 2 of them)
+    slot = 16 * 32 * 4 + (6 + 16) * 8
+    assert ranks[1]["buffer_parts"] == {"recv": 2 * slot, "send": 0}
+    assert ranks[0]["buffer_parts"]["recv"] == 0
+    assert 0 < ranks[0]["buffer_parts"]["send"] <= 2 * slot
 
 
 def test_virtual_counts_are_contiguous_and_balanced():
