@@ -23,7 +23,9 @@
 #    slots under stream-ordered completion.
 # 2. throughput-s1 (70): the throughput benchmark at S = 1 (local pipeline vs global backprop)
 #    in fp32 and bf16, MFU against the peak of each arithmetic.
-# 3. throughput-s2-shared (40): two stages sharing the GPU vs the local algorithm in one process.
+# 3. throughput-s2-shared (40): two stages sharing the GPU vs the local algorithm in one process;
+#    the backprop pipeline schedules are named too: the benchmark itself gives each a row that
+#    says why it cannot run on one GPU (point-to-point between CUDA tensors needs a GPU per rank).
 # 4. precision (45): bf16 vs fp32 (and bf16 + channels-last): speed and error of real runs.
 # 5. loader (25): the data path alone: batches/s of every dataset path.
 # 6. gpu-compile (70): torch.compile runs (a cold inductor compile: last, so that a slow one
@@ -35,6 +37,10 @@ set -uo pipefail
 out=${1:-gpu_check}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
+# on a GPU the schedules get 'not run' rows (ranks share the GPU); on the CPU dry run they would
+# really run, so the dry run leaves them out
+if [ "$DEVICE" = cpu ]; then SHARED_VARIANTS=local,local1; else
+  SHARED_VARIANTS=local,local1,gpipe,1f1b,i1f1b,zb1p; fi
 if [[ $DEVICE == cpu ]]; then scale=${LIMIT_SCALE:-10}; else scale=${LIMIT_SCALE:-1}; fi
 mkdir -p "$out"
 # the project runs from this tree, installed or not (no registry is ever reached)
@@ -76,7 +82,7 @@ step throughput-s1 70 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages
   --models mlp,vgg8b --variants local,backprop1 --precision fp32,bf16 --repeats 1 \
   --batches 40 --warmup 5 --no-costmodel --json "$out/throughput_s1.json"
 step throughput-s2-shared 40 "$PY" -m benchmarks.throughput --device "$DEVICE" --stages 2 \
-  --models mlp,vgg8b --variants local,local1 --losses predsim --repeats 1 --batches 40 \
+  --models mlp,vgg8b --variants "$SHARED_VARIANTS" --losses predsim --repeats 1 --batches 40 \
   --warmup 5 --no-costmodel --json "$out/throughput_s2_shared.json"
 
 precision_run() {  # NAME [extra flags]

@@ -394,18 +394,15 @@ def parse_args(argv):
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    args.unrunnable = {}  # variant -> why it cannot run in this configuration
     if args.device == "cuda" and gpus < args.stages:
         # ranks share a GPU: torch.distributed.pipelining's schedules need point-to-point
         # between CUDA tensors, which gloo does not have and NCCL does not do on one GPU
-        shared = [v for v in PIPELINES if v in args.variant_list]
-        if shared and args.variants != ",".join(DEFAULT_VARIANTS):
-            p.error(f"--variants {','.join(shared)}: {args.stages} ranks on {gpus} GPU(s) "
-                    "share GPUs, and the GPipe and 1F1B schedules need one GPU per rank; "
-                    "leave them out or use as many GPUs as --stages")
-        if shared:
-            print(f"({args.stages} ranks on {gpus} GPU(s): the pipeline schedules of "
-                  "torch.distributed.pipelining need one GPU per rank and are left out)")
-            args.variant_list = [v for v in args.variant_list if v not in shared]
+        why = (f"{args.stages} ranks share {gpus} GPU(s); torch.distributed.pipelining needs "
+               "one GPU per rank (point-to-point between CUDA tensors)")
+        args.unrunnable = {v: why for v in PIPELINES if v in args.variant_list}
+        if args.unrunnable:
+            print(f"({why}: {', '.join(args.unrunnable)} get a 'not run' row)")
     return args, rest
 
 
@@ -422,6 +419,8 @@ def _jobs(args, mcfg: dict, counts, cores: int) -> list[tuple]:
     for precision in args.precisions:
         for i, loss in enumerate(args.losses.split(",")):
             for variant in args.variant_list:
+                if variant in args.unrunnable:
+                    continue  # a 'not run' row (run_model)
                 if variant in ("backprop1", "ddp") + PIPELINES and i > 0:
                     continue  # global backprop does not use the local loss: measured once
                 ranks = 1 if variant in ("local1", "backprop1") else S
@@ -499,6 +498,13 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
             local_flops, backbone = count_flops(ModelConfig(**mcfg), LossConfig(loss_sup=loss),
                                                 INPUT_SHAPE, NUM_CLASSES, args.batch_size)
             for variant in args.variant_list:
+                if variant in args.unrunnable:
+                    ranks = args.stages
+                    rows.append(dict(not_run(variant, ranks, max(1, cores // ranks),
+                                             args.unrunnable[variant]),
+                                     model=model_name, model_name=mcfg["name"], loss=loss,
+                                     precision=precision, counts=jobs[0][4]["counts"]))
+                    continue
                 key = (precision, loss, variant)
                 if key not in summaries:  # backprop: measured with the first loss only
                     key = (precision, losses[0], variant)
@@ -540,6 +546,7 @@ def memory_sweep(args, model_name: str, mcfg: dict, counts, cores: int) -> list[
                 vcounts=_virtual_counts(_num_blocks(mcfg) + 1, S * VIRTUAL))
     jobs = [(loss, "local") for loss in losses] + \
         [(losses[0], v) for v in args.variant_list if v in PIPELINES]
+    unrunnable = getattr(args, "unrunnable", {})
     rows = []
     for precision in args.precisions:
         for loss, variant in jobs:
@@ -547,6 +554,13 @@ def memory_sweep(args, model_name: str, mcfg: dict, counts, cores: int) -> list[
             points = [{"microbatches": M, "batch_size": m if local else M * m}
                       for M in args.sweep]
             spec = dict(base, loss={"loss_sup": loss}, precision=precision, points=points)
+            if variant in unrunnable:
+                rows += [{"model": model_name, "loss": "-", "precision": precision,
+                          "variant": variant, "label": LABELS[variant], "ranks": S,
+                          "microbatches": pt["microbatches"], "micro_batch_size": m,
+                          "batch_size": pt["batch_size"], "counts": counts,
+                          "error": unrunnable[variant]} for pt in points]
+                continue
             print(f"- {model_name} memory sweep, {LABELS[variant]}"
                   f"{' ' + loss if local else ''} {precision}, M = "
                   f"{','.join(map(str, args.sweep))} ...", flush=True)

@@ -101,3 +101,22 @@ def test_the_reason_is_the_first_python_error_of_the_launch():
                        ":\n[rank1]:   File \"x.py\", line 3\n[rank1]: ValueError: M must be >= 2S"
                        "\n[rank0]: RuntimeError: other\nE1203 failed")
     assert _why(err) == "ValueError: M must be >= 2S"
+
+
+def test_ranks_sharing_a_gpu_get_not_run_rows_for_every_pipeline_schedule(monkeypatch, capsys):
+    """One GPU, two ranks (the GPU check): the schedules are picked out by the benchmark itself,
+    each with a row that says why, whether asked for by name or by the default suite."""
+    import torch
+
+    from benchmarks import throughput
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for variants in (["--variants", "local,local1,gpipe,1f1b,i1f1b,zb1p"], []):
+        args, _ = throughput.parse_args(["--device", "cuda", "--stages", "2", *variants])
+        assert set(args.unrunnable) == {"gpipe", "1f1b", "i1f1b", "zb1p"}
+        assert "share 1 GPU(s)" in capsys.readouterr().out
+        jobs = throughput._jobs(args, {"name": "mlp", "num_layers": 2, "num_hidden": 16}, None, 2)
+        assert {j[2] for j in jobs} == {"local", "local1"} | ({"backprop1", "ddp"}
+                                                              if not variants else set())
+    row = throughput.not_run("zb1p", 2, 1, args.unrunnable["zb1p"])
+    table = throughput.markdown([dict(row, model="mlp", loss="predsim", precision="fp32")])
+    assert "not run: 2 ranks share 1 GPU(s)" in table
