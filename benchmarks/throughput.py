@@ -149,12 +149,21 @@ def summarise(variant: str, ranks: list[dict], spec: dict, windows: int) -> dict
                                              "busy_s", "wall_s", "batches")} for s in stages]
         out["link_bytes_per_s"] = next((r["link_bytes_per_s"] for r in ranks
                                         if r.get("link_bytes_per_s")), None)
-    elif variant in ("gpipe", "1f1b"):
+    elif variant in PIPELINES:
         S, M = len(ranks), spec["microbatches"]
-        out["bubble_fraction"] = (S - 1) / (M + S - 1)  # the schedule's ideal bubble
-    elif variant in ("i1f1b", "loopedbfs"):
-        S, M = len(ranks), spec["microbatches"]
-        out["bubble_fraction"] = (S - 1) / (VIRTUAL * M + S - 1)  # ideal, V chunks per rank
+        if variant in ("gpipe", "1f1b"):
+            out["bubble_ideal"] = (S - 1) / (M + S - 1)  # the schedule's ideal bubble
+        elif variant in ("i1f1b", "loopedbfs"):
+            out["bubble_ideal"] = (S - 1) / (VIRTUAL * M + S - 1)  # V chunks per rank
+        busy = [r for r in ranks if r.get("busy_s") is not None and r.get("wall_s")]
+        if len(busy) == len(ranks):  # measured (CPU): 1 - the ranks' mean busy fraction
+            out["busy_fraction_per_rank"] = [r["busy_s"] / r["wall_s"] for r in
+                                             sorted(busy, key=lambda r: r["rank"])]
+            out["bubble_fraction"] = 1 - statistics.mean(out["busy_fraction_per_rank"])
+            out["bubble_how"] = "measured"
+        elif "bubble_ideal" in out:
+            out["bubble_fraction"] = out["bubble_ideal"]
+            out["bubble_how"] = "ideal"
     return out
 
 
@@ -222,6 +231,8 @@ def markdown(rows: list[dict]) -> str:
         eff = f"{r['pipeline_efficiency']:.3f}" if r["variant"] == "local" else "-"
         bub = f"{r['bubble_fraction']:.2f}" if "bubble_fraction" in r and \
             r["variant"] != "local1" else "-"
+        if r.get("bubble_how") == "ideal":
+            bub += " (ideal)"
         w = r["window_samples_per_s"]
         lines.append(f"| {r['model']} | {r['loss']} | {r['precision']} | {r['label']} | "
                      f"{r['ranks']}x"

@@ -334,6 +334,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
     trace = _trace_window(spec, env)  # counted over the measured batches, as for `local`
     batches = _batches(spec, spec["warmup"] + spec["batches"], env.device)
     meter = SavedActivationMeter(_weights(model) + _data(batches))
+    clock = StageBusy([stage], env.device)
     held = ChunkOutputWatch([stage], meter)
     prev, nxt = [k > 0], [k < S - 1]
     recv = None
@@ -343,6 +344,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
         if i == spec["warmup"]:
             meter.reset_peak()
             held.reset()
+            clock.start()
         with meter, _amp(spec, env.device):
             if k == 0:
                 sched.step(x)
@@ -354,7 +356,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
             recv = stage_recv_buffers([stage], prev, nxt)
             if recv is not None:
                 meter.exclude(recv)
-        with record_function("localloss_pp.optimizer_step"):
+        with record_function("localloss_pp.optimizer_step"), clock.section():
             for unit in units:
                 unit.step()
         if i >= spec["warmup"]:
@@ -376,6 +378,54 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
                        send=held.peak),
             "timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
             "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
+
+
+class StageBusy:
+    """Busy time of a rank running torch.distributed.pipelining schedules, on the CPU: the wall
+    time inside its stages' compute calls (forward, backward, the split weight backward of the
+    zero-bubble schedules; nested calls counted once) and its optimizer steps, over the measured
+    batches. busy / wall is the rank's busy fraction; 1 - the mean over ranks is the measured
+    bubble, defined as the local pipeline's idle share is. On a GPU the host's time inside a
+    call is not the device's, so nothing is reported there (None)."""
+
+    METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+
+    def __init__(self, stages, device):
+        self.cpu = device.type == "cpu"
+        self.busy, self._depth, self.on = 0.0, 0, False
+        if not self.cpu:
+            return
+        for stage in stages:
+            for name in self.METHODS:
+                real = getattr(stage, name, None)
+                if real is not None:
+                    setattr(stage, name, self._timed(real))
+
+    def _timed(self, fn):
+        def timed(*a, **kw):
+            with self.section():
+                return fn(*a, **kw)
+        return timed
+
+    @contextlib.contextmanager
+    def section(self):
+        self._depth += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self.on:
+                self.busy += time.perf_counter() - start
+
+    def start(self) -> None:
+        """From here on (the first measured batch), count."""
+        self.on, self.busy, self.wall_start = True, 0.0, time.perf_counter()
+
+    def result(self) -> dict:
+        if not self.cpu or not self.on:
+            return {"busy_s": None, "wall_s": None}
+        return {"busy_s": self.busy, "wall_s": time.perf_counter() - self.wall_start}
 
 
 # virtual-stage schedules of torch.distributed.pipelining: V chunks per rank
@@ -425,6 +475,7 @@ def run_virtual(spec: dict, env, schedule: str) -> dict:
     stamps = Stamps(env.device)
     batches = _batches(spec, spec["warmup"] + spec["batches"], env.device)
     meter = SavedActivationMeter(_weights(model) + _data(batches))
+    clock = StageBusy(stages, env.device)
     held = ChunkOutputWatch(stages, meter)
     # links to another rank (a V-shaped placement passes between its own two chunks directly)
     prev = [c > 0 and c - 1 not in mine for c in mine]
@@ -436,13 +487,14 @@ def run_virtual(spec: dict, env, schedule: str) -> dict:
         if i == spec["warmup"]:
             meter.reset_peak()
             held.reset()
+            clock.start()
         with meter, _amp(spec, env.device):
             sched.step(*args, **kw)
         if i == 0:  # the first step allocated the receive buffers: counted as buffers
             recv = stage_recv_buffers(stages, prev, nxt)
             if recv is not None:
                 meter.exclude(recv)
-        with record_function("localloss_pp.optimizer_step"):
+        with record_function("localloss_pp.optimizer_step"), clock.section():
             for unit in units:
                 unit.step()
         if i >= spec["warmup"]:
@@ -459,7 +511,7 @@ def run_virtual(spec: dict, env, schedule: str) -> dict:
             [mb * math.prod(every[starts[c] + counts[c] - 1].out_shape) if n else 0
              for c, n in zip(mine, nxt)], spec["microbatches"])
     return {**_memory(meter, recv is not None and held.measured, recv=recv_bytes,
-                       send=held.peak),
+                       send=held.peak), **clock.result(),
             "timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
             "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
 

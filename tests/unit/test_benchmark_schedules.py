@@ -57,6 +57,10 @@ def test_each_virtual_stage_schedule_trains_on_two_ranks(tmp_path, variant):
     # 4 micro-batches of 4 samples, 32 features (fp32), 4 virtual stages on 2 ranks: every
     # rank receives activations or gradients from the other rank for every micro-batch
     assert all(r["buffer_parts"]["recv"] >= 4 * 4 * 32 * 4 for r in ranks)
+    # the bubble is measured on the CPU: each rank's time inside its compute calls
+    assert row["bubble_how"] == "measured" and len(row["busy_fraction_per_rank"]) == 2
+    assert all(0 < b <= 1 for b in row["busy_fraction_per_rank"])
+    assert row["bubble_fraction"] == pytest.approx(1 - sum(row["busy_fraction_per_rank"]) / 2)
 
 
 def test_the_local_pipeline_reports_its_activation_memory(tmp_path):
