@@ -528,7 +528,13 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
                 rows.append(row)
     if costs is None:
         return rows, [], None
-    checks = validate(model_name, losses[0], mcfg, costs, _base_spec(args, mcfg), args, cores)
+    # the local pipeline's runs above, by (loss, split, threads): the cost-model check of the
+    # same configuration reuses them instead of launching it again
+    measured = {(loss, tuple(spec["counts"]), spec["threads"]): combine(summaries[(p, loss, v)])
+                for p, loss, v, ranks, spec in jobs
+                if v == "local" and p == "fp32" and ranks == args.stages}
+    checks = validate(model_name, losses[0], mcfg, costs, _base_spec(args, mcfg), args, cores,
+                      measured)
     flops = {"model": model_name, "backbone_flops_per_sample":
              sum(c.backbone_flops for c in costs) / args.batch_size,
              "local_train_flops_per_sample": sum(c.local_flops for c in costs) / args.batch_size,
@@ -834,8 +840,11 @@ def _num_blocks(mcfg: dict) -> int:
                            materialize=()).blocks)
 
 
-def validate(model_name, loss, mcfg, costs, base, args, cores) -> list[dict]:
-    """Measured local-pipeline throughput at 1 thread per stage against the cost model."""
+def validate(model_name, loss, mcfg, costs, base, args, cores, measured=None) -> list[dict]:
+    """Measured local-pipeline throughput at 1 thread per stage against the cost model.
+    `measured`: summaries of local-pipeline runs already made in this invocation, by (loss,
+    split, threads per rank); a check of the same configuration uses them (fp32, same batches)."""
+    measured = measured or {}
     if args.validate_stages:
         counts_list = [int(s) for s in args.validate_stages.split(",")]
     else:
@@ -849,14 +858,19 @@ def validate(model_name, loss, mcfg, costs, base, args, cores) -> list[dict]:
             continue
         counts = balanced_split(fold_output([c.local_ms for c in local_costs]), S)
         spec = dict(base, loss={"loss_sup": loss}, threads=1, counts=counts)
-        print(f"- {model_name} {loss} cost-model check, {S} stage(s) ...", flush=True)
-        measured = summarise("local", run_variant("local", spec, S, args.timeout), spec,
-                             args.windows)
-        link = measured.get("link_bytes_per_s") or link or 1e9
+        got = measured.get((loss, tuple(counts), 1)) if S == args.stages else None
+        if got is not None:
+            print(f"- {model_name} {loss} cost-model check, {S} stage(s): the local pipeline's "
+                  "run above", flush=True)
+        else:
+            print(f"- {model_name} {loss} cost-model check, {S} stage(s) ...", flush=True)
+            got = summarise("local", run_variant("local", spec, S, args.timeout), spec,
+                            args.windows)
+        link = got.get("link_bytes_per_s") or link or 1e9
         pred = predict(local_costs, counts, args.batch_size, link_bytes_per_s=link, cores=cores)
         rows.append({"model": model_name, "loss": loss, "stages": S, "counts": counts,
-                     "predicted": pred["samples_per_s"], "measured": measured["samples_per_s"],
-                     "error": pred["samples_per_s"] / measured["samples_per_s"] - 1,
+                     "predicted": pred["samples_per_s"], "measured": got["samples_per_s"],
+                     "error": pred["samples_per_s"] / got["samples_per_s"] - 1,
                      "prediction": pred, "link_bytes_per_s": link})
     return rows
 

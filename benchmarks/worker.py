@@ -375,7 +375,7 @@ def run_pipelining(spec: dict, env, schedule: str) -> dict:
             [mb * math.prod(model.blocks[b - 1].out_shape)] if k < S - 1 else [0],
             spec["microbatches"])
     return {**_memory(meter, recv is not None and held.measured, recv=recv_bytes,
-                       send=held.peak),
+                       send=held.peak), **clock.result(),
             "timestamps": stamps.seconds() if k == 0 else None, "report": k == 0,
             "bytes_per_batch": 2 * act * spec["batch_size"] if k == 0 else 0}
 

@@ -63,6 +63,16 @@ def test_each_virtual_stage_schedule_trains_on_two_ranks(tmp_path, variant):
     assert row["bubble_fraction"] == pytest.approx(1 - sum(row["busy_fraction_per_rank"]) / 2)
 
 
+@pytest.mark.parametrize("variant", ["gpipe", "1f1b"])
+def test_gpipe_and_1f1b_report_a_measured_bubble_and_their_memory(tmp_path, variant):
+    spec, ranks = _run_two_ranks(tmp_path, variant)
+    row = summarise(variant, ranks, spec, windows=1)
+    _assert_memory_measured(row, ranks)
+    assert row["bubble_how"] == "measured" and len(row["busy_fraction_per_rank"]) == 2
+    assert all(0 < b <= 1 for b in row["busy_fraction_per_rank"])
+    assert row["bubble_ideal"] == pytest.approx(1 / 5)  # (S - 1) / (M + S - 1)
+
+
 def test_the_local_pipeline_reports_its_activation_memory(tmp_path):
     spec, ranks = _run_two_ranks(tmp_path, "local")
     row = summarise("local", ranks, spec, windows=1)

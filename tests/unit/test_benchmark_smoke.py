@@ -29,6 +29,10 @@ def test_quick_benchmark_runs_every_variant(tmp_path):
     local = next(r for r in data["results"] if r["variant"] == "local")
     assert 0 < local["pipeline_efficiency"] and len(local["stages"]) == 2
     assert [c["stages"] for c in data["costmodel"]] == [1, 2]
+    # the 2-stage check is the local pipeline's configuration: its run is reused, not repeated
+    assert data["costmodel"][1]["counts"] == local["counts"]
+    assert data["costmodel"][1]["measured"] == local["samples_per_s"]
+    assert "cost-model check, 2 stage(s): the local pipeline's run above" in proc.stdout
     assert data["projection"][0]["rows"]
     assert "## Cost model vs measurement" in proc.stdout and "PROJECTION" in proc.stdout
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
