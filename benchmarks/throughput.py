@@ -306,8 +306,9 @@ def parse_args(argv):
     p.add_argument("--vit", default="vit-micro", metavar="NAME",
                    help="the ViT of --models vit (default vit-micro: 6 blocks, dim 64, patch 4)")
     p.add_argument("--losses", default="predsim,pred")
-    p.add_argument("--batches", type=int, default=60, help="measured batches per variant")
-    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--batches", type=int, default=30,
+                   help="measured batches per run of a variant (30; earlier tables used 60)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up batches per run (5)")
     p.add_argument("--windows", type=int, default=5, help="windows per measured run (5)")
     p.add_argument("--repeats", type=int, default=2, help="runs of every variant, interleaved")
     p.add_argument("--quick", action="store_true", help="mlp only, predsim only, fewer batches")
