@@ -235,7 +235,7 @@ def plot(rows: list[dict], args, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from localloss_pp.observe.snapshots import evaluate_run
+    from localloss_pp.run.snapshots import evaluate_run
     from .throughput import environment
 
     args = parse_args(argv)

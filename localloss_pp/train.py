@@ -27,7 +27,7 @@ from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
                                           merge_stage_summaries, read_jsonl, setup_logging,
                                           stage_summary)
 from localloss_pp.observe.profiling import TraceWindow
-from localloss_pp.observe.snapshots import SnapshotRecorder
+from localloss_pp.run.snapshots import SnapshotRecorder
 from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
 from localloss_pp.pipeline.build import build_stage, nhwc_boundary
 from localloss_pp.pipeline.distributed import (DistEnv, all_agree, broadcast_from, gather_all,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch import launch, ok
-from localloss_pp.observe.snapshots import SNAPSHOT_DIR, evaluate_run, read_points
+from localloss_pp.run.snapshots import SNAPSHOT_DIR, evaluate_run, read_points
 
 ARGS = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden",
         "64", "--epochs", "2", "--threads-per-rank", "1", "--no-progress", "--no-print-stats",

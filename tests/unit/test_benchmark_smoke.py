@@ -100,20 +100,3 @@ def test_gpu_check_preflight_names_what_is_missing_in_one_line(monkeypatch, caps
              and "optional" not in l]
     assert len(lines) == 1 and "PIL" in lines[0] and "mlxtend" in lines[0]
     assert "benchmarks/fetch_wheels.sh" in lines[0]
-
-
-def test_throughput_leaves_gpipe_and_1f1b_out_when_ranks_share_a_gpu(capsys):
-    """On fewer GPUs than stages (one GPU: the usual check), the pipelining schedules cannot
-    run (no point-to-point for CUDA tensors over gloo): the defaults leave them out, and asking
-    for them is a one-line error (on a CPU-only machine CUDA has 0 GPUs, which shows the same)."""
-    import torch
-
-    from benchmarks.throughput import parse_args
-    if torch.cuda.device_count() >= 2:
-        pytest.skip("enough GPUs for one per rank")
-    args, _ = parse_args(["--device", "cuda", "--stages", "2"])
-    assert "gpipe" not in args.variant_list and "1f1b" not in args.variant_list
-    assert "ddp" in args.variant_list
-    with pytest.raises(SystemExit):
-        parse_args(["--device", "cuda", "--stages", "2", "--variants", "local,gpipe"])
-    assert "need one GPU per rank" in capsys.readouterr().err
