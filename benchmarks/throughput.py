@@ -531,9 +531,8 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
         return rows, [], None
     # the local pipeline's runs above, by (loss, split, threads): the cost-model check of the
     # same configuration reuses them instead of launching it again
-    measured = {(loss, tuple(spec["counts"]), spec["threads"]): combine(summaries[(p, loss, v)])
-                for p, loss, v, ranks, spec in jobs
-                if v == "local" and p == "fp32" and ranks == args.stages}
+    measured = {(r["loss"], tuple(r["counts"]), r["threads_per_rank"]): r for r in rows
+                if r["variant"] == "local" and r["precision"] == "fp32" and "error" not in r}
     checks = validate(model_name, losses[0], mcfg, costs, _base_spec(args, mcfg), args, cores,
                       measured)
     flops = {"model": model_name, "backbone_flops_per_sample":
