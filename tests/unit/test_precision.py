@@ -7,6 +7,7 @@ from localloss_pp.config import LossConfig, ModelConfig, OptimConfig
 from localloss_pp.models.losses import onehot
 from localloss_pp.observe.metrics import read_jsonl
 from localloss_pp.models import build_model
+from tolerances import assert_rounding_close
 
 CPU = torch.device("cpu")
 TINY = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "256",
@@ -39,16 +40,29 @@ def test_bf16_sends_bf16_and_keeps_fp32_master_weights():
 
 
 def test_channels_last_computes_the_same_block_outputs():
+    # channels-last runs other convolution kernels (other summation orders) than contiguous
+    # memory, so the outputs agree up to fp32 rounding, not bit for bit. Block k's output has
+    # been through k + 1 layers, each summing up to `fan_in` products, and each BatchNorm divides
+    # by its batch's std: rounding_atol's worst-case bound (eps * fan_in * depth * headroom 4,
+    # against the tensor's largest magnitude) holds that with room; measured over 30 draws on a
+    # 2-core x86_64: at most 1.6e-5 of the largest magnitude (block 7, bound ~1e-3), where the
+    # fixed rtol=1e-4/atol=1e-5 it replaces failed on one element of 512 on another machine
     plain, nhwc = conv_model(), conv_model(channels_last=True)
     assert nhwc.blocks[0].encoder.weight.is_contiguous(memory_format=torch.channels_last)
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
     h1 = h2 = x
-    for a, b in zip(plain.blocks, nhwc.blocks):
+    fan_in = 1
+    for depth, (a, b) in enumerate(zip(plain.blocks, nhwc.blocks), start=1):
         h1, c1 = a.train_forward(h1)
         h2, c2 = b.train_forward(h2)
-        torch.testing.assert_close(h1, h2, rtol=1e-4, atol=1e-5)
+        fan_in = max(fan_in, a.encoder.weight[0].numel())
+        assert_rounding_close(h2, h1, terms=fan_in, depth=depth, msg=f"block {depth - 1}: ")
+        # the local losses (before the update): same inputs up to rounding, same reductions
         s1, s2 = a.train_update(c1, y, onehot(y, 10)), b.train_update(c2, y, onehot(y, 10))
-        torch.testing.assert_close(s1, s2, rtol=1e-3, atol=1e-5)
+        assert_rounding_close(s2[:3], s1[:3], terms=fan_in, depth=depth + 1,
+                              msg=f"block {depth - 1} losses: ")
+        # correct predictions: a logit tie within rounding may flip one sample, no more
+        assert abs(float(s2[3] - s1[3])) <= 1
 
 
 def test_bf16_training_ends_close_to_fp32(tmp_path):
@@ -58,6 +72,10 @@ def test_bf16_training_ends_close_to_fp32(tmp_path):
         assert main(["train", *TINY, "--epochs", "2", "--run-dir", str(run),
                      "--precision", precision]) == 0
         errors[precision] = read_jsonl(run / "metrics.jsonl")[-1]["test"]["error"]
+    # bf16 rounds every activation to 8 significant bits, so the two runs drift apart batch by
+    # batch and only their outcome is comparable. Measured on a 2-core x86_64, seeds 1-5: the
+    # test errors differ by at most 0.2 points while they spread over 3.4 points between seeds;
+    # 2 points is ten times the measured gap and still below a change of seed
     assert abs(errors["bf16"] - errors["fp32"]) < 2.0, errors
 
 
@@ -103,10 +121,12 @@ def test_compiled_conv_stage_stays_compiled_without_graph_breaks():
     with torch._dynamo.config.patch(error_on_recompile=True):  # warm: nothing compiles again
         got += _steps(compiled, [100, 37], True) + _steps(compiled, [100, 37], False)
         want += _steps(eager, [100, 37], True) + _steps(eager, [100, 37], False)
+    # the "eager" backend runs dynamo's captured graphs with the same aten kernels in the same
+    # order as eager mode, so the claim is bit-identity, not closeness (measured: equal)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, b)
     for a, b in zip(compiled.state_dict().values(), eager.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, b)
     torch._dynamo.reset()
 
 
