@@ -33,7 +33,7 @@ from localloss_pp.config import Config, DataConfig, LossConfig, ModelConfig, Tra
 from localloss_pp.data.datasets import DATASETS, build_datasets, build_sources, resolve_num_workers
 from localloss_pp.pipeline.partition import profile_unit_times
 
-from .throughput import environment
+from .common import environment
 
 DEMAND_MODELS = {  # the model each input size is trained with in the reference's recipes
     (1, 28, 28): ("mlp 3x1024", {"name": "mlp", "num_layers": 3, "num_hidden": 1024}),
@@ -116,7 +116,7 @@ def demand(input_shape, device, batch_size: int) -> tuple[str, float] | None:
     return name, 1000.0 / ms
 
 
-def main(argv=None) -> int:
+def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="folder with MNIST/ and FashionMNIST/ raw")
     p.add_argument("--batch-size", type=int, default=128)
@@ -124,20 +124,20 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stages", type=int, default=2, help="S of the pipeline demand column")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
-    env = environment()
-    print(f"# loader benchmark, {env}, device {device}, batch {args.batch_size}, "
-          f"one compute thread", flush=True)
-    rows = []
-    bs = args.batch_size
+    return p.parse_args(argv)
 
-    def add(path, dataset, per_s, shape):
-        rows.append({"path": path, "dataset": dataset, "batches_per_s": per_s,
-                     "samples_per_s": per_s * bs, "input_shape": list(shape)})
-        print(f"  {dataset:<14} {path:<34} {per_s:9.1f} batches/s", flush=True)
 
+def _row(path: str, dataset: str, per_s: float, samples: int, shape) -> dict:
+    """One measured path (`samples`: its batch size), printed as it comes."""
+    print(f"  {dataset:<14} {path:<34} {per_s:9.1f} batches/s", flush=True)
+    return {"path": path, "dataset": dataset, "batches_per_s": per_s,
+            "samples_per_s": per_s * samples, "input_shape": list(shape)}
+
+
+def _in_memory_rows(args, device) -> list[dict]:
+    """The batched in-memory paths (real mnist5k, MNIST and FashionMNIST; arrays of the
+    CIFAR, SVHN and STL10 shapes) and the per-image PIL path."""
+    bs, rows = args.batch_size, []
     real = [("mnist5k", None)]
     if args.data_dir:
         real += [(n, args.data_dir) for n in ("MNIST", "FashionMNIST")
@@ -145,29 +145,43 @@ def main(argv=None) -> int:
     for name, root in real:
         cfg = DataConfig(dataset=name, batch_size=bs, data_dir=root or "data")
         train, _, info = build_sources(cfg, 1, device)
-        add("in-memory, batched", name, batches_per_s(train, device, args.batches),
-            info.input_shape)
+        rows.append(_row("in-memory, batched", name, batches_per_s(train, device, args.batches),
+                         bs, info.input_shape))
     cfg5k = DataConfig(dataset="mnist5k", batch_size=bs)
-    add("per image (PIL), 0 workers", "mnist5k", pil_loader_per_s(cfg5k, args.batches),
-        (1, 28, 28))
+    rows.append(_row("per image (PIL), 0 workers", "mnist5k",
+                     pil_loader_per_s(cfg5k, args.batches), bs, (1, 28, 28)))
     for name, cutout in (("CIFAR10", False), ("CIFAR10", True), ("SVHN", False),
                          ("STL10", False)):
         cfg = DataConfig(dataset=name, batch_size=bs, cutout=cutout)
-        add("in-memory, batched" + (" + cutout" if cutout else ""), name + " (shape)",
-            batches_per_s(synthetic_source(name, cfg, device), device, args.batches),
-            DATASETS[name].input_shape)
+        rows.append(_row("in-memory, batched" + (" + cutout" if cutout else ""), name + " (shape)",
+                         batches_per_s(synthetic_source(name, cfg, device), device, args.batches),
+                         bs, DATASETS[name].input_shape))
+    return rows
+
+
+def _image_folder_rows(args, device) -> list[dict]:
+    """The image-folder path (PNG files decoded by DataLoader workers), with 0 workers and with
+    `--num-workers auto`; batches of at most 32 (printed as batches of --batch-size)."""
+    bs, small, rows = args.batch_size, min(args.batch_size, 32), []
     with tempfile.TemporaryDirectory() as tmp:
         image_folder(Path(tmp))
         auto = resolve_num_workers("auto", device, 1, 1)
         for workers in sorted({0, max(1, auto)}):
-            cfg = DataConfig(dataset="ImageNet", data_dir=tmp, batch_size=min(bs, 32))
+            cfg = DataConfig(dataset="ImageNet", data_dir=tmp, batch_size=small)
             train, _, _ = build_sources(cfg, 1, device, num_workers=workers)
             per_s = batches_per_s(train, device, max(6, args.batches // 10))
             rows.append({"path": f"image folder, {workers} workers", "dataset": "ImageNet-like",
-                         "batches_per_s": per_s, "samples_per_s": per_s * min(bs, 32),
+                         "batches_per_s": per_s, "samples_per_s": per_s * small,
                          "input_shape": [3, 224, 224]})
             print(f"  {'ImageNet-like':<14} {'image folder, %d workers' % workers:<34} "
-                  f"{per_s * min(bs, 32) / bs:9.1f} batches/s (of {bs})", flush=True)
+                  f"{per_s * small / bs:9.1f} batches/s (of {bs})", flush=True)
+    return rows
+
+
+def _print_demand_table(rows: list[dict], args, device) -> None:
+    """Every path's samples/s next to the demand of the model trained on its input size (one
+    process, and a balanced pipeline of --stages stages); adds the demand to the rows."""
+    bs = args.batch_size
     print()
     print(f"| dataset | path | samples/s | demand: model | 1 process | {args.stages} stages | "
           "loader / pipeline demand |")
@@ -186,9 +200,21 @@ def main(argv=None) -> int:
         print(f"| {r['dataset']} | {r['path']} | {r['samples_per_s']:,.0f} | {d[0]} | "
               f"{one:,.0f} | {args.stages * one:,.0f} | "
               f"{r['samples_per_s'] / (args.stages * one):.1f}x |")
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
+    env = environment()
+    print(f"# loader benchmark, {env}, device {device}, batch {args.batch_size}, "
+          f"one compute thread", flush=True)
+    rows = _in_memory_rows(args, device) + _image_folder_rows(args, device)
+    _print_demand_table(rows, args, device)
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "device": str(device),
-                                               "batch_size": bs, "rows": rows}, indent=2))
+                                               "batch_size": args.batch_size, "rows": rows},
+                                              indent=2))
     return 0
 
 

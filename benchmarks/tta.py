@@ -31,22 +31,22 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import environment, launch, python_module, pyplot
+from .schedules import PIPELINES, SCHEDULES
 
 VARIANTS = ("local-pred", "local-predsim", "local1-pred", "local1-predsim", "backprop1", "ddp")
-DERIVED = ("gpipe", "1f1b", "i1f1b", "zb1p")
+# the derived curves: the backprop pipeline schedules of the throughput benchmark's default suite
+DERIVED = tuple(name for name in PIPELINES if SCHEDULES[name].default)
 LABELS = {"local-pred": "local pipeline, pred", "local-predsim": "local pipeline, predsim",
           "local1-pred": "local, 1 process, pred", "local1-predsim": "local, 1 process, predsim",
           "backprop1": "backprop, 1 process", "ddp": "backprop data-parallel",
-          "gpipe": "backprop GPipe (derived)", "1f1b": "backprop 1F1B (derived)",
-          "i1f1b": "backprop Interleaved1F1B (derived)", "zb1p": "backprop ZB1P (derived)"}
+          **{name: f"{SCHEDULES[name].title} (derived)" for name in DERIVED}}
 DEFAULT_TARGETS = {"MNIST": "3,2,1.5", "FashionMNIST": "15,12"}
 TRAIN_EXAMPLES = {"MNIST": 60000, "FashionMNIST": 60000}
 MODEL = ["--model", "mlp", "--num-layers", "3", "--num-hidden", "1024", "--nonlin", "leakyrelu",
@@ -125,28 +125,18 @@ def _command(variant: str, args, seed: int, every: int, run_dir: Path, cores: in
     common = ["train", *MODEL, "--dataset", args.dataset, "--data-dir", args.data_dir,
               "--epochs", str(args.epochs), "--seed", str(seed), "--snapshot-every", str(every),
               "--no-progress", "--no-print-stats", "--run-dir", str(run_dir)]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", str(args.stages), "-m", "localloss_pp"]
-    one = [sys.executable, "-m", "localloss_pp"]
     loss = variant.rsplit("-", 1)[-1]
     if variant.startswith("local-"):
-        return torchrun + common + ["--loss-sup", loss, "--threads-per-rank", "1"], 1
+        return python_module("localloss_pp", *common, "--loss-sup", loss, "--threads-per-rank",
+                             "1", ranks=args.stages), 1
     if variant.startswith("local1-"):
-        return one + common + ["--loss-sup", loss, "--threads-per-rank", str(cores)], cores
+        return python_module("localloss_pp", *common, "--loss-sup", loss, "--threads-per-rank",
+                             str(cores)), cores
     if variant == "backprop1":
-        return one + common + ["--backprop", "--threads-per-rank", str(cores)], cores
-    return torchrun + common + ["--backprop", "--replicas", str(args.stages),
-                                "--threads-per-rank", "1"], 1
-
-
-def _run(cmd, threads: int, timeout: float) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:8])} ... exited {proc.returncode}:\n"
-                           f"{proc.stderr[-3000:]}")
+        return python_module("localloss_pp", *common, "--backprop", "--threads-per-rank",
+                             str(cores)), cores
+    return python_module("localloss_pp", *common, "--backprop", "--replicas", str(args.stages),
+                         "--threads-per-rank", "1", ranks=args.stages), 1
 
 
 def time_to(curve: list[dict], target: float) -> float | None:
@@ -171,13 +161,10 @@ def step_rates(args, cores: int) -> dict:
     variants = ",".join(["backprop1", *args.derived])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rates.json"
-        cmd = [sys.executable, "-m", "benchmarks.throughput", "--models", "mlp", "--losses",
-               "pred", "--variants", variants, "--stages", str(args.stages), "--no-costmodel",
-               "--repeats", "1", "--json", str(out)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              timeout=args.timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmarks.throughput failed:\n{proc.stderr[-3000:]}")
+        launch(python_module("benchmarks.throughput", "--models", "mlp", "--losses", "pred",
+                             "--variants", variants, "--stages", str(args.stages),
+                             "--no-costmodel", "--repeats", "1", "--json", str(out)),
+               "benchmarks.throughput", args.timeout)
         rows = json.loads(out.read_text())["results"]
     rates = {}
     for row in rows:
@@ -211,9 +198,8 @@ def table(rows: list[dict], targets: list[float]) -> str:
 
 
 def plot(rows: list[dict], args, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Test error against training time, the first seed's curve of every row."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         curve = r["curves"][0]  # the first seed's curve
@@ -234,10 +220,53 @@ def plot(rows: list[dict], args, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def _run_variant(variant: str, args, every: int, cores: int, tmp: Path) -> dict:
+    """Every seed of one variant: a real training run each, its snapshots evaluated after it."""
     from localloss_pp.run.snapshots import evaluate_run
-    from .throughput import environment
+    curves = []
+    for seed in args.seeds:
+        run_dir = tmp / f"{variant}-s{seed}"
+        cmd, threads = _command(variant, args, seed, every, run_dir, cores)
+        t0 = time.perf_counter()
+        launch(cmd, " ".join(cmd[:8]) + " ...", args.timeout, threads=threads)
+        curve = evaluate_run(run_dir)
+        curves.append(curve)
+        print(f"- {LABELS[variant]}, seed {seed}: {len(curve)} points, final "
+              f"{curve[-1]['test_error']:.2f}% at {curve[-1]['train_s']:.1f}s "
+              f"(run and evaluation {time.perf_counter() - t0:.0f}s)", flush=True)
+        shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
+    ranks = args.stages if variant.startswith("local-") or variant == "ddp" else 1
+    return {"variant": variant, "label": LABELS[variant], "derived": False, "ranks": ranks,
+            "threads": 1 if ranks > 1 else cores, "curves": curves}
 
+
+def _derived_rows(args, rows: list[dict], rates: dict) -> list[dict]:
+    """The backprop pipeline schedules' curves: backprop1's, the time axis stretched by the
+    ratio of the measured samples/s."""
+    base = next((r for r in rows if r["variant"] == "backprop1"), None)
+    out = []
+    for name in args.derived:
+        if base is None or name not in rates or "backprop1" not in rates:
+            print(f"- {LABELS[name]}: no measured samples/s, left out")
+            continue
+        stretch = rates["backprop1"] / rates[name]
+        out.append({"variant": name, "label": LABELS[name], "derived": True,
+                    "ranks": args.stages, "threads": 1, "stretch": stretch,
+                    "curves": [[dict(p, train_s=p["train_s"] * stretch) for p in c]
+                               for c in base["curves"]]})
+    return out
+
+
+def _times_to_targets(rows: list[dict], args, batches: int, every: int) -> None:
+    """Add every row's points per epoch, median final error and times to the targets."""
+    for r in rows:
+        r["points_per_epoch"] = math.ceil(batches / every)
+        r["final_error"] = statistics.median(c[-1]["test_error"] for c in r["curves"])
+        r["time_to"] = {f"{t:g}": summary([time_to(c, t) for c in r["curves"]])
+                        for t in args.targets}
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     cores = os.cpu_count() or 1
@@ -254,41 +283,10 @@ def main(argv=None) -> int:
     if rates:
         print("samples/s for the derived curves (benchmarks.throughput, synthetic batches): "
               + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), flush=True)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants:
-            curves = []
-            for seed in args.seeds:
-                run_dir = Path(tmp) / f"{variant}-s{seed}"
-                cmd, threads = _command(variant, args, seed, every, run_dir, cores)
-                t0 = time.perf_counter()
-                _run(cmd, threads, args.timeout)
-                curve = evaluate_run(run_dir)
-                curves.append(curve)
-                print(f"- {LABELS[variant]}, seed {seed}: {len(curve)} points, final "
-                      f"{curve[-1]['test_error']:.2f}% at {curve[-1]['train_s']:.1f}s "
-                      f"(run and evaluation {time.perf_counter() - t0:.0f}s)", flush=True)
-                import shutil
-                shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
-            ranks = args.stages if variant.startswith("local-") or variant == "ddp" else 1
-            rows.append({"variant": variant, "label": LABELS[variant], "derived": False,
-                         "ranks": ranks, "threads": 1 if ranks > 1 else cores,
-                         "curves": curves})
-    base = next((r for r in rows if r["variant"] == "backprop1"), None)
-    for name in args.derived:
-        if base is None or name not in rates or "backprop1" not in rates:
-            print(f"- {LABELS[name]}: no measured samples/s, left out")
-            continue
-        stretch = rates["backprop1"] / rates[name]
-        rows.append({"variant": name, "label": LABELS[name], "derived": True,
-                     "ranks": args.stages, "threads": 1, "stretch": stretch,
-                     "curves": [[dict(p, train_s=p["train_s"] * stretch) for p in c]
-                                for c in base["curves"]]})
-    for r in rows:
-        r["points_per_epoch"] = math.ceil(batches / every)
-        r["final_error"] = statistics.median(c[-1]["test_error"] for c in r["curves"])
-        r["time_to"] = {f"{t:g}": summary([time_to(c, t) for c in r["curves"]])
-                        for t in args.targets}
+        rows = [_run_variant(v, args, every, cores, Path(tmp)) for v in args.variants]
+    rows += _derived_rows(args, rows, rates)
+    _times_to_targets(rows, args, batches, every)
     print(f"\n## Time to test error on {args.dataset} (median of {len(args.seeds)} seed(s) "
           f"[range]; training time only)\n")
     print(table(rows, args.targets))

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.throughput import parse_args, sweep_markdown
+from benchmarks.options import parse_args
+from benchmarks.sweep import sweep_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_the_local_pipeline_is_flat_in_m_and_gpipe_grows(tmp_path):
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     env = dict(os.environ, OMP_NUM_THREADS="1",
@@ -64,5 +66,5 @@ def test_bad_sweep_options_are_one_line_errors(argv, message, capsys):
 
 
 def test_the_sweep_micro_batch_defaults_to_batch_over_microbatches():
-    args, _ = parse_args(["--device", "cpu", "--memory-sweep", "4,1,2,2"])
+    args = parse_args(["--device", "cpu", "--memory-sweep", "4,1,2,2"])
     assert args.sweep == [1, 2, 4] and args.sweep_microbatch == 128 // 4

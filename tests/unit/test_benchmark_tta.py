@@ -63,6 +63,7 @@ def test_every_variant_is_a_real_train_command(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 47 s on 2 quiet cores, 5-7 min on busy ones (the suite: 300 s)
 def test_sub_epoch_curve_on_real_mnist(mnist_copy, tmp_path, capsys):
     out = tmp_path / "tta.json"
     assert tta.main(["--data-dir", str(mnist_copy), "--variants", "backprop1", "--derived",

@@ -1,10 +1,14 @@
-"""The package's house rules (docs/architecture.md, "Layout"): sub-packages by role, imports
-that only point one way, no import circle. Parsed from the sources (ast), lazy imports inside
-functions included, so a new arrow in the wrong direction fails here."""
+"""The package's house rules (docs/architecture.md, "Code map", "The dependency rule"):
+sub-packages by role, imports that only point one way, no import circle; and benchmarks/,
+which has no import circle either and uses only its documented interface to the package.
+Parsed from the sources (ast), lazy imports inside functions included, so a new arrow in the
+wrong direction fails here."""
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "localloss_pp"
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "localloss_pp"
+BENCHMARKS = REPO / "benchmarks"
 LEAVES = {"errors", "seeds", "layout", "faults", "durable"}
 
 # room -> the rooms it may import from (besides itself)
@@ -20,6 +24,28 @@ ALLOWED = {
     "train": {"leaf", "config", "models", "data", "observe", "pipeline", "run"},
     "cli": {"leaf", "config", "flags", "models", "data", "observe", "pipeline", "run", "train"},
     "package": {"cli"},  # __init__ and __main__
+}
+
+# The modules of localloss_pp that benchmarks/ may import: what it imports at the time of
+# writing (docs/architecture.md names pipeline/build.py as used by benchmarks/worker.py; the
+# rest are the configuration, the model builder and losses, the data paths, the partition, the
+# process-group set-up, the transport's fingerprint and header size, the global-backprop step,
+# the profiler window and timelines, and the weight snapshots). A benchmark that needs another
+# module of the package adds it here, on purpose.
+BENCHMARKS_INTERFACE = {
+    "localloss_pp.config",
+    "localloss_pp.data.batches",
+    "localloss_pp.data.datasets",
+    "localloss_pp.models",
+    "localloss_pp.models.losses",
+    "localloss_pp.models.vit",
+    "localloss_pp.observe.profiling",
+    "localloss_pp.pipeline.build",
+    "localloss_pp.pipeline.distributed",
+    "localloss_pp.pipeline.globalmode",
+    "localloss_pp.pipeline.partition",
+    "localloss_pp.pipeline.transport",
+    "localloss_pp.run.snapshots",
 }
 
 
@@ -45,22 +71,22 @@ def is_module(name: str, root: Path) -> bool:
     return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
-def imports_of(path: Path, root: Path = PACKAGE) -> set[str]:
-    """Every localloss_pp module that `path` imports (relative imports resolved)."""
+def imports_of(path: Path, root: Path = PACKAGE, tops=("localloss_pp",)) -> set[str]:
+    """Every module of the packages `tops` that `path` imports (relative imports resolved)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     me = module_name(path, root).split(".")
     package = me if path.name == "__init__.py" else me[:-1]
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "localloss_pp"}
+            found |= {a.name for a in node.names if a.name.split(".")[0] in tops}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[:len(package) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "localloss_pp":
+            if target.split(".")[0] not in tops:
                 continue
             found.add(target)
             # `from localloss_pp.x import y` where y is a module
@@ -69,8 +95,20 @@ def imports_of(path: Path, root: Path = PACKAGE) -> set[str]:
     return found
 
 
-def graph(root: Path = PACKAGE) -> dict[str, set[str]]:
-    return {module_name(p, root): imports_of(p, root) for p in root.rglob("*.py")}
+def graph(root: Path = PACKAGE, tops=("localloss_pp",)) -> dict[str, set[str]]:
+    return {module_name(p, root): imports_of(p, root, tops) for p in root.rglob("*.py")}
+
+
+def benchmarks_graph(root: Path = BENCHMARKS) -> dict[str, set[str]]:
+    """benchmarks/'s modules -> the modules of benchmarks/ and of localloss_pp they import."""
+    return graph(root, tops=(root.name, "localloss_pp"))
+
+
+def outside_interface(g: dict[str, set[str]]) -> list[str]:
+    """The imports of localloss_pp modules that are not in BENCHMARKS_INTERFACE."""
+    return sorted(f"{module} imports {target}" for module, targets in g.items()
+                  for target in targets
+                  if target.split(".")[0] == "localloss_pp" and target not in BENCHMARKS_INTERFACE)
 
 
 def wrong_arrows(g: dict[str, set[str]]) -> list[str]:
@@ -147,3 +185,36 @@ def test_the_checker_finds_a_wrong_arrow_and_a_circle(tmp_path):
                           "localloss_pp.models.blocks"],
                          ["localloss_pp.pipeline.stage", "localloss_pp.models.blocks",
                           "localloss_pp.pipeline.stage"])
+
+
+def test_benchmarks_have_no_import_circle():
+    g = benchmarks_graph()
+    assert "benchmarks.throughput" in g and "benchmarks.common" in g
+    assert (found := circle(g)) is None, "import circle: " + " -> ".join(found)
+
+
+def test_benchmarks_import_only_the_documented_interface_of_the_package():
+    g = benchmarks_graph()
+    assert not (wrong := outside_interface(g)), "\n".join(wrong)
+    used = {t for targets in g.values() for t in targets if t.startswith("localloss_pp")}
+    assert used == BENCHMARKS_INTERFACE, BENCHMARKS_INTERFACE - used  # no stale entry
+
+
+def test_the_benchmark_checker_finds_a_circle_and_a_new_import(tmp_path):
+    """Two benchmark modules importing each other (one lazily, one relatively) are a circle; a
+    module of the package outside the interface is reported."""
+    root = tmp_path / "benchmarks"
+    root.mkdir()
+    (tmp_path / "localloss_pp" / "run").mkdir(parents=True)
+    for name, text in {
+        "__init__.py": "",
+        "common.py": "def f():\n    from benchmarks.throughput import main\n",
+        "throughput.py": "from .common import f\nfrom localloss_pp.run import checkpoint\n",
+    }.items():
+        (root / name).write_text(text)
+    (tmp_path / "localloss_pp" / "run" / "checkpoint.py").write_text("")
+    g = benchmarks_graph(root)
+    assert circle(g) in (["benchmarks.common", "benchmarks.throughput", "benchmarks.common"],
+                         ["benchmarks.throughput", "benchmarks.common", "benchmarks.throughput"])
+    assert outside_interface(g) == ["benchmarks.throughput imports localloss_pp.run",
+                                    "benchmarks.throughput imports localloss_pp.run.checkpoint"]

@@ -1,7 +1,7 @@
 import pytest
 
 from benchmarks.costmodel import BlockCost, predict, project, stage_bytes
-from benchmarks.throughput import combine, summarise
+from benchmarks.runs import combine, summarise
 from localloss_pp.pipeline.partition import Partition, balanced_split, parse_counts
 
 
