@@ -33,9 +33,10 @@ def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, *, terms
                           depth: int = 1, headroom: float = 4.0, msg: str = "") -> None:
     """`actual` equals `expected` up to the rounding of two summation orders (no rtol: the
     bound is absolute, scaled by the tensor's largest magnitude, see the module docstring)."""
-    atol = rounding_atol(expected, terms=terms, depth=depth, headroom=headroom)
-    worst = float((actual.float() - expected.float()).abs().max()) if expected.numel() else 0.0
     assert actual.shape == expected.shape, f"{msg}shapes {tuple(actual.shape)} != " \
                                            f"{tuple(expected.shape)}"
+    atol = rounding_atol(expected, terms=terms, depth=depth, headroom=headroom)
+    worst = float((actual.detach().float() - expected.detach().float()).abs().max()) \
+        if expected.numel() else 0.0
     assert worst <= atol, (f"{msg}largest difference {worst:.3g} exceeds the rounding bound "
                            f"{atol:.3g} (terms={terms}, depth={depth}, headroom={headroom})")

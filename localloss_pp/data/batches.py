@@ -271,6 +271,9 @@ class _Source:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def close(self) -> None:
+        """Release what the source holds beyond memory (worker processes); nothing here."""
+
 
 class TensorBatches(_Source):
     """An in-memory split on the device, served as batches made with tensor operations.
@@ -363,3 +366,9 @@ class LoaderBatches(_Source):
         for x, y_host in self.loader:
             yield (x.to(self.device, non_blocking=True), y_host.to(self.device, non_blocking=True),
                    y_host)
+
+    def close(self) -> None:
+        """Stop the persistent workers now. The loader's batch sampler refers back to this
+        source, so without close() only the cyclic garbage collector frees them, at a moment of
+        its choosing and in an order that leaves each worker waiting out its 5 s poll."""
+        self.loader = None  # the last reference: the loader's iterator shuts its workers down

@@ -107,9 +107,9 @@ def check_units(name: str, units: list, output) -> None:
         if missing or getattr(unit, "index", None) != i:
             what = f"lacks {', '.join(missing)}" if missing else \
                 f"has index {getattr(unit, 'index', None)}, not {i}"
-            raise ValueError(f"model {name}: {'the output layer' if unit is output else 'unit'} "
-                             f"{i} ({type(unit).__name__}) {what}; see docs/usage.md, \"Your own "
-                             "model\"")
+            part = "the output layer" if unit is output else "unit"
+            raise ValueError(f"model {name}: {part} {i} ({type(unit).__name__}) {what}; "
+                             "see docs/usage.md, \"Your own model\"")
 
 
 # The built-in names (Wide-ResNets: any wresnet<6n+4>-<k>[a]).

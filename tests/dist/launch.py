@@ -1,7 +1,6 @@
 """Helpers that start real multi-process runs of the command line (one process per stage)."""
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import re
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from localloss_pp.observe.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,10 +107,13 @@ class Streamed:
 TIMING = {"train_time_s", "epoch_time_s", "train_samples_per_s", "stages"}
 
 
-def records(run_dir: Path) -> list[dict]:
-    """The metrics records of a run, timing fields left out."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+def records(run_dir: Path, keep_timing: bool = False) -> list[dict]:
+    """The metrics records of a run (read as `localloss-pp` reads them), timing fields left
+    out unless `keep_timing`."""
+    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    if keep_timing:
+        return recs
+    return [{k: v for k, v in rec.items() if k not in TIMING} for rec in recs]
 
 
 def ok(results: list[subprocess.CompletedProcess]) -> list[subprocess.CompletedProcess]:

@@ -5,11 +5,13 @@ import os
 import signal
 import time
 
-from launch import Ranks, digest, launch, ok, records
+import pytest
 
-ARGS = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden", "64",
-        "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "3",
-        "--threads-per-rank", "1", "--no-progress", "--no-print-stats"]
+from launch import Ranks, digest, launch, ok, records
+from runargs import mlp_args
+
+ARGS = mlp_args(3, 64, "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "3",
+                one_thread=True)
 
 
 def test_resume_mid_epoch_and_at_epoch_end_with_other_stage_counts(tmp_path):
@@ -35,6 +37,7 @@ def test_resume_mid_epoch_and_at_epoch_end_with_other_stage_counts(tmp_path):
     assert digest(end) == digest(full) and records(end) == ref[1:]
 
 
+@pytest.mark.slow
 def test_a_vit_checkpointed_mid_epoch_in_one_process_resumes_on_three_stages(tmp_path):
     vit = ["--model", "vit-3-16-p7", "--dataset", "mnist5k", "--dropout", "0.1", "--epochs",
            "2", "--batch-size", "200", "--lr", "1e-3", "--threads-per-rank", "1",
@@ -50,6 +53,7 @@ def test_a_vit_checkpointed_mid_epoch_in_one_process_resumes_on_three_stages(tmp
     assert records(resumed) == records(full)
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_an_interrupted_run_in_place(tmp_path):
     run = tmp_path / "run"
     ok(launch(2, ["train", *ARGS, "--epochs", "1", "--run-dir", str(run)]))

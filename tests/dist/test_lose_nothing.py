@@ -6,14 +6,16 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from launch import ROOT, Streamed, _env, digest, launch, ok, records
 from localloss_pp.run.rundir import RunDirLock, release_locks
+from runargs import mlp_args
 
-ARGS = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden",
-        "32", "--dropout", "0.1", "--epochs", "2", "--threads-per-rank", "1", "--no-progress",
-        "--no-print-stats"]
+ARGS = ["train", *mlp_args(2, 32, "--dropout", "0.1", "--epochs", "2", one_thread=True)]
 
 
+@pytest.mark.slow
 def test_killed_after_the_final_checkpoint_finishes_from_it(tmp_path):
     """Window 1: the final checkpoint is complete, model.pt was never written."""
     run = tmp_path / "run"
@@ -39,6 +41,7 @@ def _killed_before_first_manifest(run):
     (run / "metrics.jsonl").write_text(lines[0])
 
 
+@pytest.mark.slow
 def test_killed_before_the_first_checkpoint_starts_again(tmp_path):
     """Window 2: no complete checkpoint, but the run directory holds this run's start."""
     ref = tmp_path / "ref"
@@ -93,6 +96,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
     run = tmp_path / "run"
     s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from launch import digest, launch, ok
+from launch import digest, launch, ok, records as read_records
 from localloss_pp.cli import main
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from runargs import mlp_args
 
-ARGS = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden",
-        "64", "--epochs", "2", "--threads-per-rank", "1", "--no-progress", "--tensorboard",
-        "--log-every", "8"]
+ARGS = ["train", *mlp_args(3, 64, "--epochs", "2", "--no-progress", "--tensorboard",
+                           "--log-every", "8", quiet=False, one_thread=True)]
 
 
 def scalars(folder):
@@ -22,6 +22,7 @@ def scalars(folder):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tensorboard_profile_timeline_and_compare(tmp_path, capsys):
     run = tmp_path / "run"
     ok(launch(2, [*ARGS, "--run-dir", str(run), "--profile", "1:4:3"]))
@@ -32,7 +33,7 @@ def test_tensorboard_profile_timeline_and_compare(tmp_path, capsys):
     assert {"global/test/error", "global/train/loss_global", "global/lr",
             "block02/train/loss_sim", "stage2/train/wait_recv_s"} <= set(last)
     assert all([s for s, _ in v] == [1, 2] for v in (*first.values(), *last.values()))
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run, keep_timing=True)
     assert [v for _, v in last["global/test/error"]] == \
         pytest.approx([r["test"]["error"] for r in records])
     per_batch = scalars(run / "tb" / "stage2" / "batches")

@@ -8,9 +8,10 @@ import time
 import pytest
 
 from launch import ROOT, Streamed, digest, launch, records as comparable
+from runargs import mlp_args
 
-MLP = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4", "--num-hidden", "64",
-       "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "2"]
+MLP = mlp_args(4, 64, "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "2",
+               quiet=False)
 CONV = ["--model", "vgg8b", "--dataset", "mnist5k", "--feat-mult", "0.0625",
         "--dim-in-decoder", "128", "--num-hidden", "64", "--dropout", "0.1", "--epochs", "2",
         "--batch-size", "100"]
@@ -40,10 +41,19 @@ def one_process(tmp_path_factory):
     return get
 
 
+SLOW = pytest.mark.slow
+
+
+# the default run: 1 against 2 stages for every family, and one 3-stage case; `-m slow` adds
+# the 4-stage pipelines and bf16 on the wire (the ResNets: test_residual_pipelines.py)
 @pytest.mark.parametrize("name,args,stage_counts", [
-    ("mlp", MLP, [1, 2, 3, 4]), ("conv", CONV, [1, 2, 4]), ("vit", VIT, [1, 2, 3, 4]),
+    ("mlp", MLP, [1, 2, 3]), ("conv", CONV, [1, 2]), ("vit", VIT, [1, 2]),
+    pytest.param("mlp", MLP, [1, 4], marks=SLOW, id="mlp-4-stages"),
+    pytest.param("conv", CONV, [1, 4], marks=SLOW, id="conv-4-stages"),
+    pytest.param("vit", VIT, [1, 3, 4], marks=SLOW, id="vit-3-4-stages"),
     # bf16 activations on the wire (and between the blocks of a stage), NHWC convolutions
-    ("conv-bf16", CONV + ["--precision", "bf16", "--channels-last"], [1, 3])])
+    pytest.param("conv-bf16", CONV + ["--precision", "bf16", "--channels-last"], [1, 3],
+                 marks=SLOW, id="conv-bf16")])
 def test_pipeline_equals_one_process(tmp_path, one_process, name, args, stage_counts):
     runs = {s: one_process(name, args) if s == 1 else run_stages(tmp_path, name, s, args)[0]
             for s in stage_counts}
@@ -54,8 +64,7 @@ def test_pipeline_equals_one_process(tmp_path, one_process, name, args, stage_co
         assert comparable(runs[s]) == ref_metrics, f"{s} stages"
         part = json.loads((runs[s] / "partition.json").read_text())
         assert len(part["counts"]) == s
-        with open(runs[s] / "metrics.jsonl") as fh:
-            stages = json.loads(fh.readline())["stages"]
+        stages = comparable(runs[s], keep_timing=True)[0]["stages"]
         assert [st["stage"] for st in stages] == list(range(s))
         batches = -(-4000 // (100 if "--batch-size" in args else 128))
         for st in stages:
@@ -68,6 +77,7 @@ def test_pipeline_equals_one_process(tmp_path, one_process, name, args, stage_co
             assert parts <= 1.01 * t["wall_s"] + 0.01
 
 
+@pytest.mark.slow
 def test_partial_last_batches_on_every_stage_count(tmp_path):
     # 4000 training and 1000 test examples in batches of 96: the last ones hold 64 and 40
     args = [a for a in MLP if a not in ("--epochs", "2")] + ["--epochs", "1", "--batch-size", "96"]
@@ -79,18 +89,19 @@ def test_partial_last_batches_on_every_stage_count(tmp_path):
         assert comparable(runs[s]) == ref, f"{s} stages"
 
 
+@pytest.mark.slow
 def test_finished_runs_exit_normally(tmp_path):
     # success destroys the process group and returns from main (no os._exit); the modules a
     # run imports lazily are imported before the group exists, so no finished run aborts in
     # the interpreter's teardown ("terminate called without an active exception")
-    args = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden", "32",
-            "--epochs", "1", "--no-print-stats"]
+    args = mlp_args(3, 32, "--epochs", "1", "--no-print-stats", quiet=False)
     for i in range(3):
         _, results = run_stages(tmp_path, f"exit{i}", 3, args)
         for r in results:
             assert "terminate called" not in r.stderr and "Abort" not in r.stderr
 
 
+@pytest.mark.slow
 def test_explicit_and_auto_partitions_keep_the_result(tmp_path, one_process):
     ref = one_process("conv", CONV)
     manual, _ = run_stages(tmp_path, "manual", 3, CONV, ["--partition", "1,1,5"])
@@ -102,6 +113,7 @@ def test_explicit_and_auto_partitions_keep_the_result(tmp_path, one_process):
     assert digest(ref) == digest(manual) == digest(auto)
 
 
+@pytest.mark.slow
 def test_real_torchrun_launch(tmp_path):
     run_dir = tmp_path / "torchrun"
     s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -113,24 +125,29 @@ def test_real_torchrun_launch(tmp_path):
     assert "[stage 1/2]" in s.text and "[stage 2/2] epoch 2/2" in s.text
 
 
+def _slow(*values):
+    return pytest.param(*values, marks=SLOW)
+
+
+# one refusal of each phase in the default run: launch checks, the partition, the run directory
 @pytest.mark.parametrize("num_stages,args,message", [
     (2, ["--backprop"], "--backprop trains end to end and cannot be pipelined"),
-    (2, ["--no-detach"], "--no-detach trains end to end and cannot be pipelined"),
-    (3, ["--num-layers", "2"], "3 stages but mlp has only 2 blocks"),
+    _slow(2, ["--no-detach"], "--no-detach trains end to end and cannot be pipelined"),
+    _slow(3, ["--num-layers", "2"], "3 stages but mlp has only 2 blocks"),
     (2, ["--partition", "2,1,1"], "has 3 stages, but the run has 2 processes"),
-    (2, ["--partition", "2,1"], "covers 3 blocks, but the model has 4"),
-    (2, ["--dataset", "CIFAR10", "--data-dir", "/nonexistent"], "pass --download"),
+    _slow(2, ["--partition", "2,1"], "covers 3 blocks, but the model has 4"),
+    _slow(2, ["--dataset", "CIFAR10", "--data-dir", "/nonexistent"], "pass --download"),
     # checked first, before any data is read or model built
     (2, ["--run-dir", "/dev/null/run"], "run directory /dev/null/run cannot be created: a part "
      "of its path is a file"),
     # stages x replicas
     (3, ["--replicas", "2"], "needs a world size that is a multiple of 2"),
-    (4, ["--replicas", "2", "--backprop"], "cannot be pipelined across 2 stages"),
-    (2, ["--replicas", "2", "--batch-size", "2"], "leaves a replica with 1 example(s)"),
+    _slow(4, ["--replicas", "2", "--backprop"], "cannot be pipelined across 2 stages"),
+    _slow(2, ["--replicas", "2", "--batch-size", "2"], "leaves a replica with 1 example(s)"),
 ])
 def test_bad_pipeline_setups_fail_cleanly_on_every_stage(tmp_path, num_stages, args, message):
-    argv = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4",
-            "--num-hidden", "32", "--epochs", "1", "--run-dir", str(tmp_path / "r"), *args]
+    argv = ["train", *mlp_args(4, 32, "--epochs", "1", quiet=False), "--run-dir",
+            str(tmp_path / "r"), *args]
     results = launch(num_stages, argv, timeout=120)
     for r in results:
         assert r.returncode == 2, r.stderr[-2000:]
@@ -138,6 +155,7 @@ def test_bad_pipeline_setups_fail_cleanly_on_every_stage(tmp_path, num_stages, a
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_stages_with_different_configs_are_refused(tmp_path):
     from launch import _env, free_port
     import subprocess
@@ -147,9 +165,8 @@ def test_stages_with_different_configs_are_refused(tmp_path):
         env = _env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=2,
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "localloss_pp", "train", "--model", "mlp", "--dataset",
-             "mnist5k", "--num-hidden", hidden, "--num-layers", "2", "--epochs", "1",
-             "--run-dir", str(tmp_path / "r")], env=env, cwd=ROOT, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "localloss_pp", "train",
+             *mlp_args(2, hidden, "--epochs", "1", quiet=False), "--run-dir", str(tmp_path / "r")], env=env, cwd=ROOT, stderr=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode != 0 for p in procs)
@@ -168,12 +185,12 @@ def test_failing_stage_names_itself_and_brings_the_others_down(tmp_path):
     assert "non-finite loss" in text and "of epoch 1" in text and "[stage " in text
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_stage_ends_the_torchrun_run(tmp_path):
     s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  "--nproc-per-node", "3", "-m", "localloss_pp", "train", "--model", "mlp",
-                  "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden", "256",
-                  "--epochs", "20",
-                  "--run-dir", str(tmp_path / "r"), "--threads-per-rank", "1"])
+                  "--nproc-per-node", "3", "-m", "localloss_pp", "train",
+                  *mlp_args(3, 256, "--epochs", "20", quiet=False, one_thread=True),
+                  "--run-dir", str(tmp_path / "r")])
     try:
         pid = int(s.wait_for(r"\[stage 2/3\] pid (\d+)", 90).group(1))
         s.wait_for(r"\[stage 3/3\] epoch 1/20", 120)  # now in epoch 2

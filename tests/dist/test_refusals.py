@@ -1,16 +1,15 @@
 """A refused run stays refused: torchrun's restarts (--max-restarts) never continue, finish or
 overwrite a run the launch was refused, and only continue what their own launch started."""
 import hashlib
-import json
 import sys
 
 import pytest
 
-from launch import Streamed, launch, ok
+from launch import Streamed, launch, ok, records
 from localloss_pp.run.rundir import RunDirLock, release_locks
+from runargs import mlp_args
 
-ARGS = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "16",
-        "--threads-per-rank", "1", "--no-progress", "--no-print-stats"]
+ARGS = mlp_args(2, 16, one_thread=True)
 
 
 def torchrun(run_dir, *extra, restarts=1):
@@ -26,6 +25,7 @@ def snapshot(run_dir):
             and p.name not in (".lock", ".launch")}
 
 
+@pytest.mark.slow
 def test_a_refused_run_stays_refused_in_every_attempt(tmp_path):
     """A finished 1-epoch run; a torchrun launch with --epochs 2 and no --resume is refused by
     its first attempt, and its restart must refuse too (it used to resume the run and rewrite
@@ -62,6 +62,7 @@ def test_a_run_refused_for_another_runs_lock_never_finishes_it(tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_one_process_torchrun_restart_still_continues_its_own_run(tmp_path):
     """The launch's own run is continued by its restart, also with one process (no process
     group, the agent's store all the same)."""
@@ -73,5 +74,4 @@ def test_a_one_process_torchrun_restart_still_continues_its_own_run(tmp_path):
     assert s.wait(180) == 0, s.text[-3000:]
     assert "fault point after-metrics-record reached" in s.text
     assert "resuming from" in s.text and "e00001-end" in s.text
-    assert [json.loads(line)["epoch"] for line in
-            (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [r["epoch"] for r in records(run)] == [1, 2]

@@ -9,9 +9,10 @@ import sys
 import pytest
 
 from launch import ROOT, Streamed, digest, free_port, launch, records as comparable
+from runargs import mlp_args
 
-MLP = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "4", "--num-hidden", "64",
-       "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "2"]
+MLP = mlp_args(4, 64, "--dropout", "0.1", "--cutout", "--length", "8", "--epochs", "2",
+               quiet=False)
 DIGEST_LINE = re.compile(r"\[stage (\d+)/(\d+), replica (\d+)/(\d+)\] epoch (\d+): weights "
                          r"sha256 (\w+)")
 
@@ -87,6 +88,7 @@ def test_replicated_error_is_close_to_the_one_replica_run(reference, single):
     assert abs(one - two) < 3.0, (one, two)
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_of_replicas_resumes_on_another_stage_count(reference, tmp_path):
     ref_dir, _ = reference
     ckpt = ref_dir / "checkpoints" / "e00002-s0000010"
@@ -105,6 +107,7 @@ def test_mid_epoch_checkpoint_of_replicas_resumes_on_another_stage_count(referen
     assert "resume it with --replicas 2" in results[0].stderr
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes(reference, tmp_path):
     """launch/multinode.sh started twice on this machine: 2 nodes x 2 processes over loopback,
     2 stages x 2 replicas, one replica per node."""
@@ -140,6 +143,7 @@ def test_a_pipeline_across_two_nodes(single, tmp_path):
     assert not list((tmp_path / "nodes").glob(".shared-*"))  # the shared-directory probe
 
 
+@pytest.mark.slow
 def test_slurm_script_starts_one_agent_per_node(reference, tmp_path):
     """launch/slurm.sbatch under stand-ins for srun and scontrol that start the per-node
     command once per node on this machine."""
@@ -168,6 +172,7 @@ def test_slurm_script_starts_one_agent_per_node(reference, tmp_path):
     assert f"model-digest: {digest(ref_dir)}" in s.text
 
 
+@pytest.mark.slow
 def test_global_backprop_runs_data_parallel(tmp_path):
     results = launch(2, ["train", *MLP[:-1], "1", "--backprop", "--replicas", "2", "--run-dir",
                          str(tmp_path / "bp"), "--threads-per-rank", "1", "--no-progress"])

@@ -7,9 +7,10 @@ import time
 import pytest
 
 from launch import ROOT, _env
+from runargs import mlp_args
 
-ARGS = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden",
-        "16", "--threads-per-rank", "1", "--no-progress", "--timeout-s", "2"]
+ARGS = ["train", *mlp_args(2, 16, "--no-progress", "--timeout-s", "2", quiet=False,
+                           one_thread=True)]
 
 
 @pytest.mark.slow

@@ -6,7 +6,10 @@ communicators a collective behind a posted receive blocks the whole set-up)."""
 import json
 import os
 
+import pytest
+
 from launch import free_port, spawn
+from runargs import mlp_args
 
 COLLECTIVES = ("all_gather", "broadcast", "all_gather_object", "gather_object",
                "broadcast_object_list", "barrier", "all_reduce", "new_group")
@@ -50,9 +53,8 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str, extra=()) -
     for name in COLLECTIVES:
         spy(name)
     args = build_parser().parse_args([
-        "train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2",
-        "--num-hidden", "32", "--epochs", "2", "--run-dir", run_dir, "--no-progress",
-        "--threads-per-rank", "1", "--timeout-s", "60", *extra])
+        "train", *mlp_args(2, 32, "--epochs", "2", "--no-progress", "--timeout-s", "60",
+                           quiet=False, one_thread=True), "--run-dir", run_dir, *extra])
     run_training(config_from_args(args))
     with open(out, "w") as fh:
         json.dump(events, fh)
@@ -72,6 +74,7 @@ def test_no_collective_runs_while_a_receive_is_posted(tmp_path):
         assert not [n for n in names if "_object" in n], names
 
 
+@pytest.mark.slow
 def test_replica_groups_have_their_first_collective_before_any_link(tmp_path):
     """2 stages x 2 replicas: each stage's replica group runs a collective in the set-up,
     before any link exists. On NCCL that creates the group's communicator there; made by the

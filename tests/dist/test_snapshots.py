@@ -1,20 +1,14 @@
 """--snapshot-every: weight snapshots within epochs, evaluated afterwards in one process (time to
 accuracy at sub-epoch resolution, benchmarks/tta.py)."""
-import json
 
 import pytest
 import torch
 
-from launch import launch, ok
+from launch import launch, ok, records
 from localloss_pp.run.snapshots import SNAPSHOT_DIR, evaluate_run, read_points
+from runargs import mlp_args
 
-ARGS = ["train", "--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden",
-        "64", "--epochs", "2", "--threads-per-rank", "1", "--no-progress", "--no-print-stats",
-        "--snapshot-every", "10"]
-
-
-def _records(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+ARGS = ["train", *mlp_args(3, 64, "--epochs", "2", "--snapshot-every", "10", one_thread=True)]
 
 
 def _check_curve(run, stages):
@@ -28,16 +22,17 @@ def _check_curve(run, stages):
     # the snapshot after an epoch's last batch is the model the run evaluated at that epoch
     ends = [p for p in curve if p["batch"] == 32]
     assert [p["test_error"] for p in ends] == \
-        pytest.approx([r["test"]["error"] for r in _records(run)], abs=1e-9)
+        pytest.approx([r["test"]["error"] for r in records(run)], abs=1e-9)
     assert ends[0]["test_error"] != curve[0]["test_error"]  # the weights change within epochs
     points = read_points(run)
     assert all(set(p["stage_s"]) == set(range(1, stages + 1)) for p in points)
     assert all(p["train_s"] == max(p["stage_s"].values()) for p in points)
     # training time only: the stamps stay below the epochs' training times plus set-up slack
-    assert times[-1] <= sum(r["train_time_s"] for r in _records(run)) + 1.0
+    assert times[-1] <= sum(r["train_time_s"] for r in records(run, keep_timing=True)) + 1.0
     return curve
 
 
+@pytest.mark.slow
 def test_pipeline_snapshots_within_epochs(tmp_path):
     run = tmp_path / "run"
     ok(launch(3, [*ARGS, "--run-dir", str(run)]))
@@ -61,6 +56,7 @@ def test_pipeline_snapshots_within_epochs(tmp_path):
     assert again[4]["train_s"] > again[3]["train_s"]
 
 
+@pytest.mark.slow
 def test_backprop_replicas_snapshot_once(tmp_path):
     """Global backprop over 2 data-parallel replicas: replica 1 writes, replica 2 does not."""
     run = tmp_path / "run"

@@ -83,7 +83,7 @@ def _pair(rank: int, port: int, out: str, send_cl: bool, recv_cl: bool) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_markers_carry_no_payload_and_activations_keep_their_format(tmp_path, channels_last):
     import torch
     port = free_port()

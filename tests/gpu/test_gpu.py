@@ -4,26 +4,20 @@ stages on several GPUs, bf16, channels-last and torch.compile. Skipped without C
 Tolerances: a CUDA run is not bit-identical to a CPU run (other kernels, TF32 convolutions);
 after one epoch of the tiny models here their losses agree to 2% and their test errors to 1.5
 points. Runs on the same GPU with the same kernels are compared more tightly."""
-import json
 import sys
 
 import pytest
 import torch
 
-from launch import Streamed, launch
+from launch import Streamed, launch, records as read_records
 from tolerances import assert_rounding_close
+from runargs import mlp_args
 
-MLP = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "3", "--num-hidden", "256",
-       "--dropout", "0.1", "--epochs", "1", "--no-progress"]
+MLP = mlp_args(3, 256, "--dropout", "0.1", "--epochs", "1", "--no-progress", quiet=False)
 CONV = ["--model", "vgg8b", "--dataset", "mnist5k", "--feat-mult", "0.25", "--num-hidden", "256",
         "--epochs", "1", "--batch-size", "100", "--no-progress"]
 RESNET = ["--model", "resnet18", "--dataset", "mnist5k", "--feat-mult", "0.125",
           "--dim-in-decoder", "1024", "--epochs", "1", "--batch-size", "100", "--no-progress"]
-
-
-def records(run_dir):
-    with open(run_dir / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh]
 
 
 def train(tmp_path, name, args, procs=1):
@@ -31,7 +25,7 @@ def train(tmp_path, name, args, procs=1):
     results = launch(procs, ["train", *args, "--run-dir", str(run_dir)], timeout=300)
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
-    return records(run_dir), "".join(r.stderr for r in results)
+    return read_records(run_dir, keep_timing=True), "".join(r.stderr for r in results)
 
 
 def close(a, b, loss_rel=0.02, error_abs=1.5):
@@ -65,7 +59,7 @@ def test_nccl_stages_on_two_gpus(tmp_path):
                   "--nproc-per-node", "2", "-m", "localloss_pp", "train", *CONV, "--run-dir",
                   str(tmp_path / "nccl")])
     assert s.wait(300) == 0, s.text[-3000:]
-    close(records(tmp_path / "nccl"), one, loss_rel=2e-3, error_abs=1.0)
+    close(read_records(tmp_path / "nccl", keep_timing=True), one, loss_rel=2e-3, error_abs=1.0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="2 stages x 2 replicas need 4 GPUs")
@@ -74,7 +68,7 @@ def test_nccl_stages_by_replicas(tmp_path):
                   "--nproc-per-node", "4", "-m", "localloss_pp", "train", *CONV, "--replicas",
                   "2", "--run-dir", str(tmp_path / "r")])
     assert s.wait(300) == 0, s.text[-3000:]
-    assert all(r["replicas_identical"] for r in records(tmp_path / "r"))
+    assert all(r["replicas_identical"] for r in read_records(tmp_path / "r", keep_timing=True))
 
 
 def test_bf16_and_channels_last_learn_like_fp32(tmp_path):

@@ -14,9 +14,9 @@ import torch
 
 from localloss_pp.run.checkpoint import latest_checkpoint, read_manifest
 from localloss_pp.cli import main
+from runargs import mlp_args
 
-TINY = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "32",
-        "--no-progress", "--no-print-stats"]
+TINY = mlp_args(2, 32)
 
 
 @pytest.fixture(scope="module")

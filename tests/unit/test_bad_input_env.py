@@ -10,10 +10,10 @@ import pytest
 
 from localloss_pp.cli import main
 from localloss_pp.run.checkpoint import latest_checkpoint
+from runargs import mlp_args
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "32",
-        "--no-progress", "--no-print-stats", "--threads-per-rank", "1"]
+TINY = mlp_args(2, 32, one_thread=True)
 
 
 def one_error_line(err: str) -> str:

@@ -180,6 +180,7 @@ def test_image_folder_batches_do_not_depend_on_the_worker_count(tmp_path):
         train, test, _ = build_sources(cfg, 1, CPU, num_workers=workers)
         train.set_epoch(2)
         runs.append((list(train), list(test)))
+        train.close(), test.close()  # the workers end now (a collector would take 5 s each)
     (train0, test0), (train2, test2) = runs
     assert len(train0) == 3 and [len(b[2]) for b in train0] == [5, 5, 2]
     for a, b in zip(train0 + test0, train2 + test2):

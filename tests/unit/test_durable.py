@@ -9,9 +9,9 @@ import torch
 from localloss_pp.cli import main
 from localloss_pp.observe.metrics import append_jsonl
 from localloss_pp.run.checkpoint import atomic_write_bytes
+from runargs import mlp_args
 
-TINY = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "16",
-        "--no-progress", "--no-print-stats", "--threads-per-rank", "1"]
+TINY = mlp_args(2, 16, one_thread=True)
 
 
 def spy_fsync(monkeypatch) -> list[str]:

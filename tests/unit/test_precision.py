@@ -8,10 +8,10 @@ from localloss_pp.models.losses import onehot
 from localloss_pp.observe.metrics import read_jsonl
 from localloss_pp.models import build_model
 from tolerances import assert_rounding_close
+from runargs import mlp_args
 
 CPU = torch.device("cpu")
-TINY = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "256",
-        "--no-progress", "--no-print-stats"]
+TINY = mlp_args(2, 256)
 
 
 def conv_model(**setup):
@@ -65,6 +65,7 @@ def test_channels_last_computes_the_same_block_outputs():
         assert abs(float(s2[3] - s1[3])) <= 1
 
 
+@pytest.mark.slow
 def test_bf16_training_ends_close_to_fp32(tmp_path):
     errors = {}
     for precision in ("fp32", "bf16"):
@@ -102,6 +103,7 @@ def _steps(model, batch_sizes, train: bool):
     return outs
 
 
+@pytest.mark.slow
 def test_compiled_conv_stage_stays_compiled_without_graph_breaks():
     # every block compiles its own graphs: a stage of many conv blocks, train and eval, full and
     # short last batches stays within dynamo's per-code recompile budget (past it dynamo would

@@ -47,7 +47,8 @@ def batch(n=8, shape=(3, 32, 32)):
     return torch.randn(n, *shape, generator=g), y, onehot(y, 10)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet34", marks=pytest.mark.slow),
+                                  "resnet50"])
 @pytest.mark.parametrize("loss_sup", ["pred", "predsim"])
 def test_pred_losses_train_every_resnet_unit(name, loss_sup):
     # the reference sizes BasicBlock's first strided conv's decoder for the input resolution:

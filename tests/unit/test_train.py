@@ -10,6 +10,7 @@ import torch
 
 from localloss_pp.cli import main
 from localloss_pp.observe.metrics import read_jsonl
+from runargs import mlp_args
 
 SMALL = ["--num-hidden", "128"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,14 +28,15 @@ def digest_of(stdout):
 
 
 def test_same_seed_same_digest_through_the_cli(tmp_path):
-    a = run_cli("train", "--epochs", "2", "--run-dir", str(tmp_path / "a"), *SMALL)
-    b = run_cli("train", "--epochs", "2", "--run-dir", str(tmp_path / "b"), *SMALL)
-    c = run_cli("train", "--epochs", "2", "--run-dir", str(tmp_path / "c"), "--seed", "2", *SMALL)
+    a = run_cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "a"), *SMALL)
+    b = run_cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "b"), *SMALL)
+    c = run_cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "c"), "--seed", "2", *SMALL)
     assert a.returncode == 0, a.stderr
     assert digest_of(a.stdout) == digest_of(b.stdout) != digest_of(c.stdout)
-    assert "[stage 1/1] epoch 2/2" in a.stderr
+    assert "[stage 1/1] epoch 1/1" in a.stderr
 
 
+@pytest.mark.slow
 def test_embedded_default_learns(tmp_path):
     # Measured on 2 CPU cores: 6.10% test error after 5 epochs of the quick-start run (seed 1).
     assert main(["train", "--epochs", "5", "--run-dir", str(tmp_path / "r")]) == 0
@@ -163,12 +165,12 @@ def test_real_mnist_one_epoch_mlp_predsim(mnist_copy, tmp_path):
     print(json.dumps(rec["test"]))
 
 
+@pytest.mark.slow
 def test_a_run_continued_from_another_directory_resumes_again(tmp_path):
     """A run continued from another run's checkpoint holds the records from its first epoch
     on; resuming it again must not ask for the other run's earlier records."""
     a, b = tmp_path / "a", tmp_path / "b"
-    tiny = ["--model", "mlp", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden",
-            "16", "--no-progress", "--no-print-stats"]
+    tiny = mlp_args(2, 16)
     assert main(["train", *tiny, "--epochs", "2", "--run-dir", str(a)]) == 0
     assert main(["train", *tiny, "--epochs", "2", "--run-dir", str(b), "--resume",
                  str(a / "checkpoints" / "e00001-end")]) == 0
