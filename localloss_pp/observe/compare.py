@@ -15,6 +15,7 @@ import torch
 from localloss_pp.errors import first_line
 from localloss_pp.models.model import verified_digest
 from localloss_pp.observe.metrics import read_jsonl
+from localloss_pp.observe.plots import pyplot
 
 __all__ = ["load_run", "compare_table", "plot_compare"]
 
@@ -99,13 +100,7 @@ def compare_table(runs: list[dict]) -> list[str]:
 
 def plot_compare(runs: list[dict], out: Path) -> Path:
     """Test error per epoch and per wall-clock second, every run overlaid."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib "
-                         "(or pip install 'localloss-pp[plots]')") from None
+    plt = pyplot("--plot")
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for run in runs:
         recs = run["records"]

@@ -5,7 +5,20 @@ from pathlib import Path
 
 from localloss_pp.observe.metrics import read_jsonl
 
-__all__ = ["plot_run"]
+__all__ = ["plot_run", "pyplot"]
+
+
+def pyplot(purpose: str):
+    """matplotlib.pyplot drawing to files only (the Agg backend: no display needed), or a
+    one-line ValueError that says how to install it ("`purpose` needs matplotlib: ...")."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError(f"{purpose} needs matplotlib: pip install matplotlib "
+                         "(or pip install 'localloss-pp[plots]')") from None
+    return plt
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
@@ -20,13 +33,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     records = read_jsonl(metrics)
     if not records:
         raise ValueError(f"{metrics} is empty: the run has not finished an epoch yet")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("plotting needs matplotlib: pip install matplotlib "
-                         "(or pip install 'localloss-pp[plots]')") from None
+    plt = pyplot("plotting")
     out_dir = Path(out_dir) if out_dir else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     epochs = [r["epoch"] for r in records]

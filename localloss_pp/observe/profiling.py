@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from localloss_pp.observe.plots import pyplot
+
 __all__ = ["TraceWindow", "PHASES", "read_phases", "plot_timeline", "plot_timelines"]
 
 log = logging.getLogger(__name__)
@@ -107,17 +109,6 @@ def _stage_traces(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("stage*.json"), key=lambda p: int(p.stem[len("stage"):]))
 
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("the timeline needs matplotlib: pip install matplotlib "
-                         "(or pip install 'localloss-pp[plots]')") from None
-    return plt
-
-
 def _draw(ax, rows: list[list], title: str) -> set:
     """One timeline: a row per stage (stage 1 on top), over the time every stage was traced
     (each stage traces the same batches, later stages later), in ms from its start."""
@@ -144,7 +135,7 @@ def _draw(ax, rows: list[list], title: str) -> set:
 
 def plot_timelines(groups: list[tuple[str, list[Path]]], out: Path) -> Path:
     """Several timelines (title, the stage traces) one above the other, on one time scale."""
-    plt = _pyplot()
+    plt = pyplot("the timeline")
     from matplotlib.patches import Patch
     rows = [[read_phases(t) for t in traces] for _, traces in groups]
     for (title, traces), r in zip(groups, rows):
