@@ -15,11 +15,21 @@ TOP_DIRS = ("localloss_pp", "launch", "configs", "benchmarks", "tests", "docs", 
 MOVED_SECTION = "Module paths that moved in 0.2.0"
 
 
+SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "runs", "data", "node_modules"}
+
+
 def tracked(*patterns: str) -> list[Path]:
-    """The repository's files matching `patterns`: git's, with the new ones not ignored."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
-                          *patterns], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.split()
+    """The repository's files matching `patterns`: git's, with the new ones not ignored (outside
+    a git checkout, e.g. an unpacked source archive: every matching file but build output)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                              *patterns], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        found = {f for pattern in patterns for f in ROOT.rglob(pattern)}
+        return sorted(f for f in found if f.is_file() and
+                      not SKIP_DIRS & set(f.relative_to(ROOT).parts[:-1]) and
+                      not any(part.endswith(".egg-info") for part in f.parts))
     return sorted({ROOT / p for p in out if (ROOT / p).is_file()})
 
 
