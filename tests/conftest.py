@@ -11,12 +11,15 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SEED_ENV = "LOCALLOSS_PP_TEST_SEED"
+_base_seed = 0
 
 
-def _base_seed() -> int:
+def pytest_configure(config):
+    """Read LOCALLOSS_PP_TEST_SEED once, before any test: a bad value stops the run at once."""
+    global _base_seed
     raw = os.environ.get(SEED_ENV, "0")
     try:
-        return int(raw)
+        _base_seed = int(raw)
     except ValueError:
         raise pytest.UsageError(f"{SEED_ENV}={raw!r}: expected an integer, e.g. {SEED_ENV}=3") \
             from None
@@ -29,8 +32,7 @@ def seeded(request):
     see tests/tolerances.py). LOCALLOSS_PP_TEST_SEED=k shifts every test's seed, to check that
     no test passes by the luck of one draw (the model code itself never reads these global
     generators: each block owns its own)."""
-    seed = (_base_seed() * 1_000_003
-            + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    seed = (_base_seed * 1_000_003 + zlib.crc32(request.node.nodeid.encode())) % 2**31
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -74,7 +74,8 @@ def test_every_link_resolves(md):
         file, _, anchor = target.partition("#")
         dest = (md.parent / file).resolve() if file else md
         if not dest.exists():
-            bad.append(f"{target}: no file {dest.relative_to(ROOT) if ROOT in dest.parents else dest}")
+            shown = dest.relative_to(ROOT) if ROOT in dest.parents else dest
+            bad.append(f"{target}: no file {shown}")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(f"{target}: no heading with anchor #{anchor} in {dest.name}")
     assert not bad, f"{md.relative_to(ROOT)}: " + "; ".join(bad)
