@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--num-hidden", type=int, default=1024, metavar="N",
                         help="width of every hidden linear block (default: 1024)")
     params.add_argument("--no-batch-norm", action="store_true", help="blocks without BatchNorm")
+    params.add_argument("--loss-sup", default=None, metavar="NAME",
+                        help="also show the local modules this objective trains: each one's "
+                        "units, parameters, and its head's parameters and forward FLOPs "
+                        "relative to the module's")
+    params.add_argument("--local-modules", default="", metavar="K",
+                        help="with --loss-sup: K modules, or the units of each (3,3,2)")
+    params.add_argument("--objective-module", default="", metavar="MODULE",
+                        help="with --loss-sup: import this module first (your objectives)")
     params.add_argument("--table", action="store_true",
                         help="also print every model/dataset row of the paper's table")
     plot = sub.add_parser("plot", help="write PNG curves of a run directory")
@@ -105,6 +113,55 @@ def _count(model: str, dataset: str, feat_mult: float, num_layers: int, num_hidd
     return sum(r[2] for r in rows), rows
 
 
+def _module_table(args, num_layers: int) -> None:
+    """The local modules of `--loss-sup` (heads included): per module its units, parameters,
+    head parameters, and the head's forward FLOPs per example over the module's."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from localloss_pp.config import DataConfig, LossConfig, validate
+    from localloss_pp.data.datasets import DATASETS
+    from localloss_pp.models import build_model, resolve_model, resolve_objective
+    cfg = Config(model=ModelConfig(name=args.model, feat_mult=args.feat_mult,
+                                   num_layers=num_layers, num_hidden=args.num_hidden,
+                                   batch_norm=not args.no_batch_norm),
+                 loss=LossConfig(loss_sup=args.loss_sup, module=args.objective_module,
+                                 local_modules=args.local_modules),
+                 data=DataConfig(dataset=args.dataset))
+    validate(cfg)
+    resolve_model(cfg.model)
+    resolve_objective(cfg.loss)
+    loss, info = cfg.loss, DATASETS[cfg.data.dataset]
+    net = build_model(cfg.model, loss, info.input_shape, info.num_classes, 0, materialize=())
+    net.eval()
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+    print(f"\nlocal modules of --loss-sup {loss.loss_sup}"
+          f"{' --local-modules ' + loss.local_modules if loss.local_modules else ''} "
+          "(head FLOPs: its forward per example over the module's)")
+    print(f"{'module':>6}  {'units':>6} {'params':>12} {'head params':>12} {'head FLOPs':>10}")
+    y = torch.zeros(1, dtype=torch.long, device="meta")
+    for unit in net.blocks:
+        x = torch.empty(1, *unit.in_shape, device="meta")
+        head = getattr(unit, "head", None)
+        n = sum(p.numel() for p in unit.parameters())
+        if head is None:  # the paper's per-layer heads, inside the unit
+            print(f"{unit.index:>6}  {1:>6} {n:>12,} {'(per layer)':>12}")
+            continue
+        body = flops(lambda: unit.forward_parts(x, False))
+        h = unit.forward_parts(x, False)[0]
+        extra = flops(lambda: head.loss(h, y, None, x=x, image=None))
+        heads = sum(p.numel() for p in head.parameters())
+        print(f"{unit.index:>6}  {len(unit.members):>6} {n - heads:>12,} {heads:>12,} "
+              f"{100 * extra / max(body, 1):>9.1f}%")
+    out = net.output
+    members = len(getattr(out, "members", []))
+    print(f"{'output':>6}  {members:>6} {sum(p.numel() for p in out.parameters()):>12,} "
+          f"{'(the network classifier)':>12}")
+
+
 def _cmd_params(args) -> int:
     num_layers = args.num_layers if args.num_layers is not None else (
         3 if args.model.lower() == "mlp" else 1)
@@ -122,7 +179,9 @@ def _cmd_params(args) -> int:
     for name, unit, n in rows:
         layer = unit.describe()
         print(f"{name:>6}  {layer:<{width}} {n:>12,}")
-    print(f"total: {total}")
+    print(f"total: {total} ({total / 1e6:.3g} M)")
+    if args.loss_sup:
+        _module_table(args, num_layers)
     if args.table:
         print("\nmodel    dataset        feat-mult  params")
         for model, dataset, fm, nl, nh in PARAM_TABLE:

@@ -20,12 +20,11 @@ __all__ = [
     "ModelConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config",
     "QUICKSTART", "SECTION_CLASSES", "load_toml",
     "build_config", "validate", "to_toml", "lr_at_epoch", "RunMode",
-    "parse_profile",
+    "parse_profile", "parse_local_modules",
 ]
 
 DATASET_NAMES = ("mnist5k", "MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100",
                  "SVHN", "STL10", "ImageNet")
-LOSS_SUP = ("pred", "sim", "predsim")
 LOSS_UNSUP = ("none", "sim", "recon")
 OPTIMS = ("adam", "amsgrad", "sgd")
 NONLINS = ("relu", "leakyrelu")
@@ -69,6 +68,8 @@ class LossConfig:
     bio: bool = False
     target_proj_size: int = 128
     similarity_std: bool = True
+    module: str = ""         # a user's module that registers objectives (--objective-module)
+    local_modules: str = ""  # "" one module per unit; "K"; or "n1,n2,...": units per module
 
 
 @dataclass(kw_only=True)
@@ -187,10 +188,15 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     return raw
 
 
+# string fields a TOML file may also give as an integer
+_INT_OR_STR = {"num_workers": '"auto" or an integer',
+               "local_modules": 'an integer or a string like "3,3,2"'}
+
+
 def _check_type(where: str, value: Any, fld: dataclasses.Field) -> None:
     expected = fld.type if isinstance(fld.type, str) else fld.type.__name__
     ok = {
-        "str": isinstance(value, str) or (fld.name == "num_workers" and isinstance(value, int)
+        "str": isinstance(value, str) or (fld.name in _INT_OR_STR and isinstance(value, int)
                                           and not isinstance(value, bool)),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -199,8 +205,8 @@ def _check_type(where: str, value: Any, fld: dataclasses.Field) -> None:
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
     }[expected]
     if not ok:
-        if fld.name == "num_workers":
-            expected = '"auto" or an integer'
+        if fld.name in _INT_OR_STR:
+            expected = _INT_OR_STR[fld.name]
         raise ValueError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
 
 
@@ -223,6 +229,7 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
             if fld.type == "float":
                 setattr(obj, fld.name, float(getattr(obj, fld.name)))
     cfg.data.num_workers = str(cfg.data.num_workers).strip().lower()
+    cfg.loss.local_modules = str(cfg.loss.local_modules)
     validate(cfg)
     return cfg
 
@@ -271,7 +278,11 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def _check_loss(lo: LossConfig) -> None:
-    lo.loss_sup = _canonical(lo.loss_sup, LOSS_SUP, "supervised loss", "--loss-sup")
+    # (the name is checked against the objective registry at launch: resolve_objective)
+    _need(isinstance(lo.loss_sup, str) and lo.loss_sup.strip() != "",
+          "--loss-sup needs the name of a local objective, e.g. predsim or dgl")
+    lo.loss_sup = lo.loss_sup.strip().lower()
+    lo.local_modules = parse_local_modules(lo.local_modules)[2]
     lo.loss_unsup = _canonical(lo.loss_unsup, LOSS_UNSUP, "unsupervised loss", "--loss-unsup")
     _need(_finite(lo.alpha) and 0 <= lo.alpha <= 1, f"--alpha must be in [0, 1], got {lo.alpha}")
     _need(_finite(lo.beta) and 0 <= lo.beta <= 1, f"--beta must be in [0, 1], got {lo.beta}")
@@ -281,6 +292,22 @@ def _check_loss(lo: LossConfig) -> None:
           "--backprop and --no-detach cannot be combined: --backprop already trains end to end")
     _need(not (lo.backprop and lo.bio), "--backprop and --bio cannot be combined: --bio changes "
           "the local losses, which --backprop does not use")
+
+
+def parse_local_modules(spec) -> tuple[int | None, list[int] | None, str]:
+    """--local-modules: "" (one module per unit), a count K, or the units of each module
+    ("3,3,2"). Returns (K or None, the sizes or None, the canonical text)."""
+    text = str(spec).replace(" ", "")
+    if text in ("", "0"):
+        return None, None, ""
+    parts = text.split(",")
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--local-modules must be a number of modules K >= 1 or the units of "
+                         f"each module as a list (e.g. 3,3,2), got {spec!r}")
+    sizes = [int(p) for p in parts]
+    if len(sizes) == 1:
+        return sizes[0], None, str(sizes[0])
+    return len(sizes), sizes, ",".join(map(str, sizes))
 
 
 def _check_data(d: DataConfig) -> None:
@@ -358,6 +385,9 @@ def _check_modes(cfg: Config) -> None:
     _need(not (end_to_end and (t.precision != "fp32" or t.compile or t.channels_last)),
           "--precision bf16, --channels-last and --compile apply to local training; drop them "
           "for --backprop and --no-detach runs")
+    _need(not (lo.local_modules and end_to_end),
+          f"--local-modules {lo.local_modules} groups the units for local training; "
+          "--backprop and --no-detach train end to end: drop one of them")
     _need(not (t.checkpoint_every and end_to_end),
           "--checkpoint-every needs local training; --backprop and --no-detach runs are "
           "checkpointed at the end of every epoch")

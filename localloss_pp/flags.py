@@ -65,8 +65,16 @@ FLAGS: list[Flag] = [
          "pre-activation ResNet (resnet* models only)" + _REF),
     Flag("--model-module", "model", "module", str, "model", "import this module first: it "
          "registers your own models (docs/usage.md, \"Your own model\")", "MODULE"),
-    Flag("--loss-sup", "loss", "loss_sup", str, "loss", "supervised local loss: pred (a linear "
-         "classifier per block), sim (similarity matching) or predsim (both)" + _REF, "NAME"),
+    Flag("--loss-sup", "loss", "loss_sup", str, "loss", "the local objective, a registered "
+         "name: the paper's pred (a linear classifier per block), sim (similarity matching) or "
+         "predsim (both)" + _REF + "; the literature's dgl and infopro (docs/algorithm.md 10.1); "
+         "or one an --objective-module registers (an unknown name lists them all)", "NAME"),
+    Flag("--objective-module", "loss", "module", str, "loss", "import this module first: it "
+         "registers your own objectives (docs/usage.md, \"Your own objective\")", "MODULE"),
+    Flag("--local-modules", "loss", "local_modules", str, "loss", "group the model's units "
+         "into K contiguous local modules (balanced by parameters), or as many units per module "
+         "as listed (3,3,2): one head at each module's end, backprop inside a module; default: "
+         "one module per unit (the paper's objectives: every layer its own heads)", "K"),
     Flag("--loss-unsup", "loss", "loss_unsup", str, "loss",
          "unsupervised local loss: none, sim or recon (weighted by --alpha)" + _REF, "NAME"),
     Flag("--alpha", "loss", "alpha", float, "loss",

@@ -1,10 +1,11 @@
-"""Which stage of which replica each rank runs (stages x replicas), and each replica's share of a
-batch. A leaf module."""
+"""Which stage of which replica each rank runs (stages x replicas), each replica's share of a
+batch, and the balanced contiguous split (of units into stages or local modules). A leaf
+module."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Layout", "layout_for", "shard_bounds"]
+__all__ = ["Layout", "layout_for", "shard_bounds", "balanced_split"]
 
 
 def shard_bounds(n: int, replica: int, num_replicas: int) -> tuple[int, int]:
@@ -74,3 +75,31 @@ def layout_for(world_size: int, num_replicas: int) -> Layout:
                          f"were launched; launch {num_replicas} x S processes (e.g. torchrun "
                          f"--nproc-per-node {2 * num_replicas} for 2 stages)")
     return Layout(world_size // num_replicas, num_replicas)
+
+
+def balanced_split(costs: list[float], num_stages: int) -> list[int]:
+    """Contiguous split of `costs` into `num_stages` non-empty parts (stages, or local modules)
+    minimising the largest part (dynamic programming; ties go to the split with earlier, larger stages)."""
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"cannot split {n} blocks into {num_stages} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: minimal max-part cost of the first i blocks in s parts; cut[s][i]: last cut
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    counts, i = [], n
+    for s in range(num_stages, 0, -1):
+        j = cut[s][i]
+        counts.append(i - j)
+        i = j
+    return counts[::-1]

@@ -22,7 +22,8 @@ from localloss_pp.errors import first_line
 from localloss_pp.faults import fault_point
 from localloss_pp.layout import Layout, layout_for, shard_bounds
 from localloss_pp.models import (LocalModel, build_model, combine_digests, count_params,
-                                 resolve_model, state_digest)
+                                 resolve_model, resolve_objective, state_digest)
+from localloss_pp.models.objectives import reports_error
 from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
                                           merge_stage_summaries, read_jsonl, setup_logging,
                                           stage_summary)
@@ -163,8 +164,10 @@ def run_training(cfg: Config) -> RunResult | None:
 
 def _check_launch(cfg: Config, world: int) -> Layout:
     """The stages x replicas layout of a world of `world` processes, or a clear error; the
-    model name checked against the registry."""
+    model and objective names checked against their registries."""
     resolve_model(cfg.model)
+    if not cfg.loss.backprop:
+        resolve_objective(cfg.loss)
     classes, cpb = DATASETS[cfg.data.dataset].num_classes, cfg.data.classes_per_batch
     if cpb > classes:
         raise ValueError(f"--classes-per-batch {cpb}: {cfg.data.dataset} has only {classes} "
@@ -438,7 +441,7 @@ def _build_runner(cfg: Config, env: DistEnv, run: _Run) -> StageRunner:
                                 start=(run.start.epoch, run.start.batches_done),
                                 per_batch=t.log_every > 0)
         if t.log_every:
-            decoders = [hasattr(blk, "decoder_y") for blk in run.blocks]
+            decoders = [reports_error(blk) for blk in run.blocks]
             on_log = lambda epoch, done, stats: run.tb.batch(  # noqa: E731
                 epoch, done, *stats.summary(decoders))
     if t.snapshot_every and run.replica == 0:
@@ -512,7 +515,7 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
                  agreed[:16], run.layout.num_replicas)
     a, b = run.part.bounds[run.stage_index]
     with_stats = cfg.train.print_stats and run.mode != RunMode.BACKPROP
-    summary = stage_summary(run.stage_index, run.names[a:b], [hasattr(blk, "decoder_y")
+    summary = stage_summary(run.stage_index, run.names[a:b], [reports_error(blk)
                                                     for blk in run.blocks], tr, te, with_stats,
                             backprop=run.mode == RunMode.BACKPROP)
     gathered = gather_to(env, summary if run.replica == 0 else None, run.writer)

@@ -27,7 +27,7 @@ from localloss_pp.seeds import derive_seed
 
 __all__ = ["Unit", "activation_dtype", "LinearFA", "LocalBlock", "LocalLinearBlock",
            "LocalConvBlock", "OutputLayer", "decoder_pool", "make_pool", "STAT_FIELDS",
-           "make_optimizer", "output_loss_scale", "OwnOptimizer"]
+           "make_optimizer", "output_loss_scale", "OwnOptimizer", "OutputSteps"]
 
 # Order of the per-batch statistics vector returned by train_update/evaluate.
 STAT_FIELDS = ("loss", "loss_sim", "loss_pred", "correct")
@@ -422,7 +422,32 @@ class LocalConvBlock(LocalBlock):
         return self.conv_loss(h)
 
 
-class OutputLayer(OwnOptimizer, nn.Module):
+class OutputSteps(OwnOptimizer):
+    """What an output unit does with its forward (`self(x)`), its `loss` and its autocast
+    settings (`self._amp`): the global loss's train steps and predictions."""
+
+    def train_update(self, x, y):
+        """Local-mode step of the output layer on a detached input: (logits, scaled loss)."""
+        out = self.train_backward(x, y)
+        self.step()
+        return out
+
+    def train_backward(self, x, y):
+        """Forward and backward of the global loss on a detached input (grads left in .grad)."""
+        with _autocast(self._amp):
+            logits = self(x)
+            loss = self.loss(logits, y)
+        loss.backward()
+        return logits.detach(), loss.detach()
+
+    def predict(self, x, y):
+        """Eval-mode (logits, scaled loss)."""
+        with _autocast(self._amp):
+            logits = self(x)
+            return logits, self.loss(logits, y)
+
+
+class OutputLayer(OutputSteps, nn.Module):
     """The final linear classifier with its own optimizer and the (scaled) global CE."""
 
     def __init__(self, num_in: int, num_classes: int, *, index: int, seed: int,
@@ -461,22 +486,3 @@ class OutputLayer(OwnOptimizer, nn.Module):
         """Global cross-entropy, scaled by (1 - beta) for local predsim (reference rule)."""
         return self.loss_scale * F.cross_entropy(logits, y)
 
-    def train_update(self, x, y):
-        """Local-mode step of the output layer on a detached input: (logits, scaled loss)."""
-        out = self.train_backward(x, y)
-        self.step()
-        return out
-
-    def train_backward(self, x, y):
-        """Forward and backward of the global loss on a detached input (grads left in .grad)."""
-        with _autocast(self._amp):
-            logits = self(x)
-            loss = self.loss(logits, y)
-        loss.backward()
-        return logits.detach(), loss.detach()
-
-    def predict(self, x, y):
-        """Eval-mode (logits, scaled loss)."""
-        with _autocast(self._amp):
-            logits = self(x)
-            return logits, self.loss(logits, y)

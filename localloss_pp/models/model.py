@@ -2,6 +2,7 @@
 the registry names; its parameter count and its digests."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -10,6 +11,9 @@ import torch.nn as nn
 from localloss_pp.config import LossConfig, ModelConfig
 from localloss_pp.errors import first_line
 from localloss_pp.models.blocks import OutputLayer
+from localloss_pp.models.modules import group_units
+from localloss_pp.models.objectives import PAPER_STAT_FIELDS, ModuleSpec, objective_entry, \
+    registered_objectives
 from localloss_pp.models.registry import check_units, model_builder, registered_models
 
 __all__ = ["LocalModel", "build_model", "count_params", "model_digest", "unit_digest",
@@ -24,6 +28,7 @@ class LocalModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.output = output
         self.name = name
+        self.stat_fields = PAPER_STAT_FIELDS  # what each block's statistics vector holds
 
     def forward(self, x):
         for block in self.blocks:
@@ -45,37 +50,83 @@ class LocalModel(nn.Module):
 
 def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, int, int],
                 num_classes: int, seed: int, materialize=None) -> LocalModel:
-    """Build `model.name` for inputs of shape (channels, size, size).
+    """Build `model.name` for inputs of shape (channels, size, size), trained by the objective
+    `loss.loss_sup`.
 
     Units (blocks, then the output layer) are created on the meta device; the units whose
     index is in `materialize` (all when None) are then allocated and initialised on the CPU.
     Every block gets `in_shape`/`out_shape`: its per-sample input and (pooled) output shapes.
+    An objective that trains modules (all but the paper's per-layer losses, and every one under
+    --local-modules) gets the builder's plain units grouped into local modules
+    (models/modules.py).
     """
-    net = _build(model, loss, input_shape, num_classes, seed)
-    x = torch.empty(2, *input_shape, device="meta")
-    for block in [*net.blocks, net.output]:
-        where = "the output layer" if block is net.output else f"block {block.index + 1}"
-        try:
-            block.eval()
-            y = block(x)
-            block.train()
-        except Exception as exc:  # a builder whose units' widths do not chain
-            raise ValueError(f"model {model.name}: {where} ({type(block).__name__}) failed on "
-                             f"the previous unit's output of shape {list(x.shape[1:])} per "
-                             f"example in a shape-only pass on the meta device "
-                             f"({type(exc).__name__}: {first_line(exc)}); check that its input "
-                             "width matches") from exc
-        if block is not net.output:
-            block.in_shape, block.out_shape = tuple(x.shape[1:]), tuple(y.shape[1:])
-            x = y
+    entry = None if loss.backprop else objective_entry(loss.loss_sup)
+    if not loss.backprop and entry is None:
+        raise ValueError(f"unknown local objective {loss.loss_sup!r} (--loss-sup); choose one "
+                         f"of: {', '.join(registered_objectives())}")
+    grouped = entry is not None and (bool(loss.local_modules) or not entry.layerwise)
+    units, output = _build(model, dataclasses.replace(loss, backprop=True) if grouped else loss,
+                           input_shape, num_classes, seed)
+    _shape_pass(model.name, units, output, input_shape)
+    if grouped:
+        units, output = _group(model, loss, entry, units, output, input_shape, num_classes, seed)
+        _shape_pass(model.name, units, output, input_shape)
+    fields = {tuple(getattr(u, "stat_fields", PAPER_STAT_FIELDS)) for u in units}
+    if len(fields) > 1:
+        raise ValueError(f"model {model.name}: its units report different statistics "
+                         f"({sorted(fields)}); every unit of a model reports the same fields")
+    net = LocalModel(units, output, model.name)
+    net.stat_fields = fields.pop()
     for unit in net.units():
         if materialize is None or unit.index in materialize:
             unit.materialize()
     return net
 
 
+def _shape_pass(name: str, units: list, output, input_shape) -> None:
+    """Every unit's `in_shape`/`out_shape` from a shape-only pass on the meta device."""
+    x = torch.empty(2, *input_shape, device="meta")
+    for block in [*units, output]:
+        where = "the output layer" if block is output else f"block {block.index + 1}"
+        try:
+            block.eval()
+            y = block(x)
+            block.train()
+        except Exception as exc:  # a builder whose units' widths do not chain
+            raise ValueError(f"model {name}: {where} ({type(block).__name__}) failed on "
+                             f"the previous unit's output of shape {list(x.shape[1:])} per "
+                             f"example in a shape-only pass on the meta device "
+                             f"({type(exc).__name__}: {first_line(exc)}); check that its input "
+                             "width matches") from exc
+        if block is not output:
+            block.in_shape, block.out_shape = tuple(x.shape[1:]), tuple(y.shape[1:])
+            x = y
+
+
+def _group(model, loss, entry, units, output, input_shape, num_classes: int, seed: int):
+    """The plain units grouped into local modules with the objective's heads."""
+    def make_spec(index, num_modules, first, last):
+        unit = units[last]
+        unit.eval()  # its output before the pools that travel with it
+        h = unit.forward_parts(torch.empty(2, *unit.in_shape, device="meta"), False)[0]
+        unit.train()
+        return ModuleSpec(index=index, num_modules=num_modules, out_shape=tuple(h.shape[1:]),
+                          in_shape=units[first].in_shape, input_shape=tuple(input_shape),
+                          num_classes=num_classes, loss=loss, model=model, seed=seed,
+                          units=tuple(units), first_unit=first, last_unit=last)
+    try:
+        return group_units(units, output, entry, loss.local_modules, seed=seed,
+                           make_spec=make_spec)
+    except ValueError:
+        raise
+    except Exception as exc:  # a user's head builder failing in its own code
+        raise ValueError(f"objective {entry.name}: building its heads for {model.name} failed "
+                         f"({type(exc).__name__}: {first_line(exc)}); set LOCALLOSS_PP_DEBUG=1 "
+                         "for the traceback") from exc
+
+
 def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
-           seed: int) -> LocalModel:
+           seed: int) -> tuple[list, nn.Module]:
     builder = model_builder(model.name)
     if builder is None:
         raise ValueError(f"unknown model {model.name!r}; choose one of "
@@ -91,7 +142,7 @@ def _build(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
                          f"({type(exc).__name__}: {first_line(exc)}); set LOCALLOSS_PP_DEBUG=1 "
                          "for the traceback") from exc
     check_units(model.name, units, output)
-    return LocalModel(units, output, model.name)
+    return units, output
 
 
 def count_params(model: ModelConfig, input_shape, num_classes: int) -> int:

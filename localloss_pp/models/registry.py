@@ -16,10 +16,11 @@ from typing import Callable
 
 from localloss_pp.config import LossConfig, ModelConfig
 from localloss_pp.errors import first_line
-from localloss_pp.models.resnets import parse_wresnet
+from localloss_pp.models.resnets import parse_cifar_resnet, parse_wresnet
 from localloss_pp.models.vit import VIT_PRESETS, is_vit, parse_vit
 
 __all__ = ["register_model", "model_builder", "registered_models", "load_model_module",
+           "import_user_module", "load_entry_points",
            "resolve_model", "check_units", "UNIT_METHODS", "OUTPUT_METHODS", "UNIT_STATE",
            "ENTRY_POINT_GROUP", "BUILTIN_MODELS"]
 
@@ -52,30 +53,36 @@ def register_model(name: str, builder: Builder | None = None, *, pattern: bool =
     return add if builder is None else add(builder)
 
 
-def load_model_module(path: str) -> None:
-    """Import a user's module that registers models (--model-module); a one-line error if it
-    cannot be imported."""
+def import_user_module(path: str, flag: str, what: str, rule: str, example: str) -> None:
+    """Import a user's module that registers something (--model-module, --objective-module); a
+    one-line error naming `flag` if it cannot be imported."""
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: modules beside the run
     try:
         importlib.import_module(path)
     except SystemExit as exc:  # a script's sys.exit() run at import
-        raise ValueError(f"--model-module {path}: importing it called sys.exit({exc.code!r}); "
-                         "a model module must only define and register models at import") \
-            from None
+        raise ValueError(f"{flag} {path}: importing it called sys.exit({exc.code!r}); "
+                         f"{what} must {rule} at import") from None
     except Exception as exc:  # ImportError, or any error inside the user's module
-        raise ValueError(f"--model-module {path}: cannot import it ({type(exc).__name__}: "
+        raise ValueError(f"{flag} {path}: cannot import it ({type(exc).__name__}: "
                          f"{first_line(exc)}); give an importable module path (on PYTHONPATH "
-                         "or installed), e.g. examples.custom_model") from None
+                         f"or installed), e.g. {example}") from None
 
 
-def _load_entry_points() -> None:
+def load_model_module(path: str) -> None:
+    """Import a user's module that registers models (--model-module)."""
+    import_user_module(path, "--model-module", "a model module",
+                       "only define and register models", "examples.custom_model")
+
+
+def load_entry_points(group: str, what: str) -> None:
+    """Load the entry points of `group` that installed packages declare (they register)."""
     from importlib.metadata import entry_points
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=group):
         try:
             ep.load()
         except Exception as exc:
-            raise ValueError(f"the model entry point {ep.name} ({ep.value}) of an installed "
+            raise ValueError(f"the {what} entry point {ep.name} ({ep.value}) of an installed "
                              f"package cannot be loaded: {first_line(exc)}") from None
 
 
@@ -89,7 +96,7 @@ def model_builder(name: str) -> Builder | None:
             if regex.fullmatch(key):
                 return fn
         if attempt == 0:
-            _load_entry_points()
+            load_entry_points(ENTRY_POINT_GROUP, "model")
     return None
 
 
@@ -133,9 +140,13 @@ def resolve_model(m: ModelConfig) -> None:
         parse_vit(m.name)
     elif lower in BUILTIN_MODELS:
         m.name = lower
+    elif lower.startswith("resnet"):  # a CIFAR ResNet resnet<6n+2>
+        m.name = lower
+        parse_cifar_resnet(m.name)
     elif model_builder(m.name) is None:
         raise ValueError(f"unknown model {m.name!r} (--model); choose one of: "
-                         f"{', '.join(registered_models())}, wresnet<depth>-<width>[a], "
+                         f"{', '.join(registered_models())}, resnet<6n+2> (CIFAR ResNets: "
+                         "resnet20, resnet32, resnet110, ...), wresnet<depth>-<width>[a], "
                          "vit-<depth>-<dim>[-p<patch>][-h<heads>][-m<ratio>]; or "
                          "register your own and name its module with --model-module "
                          "(docs/usage.md, \"Your own model\")")

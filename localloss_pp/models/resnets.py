@@ -31,13 +31,17 @@ from localloss_pp.models.blocks import (LocalConvBlock, OutputLayer, Unit, _defa
 from localloss_pp.seeds import derive_seed
 
 __all__ = ["ResConv", "ConvUnit", "NormOutputLayer", "RESNET_DEPTHS", "build_resnet",
-           "build_wresnet", "is_resnet", "is_wresnet", "parse_wresnet"]
+           "build_cifar_resnet", "build_wresnet", "is_resnet", "is_wresnet", "parse_wresnet",
+           "parse_cifar_resnet", "CIFAR_RESNET_PATTERN"]
 
 # depth -> (block kind, blocks per stage)
 RESNET_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
                  50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
                  152: ("bottleneck", (3, 8, 36, 3))}
 _WRN = re.compile(r"wresnet(\d+)-(\d+)(a?)")
+# the CIFAR ResNets of He et al. 2016, section 4.2: resnet<6n+2> (resnet20, 32, 44, 56, 110, ...);
+# resnet50 and resnet152 (also 6n+2) stay the reference's bottleneck networks above
+CIFAR_RESNET_PATTERN = r"resnet\d+"
 
 
 def is_resnet(name: str) -> bool:
@@ -59,6 +63,20 @@ def parse_wresnet(name: str) -> tuple[int, int, bool]:
         raise ValueError(f"model {name!r}: the depth of a Wide-ResNet is 6n+4 with n >= 1 "
                          "(10, 16, 22, 28, 40, ...) and its width >= 1")
     return depth, width, m.group(3) == "a"
+
+
+def parse_cifar_resnet(name: str) -> int:
+    """n, the basic blocks per group, of a CIFAR ResNet named resnet<6n+2> (resnet32: 5)."""
+    m = re.fullmatch(r"resnet(\d+)", name)
+    depth = int(m.group(1)) if m else 0
+    if depth in RESNET_DEPTHS:
+        raise ValueError(f"model {name!r} is the reference's ImageNet-style ResNet, not a CIFAR "
+                         "ResNet")
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"model {name!r}: a ResNet is resnet18/34/50/101/152 (the reference's) "
+                         "or a CIFAR ResNet resnet<6n+2> with n >= 1 (resnet8, 14, 20, 26, 32, "
+                         "44, 56, 110, ...)")
+    return (depth - 2) // 6
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -229,20 +247,38 @@ def _common(model, loss, num_classes: int, seed: int, index: int) -> dict:
 
 def build_resnet(model, loss, input_shape, num_classes: int, seed: int):
     """(units, output layer) of resnet18/34/50/101/152 (`--pre-act`: pre-activation convs)."""
-    depth = int(model.name[len("resnet"):])
-    kind, counts = RESNET_DEPTHS[depth]
+    kind, counts = RESNET_DEPTHS[int(model.name[len("resnet"):])]
+    return _residual_net(model, loss, input_shape, num_classes, seed, kind=kind, stem_width=64,
+                         groups=tuple(zip((64, 128, 256, 512), (1, 2, 2, 2), counts)))
+
+
+def build_cifar_resnet(model, loss, input_shape, num_classes: int, seed: int):
+    """(units, output layer) of the CIFAR ResNet resnet<6n+2> (He et al. 2016, section 4.2): a
+    3x3 stem of 16 channels, three groups of n basic blocks of 16, 32 and 64 channels (stride
+    1, 2, 2), global average pooling and one linear layer. The shortcut is the identity, or a
+    1x1 convolution with BatchNorm where the shape changes (as the InfoPro and AugLocal code
+    build it; docs/algorithm.md 5.7)."""
+    n = parse_cifar_resnet(model.name)
+    return _residual_net(model, loss, input_shape, num_classes, seed, kind="basic", stem_width=16,
+                         groups=((16, 1, n), (32, 2, n), (64, 2, n)))
+
+
+def _residual_net(model, loss, input_shape, num_classes: int, seed: int, *, kind: str,
+                  stem_width: int, groups: tuple):
+    """A stem conv, then groups of (channels, stride of the first block, blocks) of basic or
+    bottleneck blocks, average pooling over the last map, one linear layer."""
     channels, size, _ = input_shape
     pre, p, fm = model.pre_act, model.dropout, model.feat_mult
-    width = int(64 * fm)
+    width = int(stem_width * fm)
     if width < 1:
-        raise ValueError(f"--feat-mult {fm} gives {model.name} a stem of {64 * fm:g} < 1 "
-                         "channel; use --feat-mult >= 0.015625")
+        raise ValueError(f"--feat-mult {fm} gives {model.name} a stem of {stem_width * fm:g} < 1 "
+                         f"channel; use --feat-mult >= {1 / stem_width:g}")
     stem = _conv(channels, width, kernel=3, stride=1, padding=1, size=size, bias=False,
                  pre_act=False, post_act=not pre, dropout=p, position=0, first_layer=True,
                  common=_common(model, loss, num_classes, seed, 0))
     units = [ConvUnit([stem], index=0, seed=seed, kind="Stem", residual=False)]
     in_planes, expansion = width, (1 if kind == "basic" else 4)
-    for base, stride, n in zip((64, 128, 256, 512), (1, 2, 2, 2), counts):
+    for base, stride, n in groups:
         planes = int(base * fm)
         for b in range(n):
             s = stride if b == 0 else 1

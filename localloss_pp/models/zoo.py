@@ -13,7 +13,8 @@ from localloss_pp.config import LossConfig, ModelConfig
 from localloss_pp.models.blocks import LocalConvBlock, LocalLinearBlock, OutputLayer, make_pool, \
     output_loss_scale
 from localloss_pp.models.registry import register_model
-from localloss_pp.models.resnets import build_resnet, build_wresnet
+from localloss_pp.models.resnets import CIFAR_RESNET_PATTERN, build_cifar_resnet, build_resnet, \
+    build_wresnet
 from localloss_pp.models.vit import VIT_PATTERN, VIT_PRESETS, build_vit
 
 __all__ = ["VGG_CFGS", "build_mlp", "build_vgg"]
@@ -118,6 +119,7 @@ for _name in VGG_CFGS:
     register_model(_name, build_vgg)
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     register_model(_name, build_resnet)
+register_model(CIFAR_RESNET_PATTERN, build_cifar_resnet, pattern=True)  # resnet<6n+2>
 register_model(r"wresnet\d+-\d+a?", build_wresnet, pattern=True)
 for _name in VIT_PRESETS:
     register_model(_name, build_vit)

@@ -17,15 +17,13 @@ from torch.profiler import record_function
 
 from localloss_pp.durable import append_line
 from localloss_pp.errors import first_line
-from localloss_pp.models.blocks import STAT_FIELDS
+from localloss_pp.models.objectives import PAPER_STAT_FIELDS
 
 __all__ = ["setup_logging", "EpochStats", "StageClock", "StageTimes", "FiniteWatch", "SyncDebug",
            "append_jsonl", "read_jsonl", "read_records", "progress", "NonFiniteLossError",
-           "merge_stage_summaries", "stage_summary", "log_blocks", "log_epoch"]
+           "merge_stage_summaries", "stage_summary", "log_blocks", "log_epoch", "block_terms"]
 
 log = logging.getLogger(__name__)
-
-_I_LOSS, _I_SIM, _I_PRED, _I_CORRECT = (STAT_FIELDS.index(n) for n in STAT_FIELDS)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -61,12 +59,16 @@ def setup_logging(stage_index: int = 0, num_stages: int = 1, level=logging.INFO,
 class EpochStats:
     """Sums over one epoch (train or test) of the per-block and global statistics.
 
-    Block sums stay on the device (no synchronisation per batch) until `summary`.
+    `fields` name what a block's statistics vector holds: the total local loss first, then the
+    objective's terms, then the count of correct guesses last (models/objectives.py). Block
+    sums stay on the device (no synchronisation per batch) until `summary`.
     """
 
-    def __init__(self, block_indices: list[int], device):
+    def __init__(self, block_indices: list[int], device, fields=PAPER_STAT_FIELDS):
         self.block_indices = list(block_indices)
-        self.blocks = torch.zeros(len(block_indices), len(STAT_FIELDS), dtype=torch.float64,
+        self.fields = tuple(fields)
+        assert self.fields[0] == "loss" and self.fields[-1] == "correct", self.fields
+        self.blocks = torch.zeros(len(block_indices), len(self.fields), dtype=torch.float64,
                                   device=device)
         self.glob = torch.zeros(2, dtype=torch.float64, device=device)  # loss*B, correct
         self.count = 0
@@ -80,8 +82,8 @@ class EpochStats:
         """Add a batch's per-block stats (losses are batch means, `correct` a count). Device
         ops with a Python scalar only: no host-to-device copy, no synchronisation."""
         s = torch.stack(stats).to(torch.float64)
-        self.blocks[:, :_I_CORRECT] += s[:, :_I_CORRECT] * batch_size
-        self.blocks[:, _I_CORRECT] += s[:, _I_CORRECT]
+        self.blocks[:, :-1] += s[:, :-1] * batch_size
+        self.blocks[:, -1] += s[:, -1]
 
     def add_global(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         correct = (logits.argmax(1) == y).sum()
@@ -95,14 +97,19 @@ class EpochStats:
         n = max(self.count, 1)
         blocks = self.blocks.cpu().tolist()
         g = self.glob.cpu().tolist()
-        glob = {"loss_local": sum(b[_I_LOSS] for b in blocks) / n, "loss_global": g[0] / n,
+        glob = {"loss_local": sum(b[0] for b in blocks) / n, "loss_global": g[0] / n,
                 "error": 100.0 - 100.0 * g[1] / n, "num_examples": self.count}
         per_block = []
         for idx, b, dec in zip(self.block_indices, blocks, has_decoder):
-            per_block.append({"index": idx, "loss": b[_I_LOSS] / n, "loss_sim": b[_I_SIM] / n,
-                              "loss_pred": b[_I_PRED] / n,
-                              "error": (100.0 - 100.0 * b[_I_CORRECT] / n) if dec else None})
+            rec = {"index": idx}
+            rec.update((name, value / n) for name, value in zip(self.fields[:-1], b))
+            rec["error"] = (100.0 - 100.0 * b[-1] / n) if dec else None
+            per_block.append(rec)
         return glob, per_block
+
+    def terms(self) -> tuple[str, ...]:
+        """The objective's loss terms: the fields between the total and the correct count."""
+        return self.fields[1:-1]
 
 
 # --- a stage's clock and its checks of the steady state ---------------------------------------
@@ -400,20 +407,28 @@ def stage_summary(k, names, has_decoder, tr, te, with_test_blocks, backprop=Fals
     if not backprop:
         for i, b in enumerate(tr_blocks):
             rec = {"index": b["index"], "name": names[i], "train": b}
-            rec["test"] = te_blocks[i] if with_test_blocks else {
-                "loss": 0.0, "loss_sim": None, "loss_pred": None, "error": None}
+            rec["test"] = te_blocks[i] if with_test_blocks else dict(
+                {"loss": 0.0}, **dict.fromkeys(tr.stats.terms()), error=None)
             blocks.append(rec)
     return {"stage": k, "train": tr_glob, "test": te_glob, "blocks": blocks,
             "train_times": tr.times.as_dict(), "test_times": te.times.as_dict()}
 
 
+def block_terms(block: dict) -> list[str]:
+    """The loss terms a block's record holds, by name (the objective's terms: loss_sim and
+    loss_pred for the paper's losses), in their order."""
+    return [k for k in block if k.startswith("loss_")]
+
+
 def log_blocks(summary: dict) -> None:
+    """One line per block of the stage: each loss term by name (without its "loss_"), the
+    error of its classifier, on train and test."""
+    def part(rec: dict) -> str:
+        terms = " ".join(f"{k[len('loss_'):]} {_fmt(rec.get(k))}" for k in block_terms(rec))
+        return f"{terms} error {_fmt_err(rec['error'])}"
     for b in summary["blocks"]:
-        a, t = b["train"], b["test"]
-        log.info("  block %d %s: train sim %s pred %s error %s | test sim %s pred %s error %s",
-                 b["index"], b["name"], _fmt(a["loss_sim"]), _fmt(a["loss_pred"]),
-                 _fmt_err(a["error"]), _fmt(t["loss_sim"]), _fmt(t["loss_pred"]),
-                 _fmt_err(t["error"]))
+        log.info("  block %d %s: train %s | test %s", b["index"], b["name"], part(b["train"]),
+                 part(b["test"]))
 
 
 def log_epoch(rec: dict, epochs: int, num_stages: int) -> None:

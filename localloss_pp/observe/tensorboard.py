@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from localloss_pp.observe.metrics import block_terms
+
 __all__ = ["TensorBoardLog", "check_tensorboard", "tensorboard_dir"]
 
 _TIMES = ("busy_fraction", "wait_recv_s", "wait_send_s", "wait_sync_s", "samples_per_s",
@@ -74,7 +76,7 @@ class TensorBoardLog:
         w = self.epochs
         for block in summary["blocks"]:
             for split in ("train", "test"):
-                for key in ("loss", "loss_sim", "loss_pred", "error"):
+                for key in ("loss", *block_terms(block[split]), "error"):
                     value = block[split].get(key)
                     if value is not None:
                         w.add_scalar(f"block{block['index']:02d}/{split}/{key}", value, epoch)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from localloss_pp.config import Config
+from localloss_pp.layout import balanced_split
 from localloss_pp.models.losses import onehot
 from localloss_pp.models import LocalModel, build_model
 from localloss_pp.models.blocks import activation_dtype
@@ -66,34 +67,6 @@ class Partition:
         return {"how": self.how, "counts": self.counts, "unit": self.unit, "data_ms": self.data_ms,
                 "block_costs": self.costs, "stage_costs": self.stage_costs(),
                 "stages": [list(range(a, b)) for a, b in self.bounds], "names": self.names}
-
-
-def balanced_split(costs: list[float], num_stages: int) -> list[int]:
-    """Contiguous split of `costs` into `num_stages` non-empty parts minimising the largest
-    part (dynamic programming; ties go to the split with earlier, larger stages)."""
-    n = len(costs)
-    if not 1 <= num_stages <= n:
-        raise ValueError(f"cannot split {n} blocks into {num_stages} stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[s][i]: minimal max-part cost of the first i blocks in s parts; cut[s][i]: last cut
-    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, num_stages + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    counts, i = [], n
-    for s in range(num_stages, 0, -1):
-        j = cut[s][i]
-        counts.append(i - j)
-        i = j
-    return counts[::-1]
 
 
 def parse_counts(spec: str, num_blocks: int, num_stages: int) -> list[int]:

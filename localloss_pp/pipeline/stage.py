@@ -25,6 +25,7 @@ from torch.profiler import record_function
 
 from localloss_pp.faults import armed, fault_point
 from localloss_pp.models.losses import onehot
+from localloss_pp.models.objectives import stat_fields_of
 from localloss_pp.observe.metrics import (EpochStats, FiniteWatch, NonFiniteLossError, StageClock,
                                           StageTimes, SyncDebug, progress)
 from localloss_pp.pipeline.transport import (END_EVAL, END_TRAIN, EVAL, KIND_NAMES, STOP, TRAIN,
@@ -201,6 +202,11 @@ class StageRunner:
             sync.clock = self.clock
 
     @property
+    def stat_fields(self) -> tuple[str, ...]:
+        """What each block's statistics vector holds (the same for every unit of a model)."""
+        return stat_fields_of(self.blocks)
+
+    @property
     def units(self):
         return self.blocks + ([self.output] if self.output is not None else [])
 
@@ -264,7 +270,8 @@ class StageRunner:
                    on_checkpoint=None) -> StageEpoch:
         """One epoch's train or eval stream: for every batch, `step(stats, watch, epoch, batch)`
         then the after-batch hooks; then the end marker to the next stage."""
-        result = StageEpoch(EpochStats([b.index for b in self.blocks], self.device))
+        result = StageEpoch(EpochStats([b.index for b in self.blocks], self.device,
+                                       self.stat_fields))
         if initial is not None:
             result.stats.load(initial)
         self.clock.read()  # start from zero

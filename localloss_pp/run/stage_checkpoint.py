@@ -49,7 +49,7 @@ class StageCheckpointer:
                                                 for b in self.blocks])
             if stats is not None:
                 totals = self.sync.sum_stats(stats)
-                stats = type(stats)(stats.block_indices, "cpu")
+                stats = type(stats)(stats.block_indices, "cpu", stats.fields)
                 stats.load(totals)
             if self.replica != 0:
                 return

@@ -174,7 +174,7 @@ ROWS = [
     ("vit-recon", None, ["--model", "vit-nano", "--loss-unsup", "recon"], 2,
      "--loss-unsup recon is not available for ViT models"),
     ("unknown-dataset", None, ["--dataset", "CIFAR11"], 2, "unknown dataset"),
-    ("unknown-loss", None, ["--loss-sup", "mse"], 2, "unknown supervised loss"),
+    ("unknown-loss", None, ["--loss-sup", "mse"], 2, "unknown local objective 'mse' (--loss-sup)"),
     ("unknown-optimizer", None, ["--optim", "lamb"], 2, "unknown optimizer"),
     ("unknown-nonlin", None, ["--nonlin", "gelu"], 2, "unknown nonlinearity"),
     ("lr", None, ["--lr", "0"], 2, "--lr must be > 0"),

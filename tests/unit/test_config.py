@@ -83,7 +83,7 @@ def test_bad_toml_files(tmp_path, text, message):
     (["--model", "mine", "--model-module", "no.such.module"],
      "--model-module no.such.module: cannot import it (ModuleNotFoundError"),
     (["--dataset", "CIFAR11"], "unknown dataset 'CIFAR11'"),
-    (["--loss-sup", "predsimm"], "unknown supervised loss"),
+    (["--local-modules", "2,x"], "--local-modules must be a number of modules K >= 1"),
     (["--loss-unsup", "ae"], "unknown unsupervised loss"),
     (["--optim", "lamb"], "unknown optimizer 'lamb'"),
     (["--nonlin", "gelu"], "unknown nonlinearity"),

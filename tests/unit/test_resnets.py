@@ -179,3 +179,45 @@ def test_units_are_seeded_by_their_index():
     assert model_digest(a) == model_digest(b)
     unit = a.blocks[1]
     assert not torch.equal(unit.convs[0].encoder.weight, unit.convs[1].encoder.weight)
+
+
+def cifar_resnet_params(depth: int, channels: int, num_classes: int) -> int:
+    """The CIFAR ResNet's parameter count by hand: a 3x3 stem of 16 channels with BN, three
+    groups of n = (depth - 2) / 6 basic blocks (two 3x3 convs with BN each) of 16, 32 and 64
+    channels, a 1x1 conv + BN shortcut where the width changes, one linear layer."""
+    n = (depth - 2) // 6
+    conv_bn = lambda c_in, c_out, k: k * k * c_in * c_out + 2 * c_out  # noqa: E731
+    total = conv_bn(channels, 16, 3)
+    for c_in, c in ((16, 16), (16, 32), (32, 64)):
+        total += conv_bn(c_in, c, 3) + conv_bn(c, c, 3) + (conv_bn(c_in, c, 1) if c_in != c else 0)
+        total += (n - 1) * 2 * conv_bn(c, c, 3)
+    return total + 64 * num_classes + num_classes
+
+
+@pytest.mark.parametrize("depth", [8, 20, 32, 44, 56, 110])
+@pytest.mark.parametrize("dataset", ["CIFAR10", "MNIST"])
+def test_cifar_resnet_parameter_counts_follow_the_hand_formula(depth, dataset):
+    info = DATASETS[dataset]
+    expected = cifar_resnet_params(depth, info.input_shape[0], info.num_classes)
+    assert count_params(ModelConfig(name=f"resnet{depth}"), info.input_shape,
+                        info.num_classes) == expected
+
+
+def test_cifar_resnet_units_and_the_papers_sizes():
+    # He et al. 2016, table 6: ResNet-32 0.46 M, ResNet-110 1.7 M parameters on CIFAR-10
+    assert round(cifar_resnet_params(32, 3, 10) / 1e6, 2) in (0.46, 0.47)
+    assert round(cifar_resnet_params(110, 3, 10) / 1e6, 1) == 1.7
+    net = tiny("resnet20", feat_mult=1.0)
+    assert len(net.blocks) == 10  # the stem and 3 x 3 basic blocks
+    assert [u.describe() for u in net.blocks[:5]] == [
+        "Stem(3->16)@32", "BasicBlock(16->16)@32", "BasicBlock(16->16)@32",
+        "BasicBlock(16->16)@32", "BasicBlock(16->32)/2@16"]
+    assert net.blocks[-1].out_shape == (64, 1, 1)
+    # resnet50 and resnet152 are 6n + 2 too, but stay the reference's bottleneck networks
+    assert len(tiny("resnet50").blocks[1].convs) == 3
+
+
+@pytest.mark.parametrize("bad", ["resnet33", "resnet2", "resnet"])
+def test_cifar_resnet_names_are_checked(bad):
+    with pytest.raises(ValueError, match="resnet<6n\\+2>"):
+        resolve_model(ModelConfig(name=bad))
