@@ -2,10 +2,11 @@
 
     python -m benchmarks.tta --data-dir DIR [--dataset MNIST|FashionMNIST] [--seeds 1,2,3]
         [--epochs 3] [--stages 2] [--points-per-epoch 20] [--variants ...] [--targets 3,2,1.5]
-        [--json PATH] [--plot PATH]
+        [--model-args "..."] [--local-modules K] [--json PATH] [--plot PATH]
 
-Every variant is a real `localloss-pp train` run of the same model (mlp 3x1024, leaky ReLU,
-dropout 0.1, batch 128, Adam at the default learning rate, no decay) on the same data and cores,
+Every variant is a real `localloss-pp train` run of the same model (by default mlp 3x1024, leaky
+ReLU, dropout 0.1; `--model-args` gives another, e.g. "--model resnet32 --feat-mult 0.25"),
+batch 128, Adam at the default learning rate, no decay, on the same data and cores,
 with `--snapshot-every K` (K = batches per epoch // points per epoch): every stage keeps its
 weights every K batches, stamped with its training time so far (evaluation, epoch-end
 statistics, checkpoints and the copies themselves left out). After each run the snapshots are
@@ -14,6 +15,8 @@ time is the slowest stage's stamp. Variants:
 
   local-pred, local-predsim      the local pipeline, S stages under torchrun (one thread each)
   local1-pred, local1-predsim    the same local algorithm in one process, every core
+  local-NAME, local1-NAME        the same with any registered objective (dgl, infopro, ...;
+                                 `--local-modules K` groups the units for every local variant)
   backprop1                      global backprop in one process, every core
   ddp                            global backprop data-parallel on S ranks (`--backprop
                                  --replicas S`: the batch split, gradients all-reduced every step)
@@ -31,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import tempfile
@@ -50,7 +54,27 @@ LABELS = {"local-pred": "local pipeline, pred", "local-predsim": "local pipeline
 DEFAULT_TARGETS = {"MNIST": "3,2,1.5", "FashionMNIST": "15,12"}
 TRAIN_EXAMPLES = {"MNIST": 60000, "FashionMNIST": 60000}
 MODEL = ["--model", "mlp", "--num-layers", "3", "--num-hidden", "1024", "--nonlin", "leakyrelu",
-         "--dropout", "0.1", "--lr-decay-milestones"]
+         "--dropout", "0.1"]
+NO_DECAY = ["--lr-decay-milestones"]  # an empty list: the learning rate stays where it starts
+
+
+def label(variant: str) -> str:
+    """A variant's name in the tables: the fixed ones, or local[1]-<objective>."""
+    if variant in LABELS:
+        return LABELS[variant]
+    kind, objective = variant.split("-", 1)
+    return f"local {'pipeline' if kind == 'local' else '1 process'}, {objective}"
+
+
+def valid_variant(variant: str) -> bool:
+    """backprop1, ddp, or local-/local1- and a registered objective's name."""
+    if variant in VARIANTS:
+        return True
+    kind, _, objective = variant.partition("-")
+    if kind not in ("local", "local1") or not objective:
+        return False
+    from localloss_pp.models import registered_objectives
+    return objective in registered_objectives()
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -84,7 +108,13 @@ def parse_args(argv):
     p.add_argument("--points-per-epoch", type=int, default=20,
                    help="snapshots per epoch, at least (20)")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"runs, any of {','.join(VARIANTS)} (default all)")
+                   help=f"runs, any of {','.join(VARIANTS)}, or local-NAME / local1-NAME for "
+                   "any registered objective (default: the first six)")
+    p.add_argument("--model-args", default=" ".join(MODEL),
+                   help="the model's train flags, the same for every variant (default: the "
+                   "mlp 3x1024 of the paper's MNIST recipe)")
+    p.add_argument("--local-modules", default="",
+                   help="--local-modules for every local variant (default: none)")
     p.add_argument("--derived", default=",".join(DERIVED),
                    help=f"derived backprop pipeline curves, any of {','.join(DERIVED)}, or "
                    "none (default all; needs backprop1)")
@@ -100,13 +130,18 @@ def parse_args(argv):
     except argparse.ArgumentTypeError as exc:
         p.error(str(exc))
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if not valid_variant(v)]
     if bad or not args.variants:
-        p.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
+        p.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}, or "
+                "local-NAME / local1-NAME for a registered objective")
+    args.model_args = shlex.split(args.model_args)
     args.derived = [] if args.derived == "none" else [v for v in args.derived.split(",") if v]
     bad = [v for v in args.derived if v not in DERIVED]
     if bad:
         p.error(f"--derived: unknown {bad}; choose from {','.join(DERIVED)} or none")
+    if args.derived and args.model_args != MODEL:
+        p.error("--derived stretches backprop's curve by the schedules' samples/s measured on "
+                "the mlp; with --model-args pass --derived none")
     if args.derived and "backprop1" not in args.variants:
         p.error("--derived curves stretch the backprop1 curve: add backprop1 to --variants, or "
                 "pass --derived none")
@@ -122,15 +157,19 @@ def parse_args(argv):
 
 def _command(variant: str, args, seed: int, every: int, run_dir: Path, cores: int):
     """(argv, OMP threads) of one run."""
-    common = ["train", *MODEL, "--dataset", args.dataset, "--data-dir", args.data_dir,
-              "--epochs", str(args.epochs), "--seed", str(seed), "--snapshot-every", str(every),
-              "--no-progress", "--no-print-stats", "--run-dir", str(run_dir)]
-    loss = variant.rsplit("-", 1)[-1]
-    if variant.startswith("local-"):
-        return python_module("localloss_pp", *common, "--loss-sup", loss, "--threads-per-rank",
-                             "1", ranks=args.stages), 1
-    if variant.startswith("local1-"):
-        return python_module("localloss_pp", *common, "--loss-sup", loss, "--threads-per-rank",
+    common = ["train", *getattr(args, "model_args", MODEL), *NO_DECAY, "--dataset",
+              args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--seed",
+              str(seed), "--snapshot-every", str(every), "--no-progress", "--no-print-stats",
+              "--run-dir", str(run_dir)]
+    kind, _, loss = variant.partition("-")
+    if kind in ("local", "local1"):
+        local = ["--loss-sup", loss]
+        if getattr(args, "local_modules", ""):
+            local += ["--local-modules", args.local_modules]
+        if kind == "local":
+            return python_module("localloss_pp", *common, *local, "--threads-per-rank", "1",
+                                 ranks=args.stages), 1
+        return python_module("localloss_pp", *common, *local, "--threads-per-rank",
                              str(cores)), cores
     if variant == "backprop1":
         return python_module("localloss_pp", *common, "--backprop", "--threads-per-rank",
@@ -211,8 +250,8 @@ def plot(rows: list[dict], args, path: Path) -> None:
     ax.set_ylim(min(args.targets) * 0.6, 30)
     ax.set_xlabel("training wall time (s): evaluation excluded")
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"{args.dataset}, mlp 3x1024, seed {args.seeds[0]}; dashed: derived from "
-                 "backprop's curve")
+    ax.set_title(f"{args.dataset}, {model_name(args)}, seed {args.seeds[0]}; dashed: derived "
+                 "from backprop's curve", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -231,12 +270,12 @@ def _run_variant(variant: str, args, every: int, cores: int, tmp: Path) -> dict:
         launch(cmd, " ".join(cmd[:8]) + " ...", args.timeout, threads=threads)
         curve = evaluate_run(run_dir)
         curves.append(curve)
-        print(f"- {LABELS[variant]}, seed {seed}: {len(curve)} points, final "
+        print(f"- {label(variant)}, seed {seed}: {len(curve)} points, final "
               f"{curve[-1]['test_error']:.2f}% at {curve[-1]['train_s']:.1f}s "
               f"(run and evaluation {time.perf_counter() - t0:.0f}s)", flush=True)
         shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
     ranks = args.stages if variant.startswith("local-") or variant == "ddp" else 1
-    return {"variant": variant, "label": LABELS[variant], "derived": False, "ranks": ranks,
+    return {"variant": variant, "label": label(variant), "derived": False, "ranks": ranks,
             "threads": 1 if ranks > 1 else cores, "curves": curves}
 
 
@@ -266,6 +305,15 @@ def _times_to_targets(rows: list[dict], args, batches: int, every: int) -> None:
                         for t in args.targets}
 
 
+def model_name(args) -> str:
+    """The model of the runs in words: mlp 3x1024 by default, else its flags."""
+    given = getattr(args, "model_args", MODEL)
+    text = "mlp 3x1024" if given == MODEL else " ".join(given)
+    if getattr(args, "local_modules", ""):
+        text += f", --local-modules {args.local_modules}"
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -274,8 +322,8 @@ def main(argv=None) -> int:
     batches = math.ceil(TRAIN_EXAMPLES[args.dataset] / 128)
     every = max(1, batches // args.points_per_epoch)
     env_info = environment()
-    print(f"# time to accuracy, {args.dataset}, mlp 3x1024 (seeds {args.seeds}, {args.epochs} "
-          f"epochs, a snapshot every {every} of {batches} batches)")
+    print(f"# time to accuracy, {args.dataset}, {model_name(args)} (seeds {args.seeds}, "
+          f"{args.epochs} epochs, a snapshot every {every} of {batches} batches)")
     print(f"machine: {cores} cores, {env_info['platform']}, torch {env_info['torch']}, git "
           f"{env_info['git_revision']}, {time.strftime('%Y-%m-%d')}", flush=True)
     started = time.perf_counter()

@@ -27,6 +27,7 @@ DATASET_NAMES = ("mnist5k", "MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10"
                  "SVHN", "STL10", "ImageNet")
 LOSS_UNSUP = ("none", "sim", "recon")
 OPTIMS = ("adam", "amsgrad", "sgd")
+LR_SCHEDULES = ("step", "cosine")
 NONLINS = ("relu", "leakyrelu")
 
 
@@ -94,6 +95,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     lr_decay_milestones: list[int] = field(default_factory=lambda: [200, 300, 350, 375])
     lr_decay_fact: float = 0.25
+    nesterov: bool = False
+    lr_schedule: str = "step"      # "step" (the milestones) or "cosine"
+    lr_cosine_epochs: int = 0      # the cosine's horizon (0: the run's --epochs)
+    lr_warmup_epochs: int = 0      # cosine: linear warm-up over these first epochs
+    lr_warmup_from: float = 0.01   # ... from this learning rate
 
 
 @dataclass(kw_only=True)
@@ -337,6 +343,16 @@ def _check_optim(o: OptimConfig) -> None:
     _need(all(b > a for a, b in zip(ms, ms[1:])),
           f"--lr-decay-milestones must be strictly increasing, got {' '.join(map(str, ms))}")
     _need(all(x >= 1 for x in ms), f"--lr-decay-milestones must be epochs >= 1, got {ms}")
+    o.lr_schedule = _canonical(o.lr_schedule, LR_SCHEDULES, "learning-rate schedule",
+                               "--lr-schedule")
+    _need(not o.nesterov or (o.optim == "sgd" and o.momentum > 0),
+          "--nesterov is Nesterov momentum of --optim sgd: give --optim sgd and --momentum > 0")
+    _need(o.lr_cosine_epochs >= 0, f"--lr-cosine-epochs must be >= 0, got {o.lr_cosine_epochs}")
+    _need(o.lr_warmup_epochs >= 0, f"--lr-warmup-epochs must be >= 0, got {o.lr_warmup_epochs}")
+    _need(_finite(o.lr_warmup_from) and o.lr_warmup_from >= 0,
+          f"--lr-warmup-from must be >= 0, got {o.lr_warmup_from}")
+    _need(o.lr_schedule == "cosine" or not (o.lr_warmup_epochs or o.lr_cosine_epochs),
+          "--lr-warmup-epochs and --lr-cosine-epochs shape --lr-schedule cosine; add it")
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -407,10 +423,24 @@ def parse_profile(spec: str) -> tuple[int, int, int]:
     return epoch, start, steps
 
 
-def lr_at_epoch(optim: OptimConfig, epoch: int) -> float:
-    """Learning rate of 1-based `epoch`: decayed once per milestone <= epoch - 1 (reference rule)."""
-    passed = sum(1 for m in optim.lr_decay_milestones if m <= epoch - 1)
-    return optim.lr * optim.lr_decay_fact ** passed
+def lr_at_epoch(optim: OptimConfig, epoch: int, epochs: int = 0) -> float:
+    """Learning rate of 1-based `epoch`.
+
+    step: decayed once per milestone <= epoch - 1 (reference rule). cosine (per epoch, as the
+    InfoPro and AugLocal code schedule it): 0.5 * lr * (1 + cos(pi * epoch / E)), E =
+    --lr-cosine-epochs or the run's `epochs`; over the first W = --lr-warmup-epochs epochs that
+    value times (epoch - 1) / W plus --lr-warmup-from times (W + 1 - epoch) / W."""
+    if optim.lr_schedule != "cosine":
+        passed = sum(1 for m in optim.lr_decay_milestones if m <= epoch - 1)
+        return optim.lr * optim.lr_decay_fact ** passed
+    horizon = optim.lr_cosine_epochs or epochs
+    if horizon < 1:
+        raise ValueError("--lr-schedule cosine needs its horizon: --lr-cosine-epochs or --epochs")
+    lr = 0.5 * optim.lr * (1 + math.cos(math.pi * epoch / horizon))
+    w = optim.lr_warmup_epochs
+    if epoch <= w:
+        lr = lr * (epoch - 1) / w + optim.lr_warmup_from * (w + 1 - epoch) / w
+    return lr
 
 
 def _toml_value(value: Any) -> str:

@@ -28,6 +28,7 @@ from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
                                           merge_stage_summaries, read_jsonl, setup_logging,
                                           stage_summary)
 from localloss_pp.observe.profiling import TraceWindow
+from localloss_pp.observe.record import EpochRecord
 from localloss_pp.run.snapshots import SnapshotRecorder
 from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
 from localloss_pp.pipeline.build import build_stage, nhwc_boundary
@@ -167,7 +168,10 @@ def _check_launch(cfg: Config, world: int) -> Layout:
     model and objective names checked against their registries."""
     resolve_model(cfg.model)
     if not cfg.loss.backprop:
-        resolve_objective(cfg.loss)
+        entry = resolve_objective(cfg.loss)
+        if cfg.train.compile and (cfg.loss.local_modules or not entry.layerwise):
+            raise ValueError(f"--compile compiles the paper's per-layer blocks; the local "
+                             f"modules of --loss-sup {entry.name} run eagerly: drop --compile")
     classes, cpb = DATASETS[cfg.data.dataset].num_classes, cfg.data.classes_per_batch
     if cpb > classes:
         raise ValueError(f"--classes-per-batch {cpb}: {cfg.data.dataset} has only {classes} "
@@ -341,7 +345,7 @@ def _model_and_partition(cfg: Config, env: DistEnv, info, num_stages: int, sourc
     """The model (on the meta device), its blocks' names and its partition into stages, chosen
     on rank 0 (`auto` measures the first stage's data too) and broadcast."""
     model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
-                        materialize=())
+                        materialize=(), input_norm=(info.mean, info.std))
     names = [blk.describe() for blk in model.blocks]
     part, err = None, None
     if env.rank == 0:
@@ -485,7 +489,7 @@ def _train_epochs(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner) -> 
 
 
 def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, initial):
-    lr = lr_at_epoch(cfg.optim, epoch)
+    lr = lr_at_epoch(cfg.optim, epoch, cfg.train.epochs)
     runner.set_lr(lr)
     start = time.perf_counter()
     train_src, test_src = run.sources if run.sources else (None, None)
@@ -521,13 +525,11 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
     gathered = gather_to(env, summary if run.replica == 0 else None, run.writer)
     rec = None
     if env.rank == run.writer:
+        # (with replicas, check_identical raised unless their weights are identical)
         rec = merge_stage_summaries(epoch, lr, gathered[:run.num_stages],
-                                    time.perf_counter() - start)
-        rec["num_replicas"] = run.layout.num_replicas
-        if run.layout.num_replicas > 1:
-            rec["replicas_identical"] = True  # check_identical raised otherwise
+                                    time.perf_counter() - start, run.layout.num_replicas)
         log_epoch(rec, cfg.train.epochs, run.num_stages)
-        append_jsonl(run.run_dir / "metrics.jsonl", rec)
+        append_jsonl(run.run_dir / "metrics.jsonl", rec.to_json())
         fault_point("after-metrics-record", epoch)
     if run.tb is not None:
         run.tb.epoch(epoch, lr, summary, rec)
@@ -548,7 +550,7 @@ def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> R
         return None
     epochs = cfg.train.epochs
     if rec is None:  # nothing trained in this attempt: the record is on disk
-        rec = next((r for r in read_jsonl(run.run_dir / "metrics.jsonl")
+        rec = next((EpochRecord.from_json(r) for r in read_jsonl(run.run_dir / "metrics.jsonl")
                     if r["epoch"] == epochs), None)
         if rec is None:
             raise CheckpointError(f"{run.run_dir / 'metrics.jsonl'} has no record of epoch "
@@ -565,6 +567,6 @@ def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> R
     digest = combine_digests([state_digest(i, sd) for i, sd in zip(indices, states)])
     save_model(run.run_dir / "model.pt", run.model.name, states, run.config_toml, epochs, digest)
     fault_point("after-model")
-    log.info("final test error %.2f%%; model saved to %s", rec["test"]["error"],
+    log.info("final test error %.2f%%; model saved to %s", rec.test.error,
              run.run_dir / "model.pt")
-    return RunResult(run.run_dir, digest, rec["test"]["error"], rec["train"]["error"], epochs)
+    return RunResult(run.run_dir, digest, rec.test.error, rec.train.error, epochs)

@@ -42,7 +42,8 @@ def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     params = list(params)
     if optim.optim == "sgd":
         return torch.optim.SGD(params, lr=0.0, momentum=optim.momentum,
-                               weight_decay=optim.weight_decay, fused=True)
+                               weight_decay=optim.weight_decay, nesterov=optim.nesterov,
+                               fused=True)
     return torch.optim.Adam(params, lr=0.0, weight_decay=optim.weight_decay,
                             amsgrad=optim.optim == "amsgrad", fused=True)
 
@@ -222,11 +223,12 @@ class Unit(OwnOptimizer, nn.Module):
         """Plain forward (global backprop chain or inference)."""
         return self.post(self.forward_parts(x, detach=False)[0])
 
-    def train_forward(self, x: torch.Tensor, detach: bool = True):
+    def train_forward(self, x: torch.Tensor, detach: bool = True, **inputs):
         """Output for the next unit (pooled; detached unless `detach` is False) and the context
-        that local_loss needs."""
+        that local_loss needs. `inputs`: what a unit's objective reads besides its input (the
+        network's input `image`), passed on to forward_parts."""
         with _autocast(self._amp):
-            out, ctx = self.forward_parts(x, detach)
+            out, ctx = self.forward_parts(x, detach, **inputs)
             out = self.post(out.detach() if detach else out)
         return (out.to(self.act_dtype) if detach else out), ctx
 
@@ -238,10 +240,10 @@ class Unit(OwnOptimizer, nn.Module):
         return stats
 
     @torch.no_grad()
-    def evaluate(self, x, y, y_onehot, with_stats: bool = True):
+    def evaluate(self, x, y, y_onehot, with_stats: bool = True, **inputs):
         """Eval-mode output for the next unit and, if asked, the local stats on this batch."""
         with _autocast(self._amp):
-            out, ctx = self.forward_parts(x, detach=False)
+            out, ctx = self.forward_parts(x, False, **inputs)
             stats = self.local_loss(ctx, y, y_onehot)[1] if with_stats and self.local \
                 else None
             out = self.post(out)

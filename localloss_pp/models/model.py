@@ -49,7 +49,8 @@ class LocalModel(nn.Module):
 
 
 def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, int, int],
-                num_classes: int, seed: int, materialize=None) -> LocalModel:
+                num_classes: int, seed: int, materialize=None,
+                input_norm: tuple | None = None) -> LocalModel:
     """Build `model.name` for inputs of shape (channels, size, size), trained by the objective
     `loss.loss_sup`.
 
@@ -58,7 +59,8 @@ def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, in
     Every block gets `in_shape`/`out_shape`: its per-sample input and (pooled) output shapes.
     An objective that trains modules (all but the paper's per-layer losses, and every one under
     --local-modules) gets the builder's plain units grouped into local modules
-    (models/modules.py).
+    (models/modules.py). `input_norm`: the dataset's (mean, std) per channel, for heads that
+    reconstruct the input image.
     """
     entry = None if loss.backprop else objective_entry(loss.loss_sup)
     if not loss.backprop and entry is None:
@@ -69,7 +71,8 @@ def build_model(model: ModelConfig, loss: LossConfig, input_shape: tuple[int, in
                            input_shape, num_classes, seed)
     _shape_pass(model.name, units, output, input_shape)
     if grouped:
-        units, output = _group(model, loss, entry, units, output, input_shape, num_classes, seed)
+        units, output = _group(model, loss, entry, units, output, input_shape, num_classes, seed,
+                               input_norm or ((), ()))
         _shape_pass(model.name, units, output, input_shape)
     fields = {tuple(getattr(u, "stat_fields", PAPER_STAT_FIELDS)) for u in units}
     if len(fields) > 1:
@@ -103,7 +106,8 @@ def _shape_pass(name: str, units: list, output, input_shape) -> None:
             x = y
 
 
-def _group(model, loss, entry, units, output, input_shape, num_classes: int, seed: int):
+def _group(model, loss, entry, units, output, input_shape, num_classes: int, seed: int,
+           input_norm: tuple):
     """The plain units grouped into local modules with the objective's heads."""
     def make_spec(index, num_modules, first, last):
         unit = units[last]
@@ -113,7 +117,8 @@ def _group(model, loss, entry, units, output, input_shape, num_classes: int, see
         return ModuleSpec(index=index, num_modules=num_modules, out_shape=tuple(h.shape[1:]),
                           in_shape=units[first].in_shape, input_shape=tuple(input_shape),
                           num_classes=num_classes, loss=loss, model=model, seed=seed,
-                          units=tuple(units), first_unit=first, last_unit=last)
+                          units=tuple(units), first_unit=first, last_unit=last,
+                          input_mean=tuple(input_norm[0]), input_std=tuple(input_norm[1]))
     try:
         return group_units(units, output, entry, loss.local_modules, seed=seed,
                            make_spec=make_spec)

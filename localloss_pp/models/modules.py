@@ -84,15 +84,19 @@ class LocalModule(Unit):
     def describe(self) -> str:
         return _describe_members(self.members)
 
-    def forward_parts(self, x, detach: bool):
+    def forward_parts(self, x, detach: bool, image=None):
         """(module output before `post`, context of the loss): gradients flow through all
-        members; `detach` applies only to what leaves the module (Unit.train_forward)."""
+        members; `detach` applies only to what leaves the module (Unit.train_forward).
+        `image`: the network's input, for a head that reads it."""
         *inner, last = self.members
         h = last.forward_parts(_run_members(inner, x), False)[0]
-        return h, (x, h, None)
+        return h, (x, h, image)
 
     def local_loss(self, ctx, y, y_onehot):
         x, h, image = ctx
+        if self.needs_input and image is None:
+            raise ValueError(f"module {self.index}: its objective reads the network's input, "
+                             "but none was given (pass image= to its forward)")
         return self.head.loss(h, y, y_onehot, x=x, image=image)
 
 
@@ -174,6 +178,10 @@ def group_units(units: list, classifier, objective: Objective, spec: str, *, see
             raise ValueError(f"objective {objective.name}: its head builder returned "
                              f"{type(head).__name__}, not a localloss_pp Head; see "
                              "docs/usage.md, \"Your own objective\"")
+        if tuple(head.terms) != objective.terms:
+            raise ValueError(f"objective {objective.name}: its head reports the terms "
+                             f"{tuple(head.terms)}, but the objective was registered with "
+                             f"{objective.terms}; register it with the head's terms")
         modules.append(LocalModule(units[first:last + 1], head, index=i, seed=seed))
         first = last + 1
     output = ModuleOutput(units[first:], classifier, index=len(modules), seed=seed)

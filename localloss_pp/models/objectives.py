@@ -55,6 +55,8 @@ class ModuleSpec:
     units: tuple = ()          # every unit of the model (plain, on the meta device), in order
     first_unit: int = 0        # the module's units are units[first_unit:last_unit + 1]
     last_unit: int = 0
+    input_mean: tuple = ()     # the dataset's per-channel normalisation of the input, if known
+    input_std: tuple = ()
 
 
 class Head(nn.Module):

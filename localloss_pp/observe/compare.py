@@ -16,6 +16,7 @@ from localloss_pp.errors import first_line
 from localloss_pp.models.model import verified_digest
 from localloss_pp.observe.metrics import read_jsonl
 from localloss_pp.observe.plots import pyplot
+from localloss_pp.observe.record import EpochRecord
 
 __all__ = ["load_run", "compare_table", "plot_compare"]
 
@@ -29,7 +30,7 @@ def load_run(run_dir: str | Path) -> dict:
     if not (run_dir / "metrics.jsonl").is_file():
         raise ValueError(f"{run_dir} holds no metrics.jsonl; pass the --run-dir of a training "
                          "run")
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = [EpochRecord.from_json(r) for r in read_jsonl(run_dir / "metrics.jsonl")]
     if not records:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} is empty: the run has not finished an "
                          "epoch yet")
@@ -59,12 +60,12 @@ def _model_digest(path: Path) -> str | None:
 
 def _summary(run: dict) -> dict:
     recs = run["records"]
-    errors = [r["test"]["error"] for r in recs]
+    errors = [r.test.error for r in recs]
     best = min(range(len(errors)), key=errors.__getitem__)
-    speeds = [r["train_samples_per_s"] for r in recs if r.get("train_samples_per_s")]
-    return {"epochs": recs[-1]["epoch"], "final": errors[-1], "best": errors[best],
-            "best_epoch": recs[best]["epoch"],
-            "wall_s": sum(r.get("epoch_time_s") or 0.0 for r in recs),
+    speeds = [r.train_samples_per_s for r in recs if r.train_samples_per_s]
+    return {"epochs": recs[-1].epoch, "final": errors[-1], "best": errors[best],
+            "best_epoch": recs[best].epoch,
+            "wall_s": sum(r.epoch_time_s or 0.0 for r in recs),
             "samples_per_s": sum(speeds) / len(speeds) if speeds else None}
 
 
@@ -105,12 +106,12 @@ def plot_compare(runs: list[dict], out: Path) -> Path:
     for run in runs:
         recs = run["records"]
         label = Path(run["dir"]).name
-        errors = [r["test"]["error"] for r in recs]
+        errors = [r.test.error for r in recs]
         elapsed, total = [], 0.0
         for r in recs:
-            total += r.get("epoch_time_s") or 0.0
+            total += r.epoch_time_s or 0.0
             elapsed.append(total)
-        by_epoch.plot([r["epoch"] for r in recs], errors, "o-", ms=3, label=label)
+        by_epoch.plot([r.epoch for r in recs], errors, "o-", ms=3, label=label)
         by_time.plot(elapsed, errors, "o-", ms=3, label=label)
     by_epoch.set_xlabel("epoch")
     by_epoch.set_ylabel("test error (%)")

@@ -18,6 +18,7 @@ from torch.profiler import record_function
 from localloss_pp.durable import append_line
 from localloss_pp.errors import first_line
 from localloss_pp.models.objectives import PAPER_STAT_FIELDS
+from localloss_pp.observe.record import BlockRecord, EpochRecord, SplitTotals
 
 __all__ = ["setup_logging", "EpochStats", "StageClock", "StageTimes", "FiniteWatch", "SyncDebug",
            "append_jsonl", "read_jsonl", "read_records", "progress", "NonFiniteLossError",
@@ -383,21 +384,25 @@ def _fmt_err(x) -> str:
     return "-" if x is None else f"{x:.2f}%"
 
 
-def merge_stage_summaries(epoch: int, lr: float, summaries: list[dict], epoch_s: float) -> dict:
-    """One metrics.jsonl record from the per-stage summaries (in stage order)."""
+def merge_stage_summaries(epoch: int, lr: float, summaries: list[dict], epoch_s: float,
+                          num_replicas: int = 1) -> EpochRecord:
+    """The epoch's record (a line of metrics.jsonl) from the per-stage summaries (in stage
+    order)."""
     last = summaries[-1]
-    blocks = [b for s in summaries for b in s["blocks"]]
-    rec = {"epoch": epoch, "lr": lr, "blocks": blocks}
+    blocks = [BlockRecord(**b) for s in summaries for b in s["blocks"]]
+    totals = {}
     for split in ("train", "test"):
         g = dict(last[split])
-        g["loss_local"] = sum(b[split]["loss"] for b in blocks)
-        rec[split] = g
+        g["loss_local"] = sum(getattr(b, split)["loss"] for b in blocks)
+        totals[split] = SplitTotals(**g)
     train_s = last["train_times"]["wall_s"]
-    rec.update(train_time_s=train_s, epoch_time_s=epoch_s,
-               train_samples_per_s=rec["train"]["num_examples"] / train_s if train_s else None)
-    rec["stages"] = [{"stage": s["stage"], "blocks": [b["index"] for b in s["blocks"]],
-                      "train": s["train_times"], "test": s["test_times"]} for s in summaries]
-    return rec
+    return EpochRecord(
+        epoch=epoch, lr=lr, train=totals["train"], test=totals["test"], blocks=blocks,
+        num_replicas=num_replicas, replicas_identical=True if num_replicas > 1 else None,
+        train_time_s=train_s, epoch_time_s=epoch_s,
+        train_samples_per_s=totals["train"].num_examples / train_s if train_s else None,
+        stages=[{"stage": s["stage"], "blocks": [b["index"] for b in s["blocks"]],
+                 "train": s["train_times"], "test": s["test_times"]} for s in summaries])
 
 
 def stage_summary(k, names, has_decoder, tr, te, with_test_blocks, backprop=False) -> dict:
@@ -431,14 +436,14 @@ def log_blocks(summary: dict) -> None:
                  part(b["test"]))
 
 
-def log_epoch(rec: dict, epochs: int, num_stages: int) -> None:
-    tr, te = rec["train"], rec["test"]
+def log_epoch(rec: EpochRecord, epochs: int, num_stages: int) -> None:
+    tr, te = rec.train, rec.test
     log.info("epoch %d/%d lr %.2e | train loss_local %.4f loss_global %.4f error %.2f%% | "
-             "test loss_global %.4f error %.2f%% | %.1fs", rec["epoch"], epochs, rec["lr"],
-             tr["loss_local"], tr["loss_global"], tr["error"], te["loss_global"], te["error"],
-             rec["epoch_time_s"])
+             "test loss_global %.4f error %.2f%% | %.1fs", rec.epoch, epochs, rec.lr,
+             tr.loss_local, tr.loss_global, tr.error, te.loss_global, te.error,
+             rec.epoch_time_s)
     parts = []
-    for s in rec["stages"]:
+    for s in rec.stages:
         t = s["train"]
         part = f"{s['stage'] + 1}: busy {100 * t['busy_fraction']:.0f}%"
         if s["stage"] == 0:  # the first stage's share of time producing batches
@@ -447,4 +452,4 @@ def log_epoch(rec: dict, epochs: int, num_stages: int) -> None:
             part += f" recv-wait {t['wait_recv_s']:.1f}s send-wait {t['wait_send_s']:.1f}s"
         parts.append(part)
     log.info("  stages (train) %s | %.0f samples/s", "; ".join(parts),
-             rec["train_samples_per_s"] or 0)
+             rec.train_samples_per_s or 0)

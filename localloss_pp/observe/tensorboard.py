@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from localloss_pp.observe.metrics import block_terms
+from localloss_pp.observe.record import EpochRecord
 
 __all__ = ["TensorBoardLog", "check_tensorboard", "tensorboard_dir"]
 
@@ -70,7 +71,7 @@ class TensorBoardLog:
         """The global batch number after `done` batches of `epoch`."""
         return (epoch - 1) * self.batches_per_epoch + done
 
-    def epoch(self, epoch: int, lr: float, summary: dict, record: dict | None) -> None:
+    def epoch(self, epoch: int, lr: float, summary: dict, record: EpochRecord | None) -> None:
         """The scalars of an epoch: this stage's blocks and times; the global ones from
         `record` (the metrics record, on the last stage)."""
         w = self.epochs
@@ -89,9 +90,10 @@ class TensorBoardLog:
             w.add_scalar("global/lr", lr, epoch)
             for split in ("train", "test"):
                 for key in ("loss_global", "loss_local", "error"):
-                    w.add_scalar(f"global/{split}/{key}", record[split][key], epoch)
-            if record.get("train_samples_per_s"):
-                w.add_scalar("global/train/samples_per_s", record["train_samples_per_s"], epoch)
+                    w.add_scalar(f"global/{split}/{key}", getattr(getattr(record, split), key),
+                                 epoch)
+            if record.train_samples_per_s:
+                w.add_scalar("global/train/samples_per_s", record.train_samples_per_s, epoch)
         w.flush()
 
     def batch(self, epoch: int, done: int, glob: dict, blocks: list[dict]) -> None:

@@ -12,7 +12,7 @@ from localloss_pp.pipeline.globalmode import GlobalRunner
 from localloss_pp.pipeline.stage import StageRunner
 from localloss_pp.pipeline.transport import Receiver, Sender
 
-__all__ = ["build_links", "build_stage", "nhwc_boundary"]
+__all__ = ["build_links", "build_stage", "nhwc_boundary", "input_needed"]
 
 
 def build_links(cfg: Config, env, model, part, stage_index: int, num_stages: int,
@@ -30,17 +30,25 @@ def build_links(cfg: Config, env, model, part, stage_index: int, num_stages: int
                   meta_group=env.meta_group, staging=env.staging)
     receiver = sender = None
     if stage_index > 0:
-        receiver = Receiver(peer_rank=layout.rank_of(stage_index - 1, replica),
+        receiver = Receiver(side_shape=input_needed(model, a),peer_rank=layout.rank_of(stage_index - 1, replica),
                             peer_stage=stage_index - 1, sample_shape=model.blocks[a].in_shape,
                             channels_last=nhwc_boundary(cfg, model, a), **common)
         receiver.connect(fingerprint)
     if stage_index < num_stages - 1:
-        sender = Sender(peer_rank=layout.rank_of(stage_index + 1, replica),
+        sender = Sender(side_shape=input_needed(model, b), peer_rank=layout.rank_of(stage_index + 1, replica),
                         peer_stage=stage_index + 1, queue_depth=cfg.train.queue_depth,
                         sample_shape=model.blocks[b - 1].out_shape,
                         channels_last=nhwc_boundary(cfg, model, b), **common)
         sender.connect(fingerprint)
     return sender, receiver
+
+
+def input_needed(model, first: int) -> tuple | None:
+    """The network's input shape when a unit from `first` on reads it (its objective needs the
+    input): then the boundary before unit `first` carries it along; else None."""
+    if any(getattr(u, "needs_input", False) for u in model.blocks[first:]):
+        return tuple(model.blocks[0].in_shape)
+    return None
 
 
 def nhwc_boundary(cfg: Config, model, first: int) -> bool:

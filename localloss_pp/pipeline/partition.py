@@ -111,11 +111,14 @@ def unit_input_shape(model: LocalModel, unit) -> tuple[int, ...]:
     return unit.in_shape if hasattr(unit, "in_shape") else model.blocks[-1].out_shape
 
 
-def unit_step(unit, x, y, y1h):
-    """A function running one local training step of `unit` on (x, y)."""
+def unit_step(unit, x, y, y1h, image=None):
+    """A function running one local training step of `unit` on (x, y) (`image`: the network's
+    input, for a unit whose objective reads it)."""
+    inputs = {"image": image} if getattr(unit, "needs_input", False) else {}
+
     def step():
         if hasattr(unit, "train_forward"):
-            _, ctx = unit.train_forward(x)
+            _, ctx = unit.train_forward(x, **inputs)
             unit.train_update(ctx, y, y1h)
         else:
             unit.train_update(x, y)
@@ -142,7 +145,8 @@ def profile_unit_times(cfg: Config, input_shape, num_classes: int, device,
         # the first block reads fp32 data; every later unit the previous unit's activations
         dtype = torch.float32 if i == 0 else activation_dtype(t.precision)
         x = torch.randn((bs, *unit_input_shape(net, unit)), generator=gen).to(device, dtype)
-        times.append(time_ms(unit_step(unit, x, y, y1h), steps, device))
+        image = torch.randn((bs, *input_shape), generator=gen).to(device)
+        times.append(time_ms(unit_step(unit, x, y, y1h, image), steps, device))
         unit.to("cpu")
     del net
     if device.type == "cuda":

@@ -42,12 +42,18 @@ class StageFailure(RuntimeError):
     """An error inside a stage, re-raised with the stage index, epoch and batch number."""
 
 
-def forwards(blocks, x):
-    """Every block's training forward: (output for the next stage, contexts of the updates)."""
+def _inputs(block, image) -> dict:
+    """What a unit gets besides its input: the network's input if its objective reads it."""
+    return {"image": image} if getattr(block, "needs_input", False) else {}
+
+
+def forwards(blocks, x, image=None):
+    """Every block's training forward: (output for the next stage, contexts of the updates).
+    `image`: the network's input batch, for the units whose objective reads it."""
     ctxs = []
     with record_function("localloss_pp.forward"):
         for block in blocks:
-            x, ctx = block.train_forward(x)
+            x, ctx = block.train_forward(x, **_inputs(block, image))
             ctxs.append(ctx)
     return x, ctxs
 
@@ -100,6 +106,7 @@ class Batch(NamedTuple):
     y: torch.Tensor         # the labels on this stage's device
     y_host: torch.Tensor    # the labels on the host: they go into the next message's header
     last: bool | None = None  # the last batch of its stream (None: not known)
+    image: torch.Tensor | None = None  # the network's input, where a unit's objective reads it
 
 
 @dataclass
@@ -238,7 +245,8 @@ class StageRunner:
                     batch = next(it, None)
                 if batch is None:
                     return
-                yield Batch(seq, *batch, last=seq == total - 1 if total else None)
+                yield Batch(seq, *batch, last=seq == total - 1 if total else None,
+                            image=batch[0])
                 seq += 1
         end = END_TRAIN if kind == TRAIN else END_EVAL
         while True:
@@ -249,7 +257,8 @@ class StageRunner:
             if msg.kind != kind or msg.epoch != epoch:
                 raise StageFailure(f"{self._name()} expected a {KIND_NAMES[kind]} of epoch "
                                    f"{epoch}, got a {KIND_NAMES[msg.kind]} of epoch {msg.epoch}")
-            yield Batch(msg.seq, msg.activation, msg.labels_device, msg.labels, msg.last)
+            yield Batch(msg.seq, msg.activation, msg.labels_device, msg.labels, msg.last,
+                        msg.side)
 
     def quiesce(self) -> None:
         """No send or receive of this stage left in flight (the end of a profiling window)."""
@@ -260,10 +269,13 @@ class StageRunner:
             with self.clock.section("recv"):
                 self.receiver.settle()
 
-    def _send(self, kind: Kind, epoch: int, seq: int, x=None, y_host=None, last=None) -> None:
+    def _send(self, kind: Kind, epoch: int, seq: int, x=None, y_host=None, last=None,
+              image=None) -> None:
         if self.sender is not None:
+            # the network's input goes along only where a later unit reads it
+            side = {"side": image} if getattr(self.sender, "side_shape", None) else {}
             with self.clock.section("send"):
-                self.sender.send(kind, epoch, seq, x, y_host, last)
+                self.sender.send(kind, epoch, seq, x, y_host, last, **side)
 
     def run_stream(self, source, kind: Kind, epoch: int, total: int | None, step,
                    start_seq: int = 0, initial: dict | None = None, checkpoint_every: int = 0,
@@ -326,8 +338,8 @@ class StageRunner:
         local updates -> statistics, all on the device."""
         with self.clock.section("compute"):
             y1h = onehot(b.y, self.num_classes)
-            h, ctxs = forwards(self.blocks, b.x)
-        self._send(TRAIN, epoch, b.seq, h, b.y_host, b.last)  # the next stage starts now
+            h, ctxs = forwards(self.blocks, b.x, b.image)
+        self._send(TRAIN, epoch, b.seq, h, b.y_host, b.last, b.image)  # the next stage starts
         with self.clock.section("compute"):
             block_stats, out = local_updates(self.blocks, ctxs, h, b.y, y1h, self.output,
                                              self.replica_sync)
@@ -339,12 +351,12 @@ class StageRunner:
         with self.clock.section("compute"):
             x, y1h, block_stats = b.x, onehot(b.y, self.num_classes), []
             for block in self.blocks:
-                x, s = block.evaluate(x, b.y, y1h, self.with_stats)
+                x, s = block.evaluate(x, b.y, y1h, self.with_stats, **_inputs(block, b.image))
                 if s is not None:
                     block_stats.append(s)
             out = self.output.predict(x, b.y) if self.output is not None else None
             self._statistics(stats, block_stats, out, b.y)
-        self._send(EVAL, epoch, b.seq, x, b.y_host, b.last)
+        self._send(EVAL, epoch, b.seq, x, b.y_host, b.last, b.image)
 
     # --- train and eval ----------------------------------------------------------------------
     def train_epoch(self, epoch: int, source=None, total: int | None = None, *,

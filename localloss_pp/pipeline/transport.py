@@ -17,6 +17,12 @@ match the receive posted for it; the runs of this package always know it.)
 Activations travel in their memory format: channels-last when both blocks at the boundary run
 channels-last (`--channels-last`), so neither end copies them to NCHW and back.
 
+The network's input: when a unit after the boundary reads it (an objective with `needs_input`,
+such as InfoPro's reconstruction of the image), every batch carries a second tensor after the
+activation, the *side* tensor: the input batch as the first stage fed it to its units (after
+augmentation), float32, padded like the payload. Each stage passes it on. Its size is part of
+the handshake.
+
 Meta tensors travel over `meta_group` (gloo, CPU); payloads over `group` (NCCL on CUDA, gloo on
 CPU). Gloo never copies a send buffer: the Work object and the tensors are kept until the send
 has been waited for (dropping a gloo send Work cancels it), and at most `queue_depth` messages
@@ -68,8 +74,8 @@ KIND_NAMES = {Kind.TRAIN: "train batch", Kind.EVAL: "eval batch",
               Kind.STOP: "stop"}
 HEADER_LEN = 6  # kind, epoch, seq, batch size, payload follows, last batch of its stream
 _MAGIC = 0x4C4C5050  # "LLPP"
-_VERSION = 2
-_SPEC_LEN = 12  # magic, version, stage, fingerprint, ndim, 4 dims, dtype, max batch, NHWC
+_VERSION = 3
+_SPEC_LEN = 13  # magic, version, stage, fingerprint, ndim, 4 dims, dtype, max batch, NHWC, side
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -95,21 +101,25 @@ class Message:
     activation: torch.Tensor | None = None      # on this stage's device
     labels_device: torch.Tensor | None = None   # on this stage's device
     last: bool = False                          # the last batch of its stream
+    side: torch.Tensor | None = None            # the network's input, if the link carries it
 
 
 def _spec(stage_index: int, fingerprint: int, shape: tuple[int, ...], dtype: torch.dtype,
-          max_batch: int, channels_last: bool) -> torch.Tensor:
+          max_batch: int, channels_last: bool, side_numel: int = 0) -> torch.Tensor:
     if len(shape) > 4:
         raise ValueError(f"activation shapes of more than 4 dims are not supported: {shape}")
     dims = list(shape) + [0] * (4 - len(shape))
     return torch.tensor([_MAGIC, _VERSION, stage_index, fingerprint, len(shape), *dims,
-                         _DTYPES.index(dtype), max_batch, int(channels_last)], dtype=torch.int64)
+                         _DTYPES.index(dtype), max_batch, int(channels_last), side_numel],
+                        dtype=torch.int64)
 
 
 def _describe(spec: list[int]) -> str:
     shape = tuple(spec[5:5 + spec[4]])
     fmt = " channels-last" if spec[11] else ""
-    return f"{shape} {str(_DTYPES[spec[9]]).replace('torch.', '')}{fmt} x {spec[10]} samples"
+    side = f" with the network's input ({spec[12]} values)" if spec[12] else ""
+    return (f"{shape} {str(_DTYPES[spec[9]]).replace('torch.', '')}{fmt} x {spec[10]} samples"
+            f"{side}")
 
 
 _PEER_LOSS = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|[Tt]imeout|"
@@ -157,7 +167,8 @@ class _Link:
     def __init__(self, *, stage_index: int, num_stages: int, peer_rank: int, peer_stage: int,
                  sample_shape: tuple[int, ...], dtype: torch.dtype, max_batch: int,
                  device: torch.device, group, meta_group, staging: bool = False,
-                 timeout_s: float = 600.0, channels_last: bool = False):
+                 timeout_s: float = 600.0, channels_last: bool = False,
+                 side_shape: tuple[int, ...] | None = None):
         self.stage_index, self.num_stages = stage_index, num_stages
         self.peer_rank, self.peer_stage = peer_rank, peer_stage
         self.shape, self.dtype, self.max_batch = tuple(sample_shape), dtype, max_batch
@@ -175,6 +186,17 @@ class _Link:
         self.wire_shape = ((*self.shape[1:], self.shape[0]) if self.channels_last
                            else self.shape)
         self._lost = f"lost {self._name(peer_stage)} (rank {peer_rank}) while"
+        # the network's input travels along (float32, NCHW) when a later unit reads it
+        self.side_shape = tuple(side_shape) if side_shape else None
+        self.side_numel = 0 if side_shape is None else int(torch.Size(side_shape).numel())
+
+    def _spec(self, stage_index: int, fingerprint: int) -> torch.Tensor:
+        return _spec(stage_index, fingerprint, self.shape, self.dtype, self.max_batch,
+                     self.channels_last, self.side_numel)
+
+    def _side_buffer(self) -> torch.Tensor:
+        return torch.zeros((self.max_batch, *self.side_shape), dtype=torch.float32,
+                           device=self.wire_device)
 
     def _name(self, stage: int) -> str:
         return f"stage {stage + 1}/{self.num_stages}"
@@ -205,6 +227,7 @@ class Sender(_Link):
         # payload receive for the next message, so a marker sent now must bring a payload
         self._owes_payload = False
         self._blank = None  # that zero payload, made only when needed
+        self._blank_side = None
 
     def connect(self, fingerprint: int) -> None:
         """Handshake with the next stage, then warm the payload link."""
@@ -212,8 +235,7 @@ class Sender(_Link):
         self._warm(dist.isend)
 
     def handshake(self, fingerprint: int) -> None:
-        spec = _spec(self.stage_index, fingerprint, self.shape, self.dtype, self.max_batch,
-                     self.channels_last)
+        spec = self._spec(self.stage_index, fingerprint)
         self._wait(self._issue(dist.isend, spec, self.meta_group, "handshaking"), "handshaking")
         ack = torch.zeros(2, dtype=torch.int64)
         self._wait(self._issue(dist.irecv, ack, self.meta_group, "handshaking"), "handshaking")
@@ -233,12 +255,28 @@ class Sender(_Link):
                 f"{self._name(self.stage_index)} produced an activation of shape "
                 f"{tuple(activation.shape)}, but the link to {self._name(self.peer_stage)} "
                 f"was agreed for (<= {self.max_batch}, {', '.join(map(str, self.shape))})")
-        payload = activation.to(self.dtype)
-        if bs < self.max_batch:
-            payload = torch.cat([payload, payload.new_zeros((self.max_batch - bs, *self.shape))])
+        payload = _padded(activation.to(self.dtype), self.max_batch)
         payload = payload.contiguous(memory_format=self.memory_format)
         if self.channels_last:
             payload = payload.permute(0, 2, 3, 1)  # a view: (N, H, W, C), contiguous
+        return self._staged(payload)
+
+    def _side(self, side: torch.Tensor | None, bs: int) -> torch.Tensor:
+        """The network's input batch, padded, float32, NCHW, on the wire's device."""
+        if side is None or tuple(side.shape) != (bs, *self.side_shape):
+            raise ShapeMismatchError(
+                f"{self._name(self.stage_index)} must send the network's input of shape "
+                f"({bs}, {', '.join(map(str, self.side_shape))}) with this batch to "
+                f"{self._name(self.peer_stage)}, got "
+                f"{None if side is None else tuple(side.shape)}")
+        # always a copy: a received side tensor lives in the receiver's slot, which is
+        # received into again while this send may still be in flight
+        out = torch.zeros((self.max_batch, *self.side_shape), dtype=torch.float32,
+                          device=side.device)
+        out[:bs].copy_(side)
+        return self._staged(out)
+
+    def _staged(self, payload: torch.Tensor) -> torch.Tensor:
         if not self.staging:
             return payload
         # gloo sends from host memory: copy into pinned memory (same strides) and wait for that
@@ -251,19 +289,25 @@ class Sender(_Link):
         return host
 
     def send(self, kind: int, epoch: int, seq: int, activation: torch.Tensor | None = None,
-             labels: torch.Tensor | None = None, last: bool | None = None) -> None:
+             labels: torch.Tensor | None = None, last: bool | None = None,
+             side: torch.Tensor | None = None) -> None:
         """Queue one message; blocks only while `queue_depth` earlier messages are in flight.
         `labels` are on the host (headers never wait for the device). For a batch, `last` says
         whether it is the last of its stream (None: not known; the marker then brings a
-        zero payload)."""
+        zero payload); `side` is the network's input batch when the link carries it."""
         bs = 0 if activation is None else activation.size(0)
+        extra = None
         if activation is None:  # a marker: a payload only if a receive was posted for one
             payload = self._zero_payload() if self._owes_payload else None
+            if payload is not None and self.side_shape is not None:
+                extra = self._zero_side()
             self._owes_payload = False
         else:
             if labels.device.type != "cpu":
                 raise ValueError("Sender.send takes the labels on the host (no device sync)")
             payload = self._payload(activation)
+            if self.side_shape is not None:
+                extra = self._side(side, bs)
             self._owes_payload = not last
         meta = torch.zeros(HEADER_LEN + self.max_batch, dtype=torch.int64)
         meta[:HEADER_LEN] = torch.tensor([int(kind), epoch, seq, bs, int(payload is not None),
@@ -272,15 +316,20 @@ class Sender(_Link):
             meta[HEADER_LEN:HEADER_LEN + bs] = labels
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
         works = [self._issue(dist.isend, meta, self.meta_group, what)]
-        if payload is not None:
-            works.append(self._issue(dist.isend, payload, self.group, what))
+        for tensor in (payload, extra):
+            if tensor is not None:
+                works.append(self._issue(dist.isend, tensor, self.group, what))
+                self.bytes += tensor.numel() * tensor.element_size()
         # keep the Work objects and the tensors alive until the send has been waited for
-        self._inflight.append((works, (meta, payload), (kind, epoch, seq)))
+        self._inflight.append((works, (meta, payload, extra), (kind, epoch, seq)))
         self.bytes += meta.numel() * 8
-        if payload is not None:
-            self.bytes += payload.numel() * payload.element_size()
         while len(self._inflight) > self.queue_depth:
             self._retire()
+
+    def _zero_side(self) -> torch.Tensor:
+        if self._blank_side is None:
+            self._blank_side = self._side_buffer()
+        return self._blank_side
 
     def _zero_payload(self) -> torch.Tensor:
         if self._blank is None:
@@ -292,7 +341,7 @@ class Sender(_Link):
         works, _, (kind, epoch, seq) = self._inflight.pop(0)
         what = f"sending {KIND_NAMES[kind]} {seq} of epoch {epoch}"
         if self.wire_device.type == "cuda" and len(works) > 1:
-            self._poll(works[1], what)
+            self._poll(works[-1], what)  # the payload (or the side tensor after it)
         for work in works:
             self._wait(work, what)
 
@@ -327,6 +376,7 @@ class Receiver(_Link):
                       for _ in range(2)]
         self._payload = [torch.empty((self.max_batch, *self.wire_shape), dtype=self.dtype,
                                      device=self.wire_device) for _ in range(2)]
+        self._sides = [self._side_buffer() for _ in range(2)] if self.side_shape else None
         self._slot = 0
         self._pending = None  # (slot, works, payload posted)
 
@@ -338,8 +388,7 @@ class Receiver(_Link):
     def handshake(self, fingerprint: int) -> None:
         spec = torch.zeros(_SPEC_LEN, dtype=torch.int64)
         self._wait(self._issue(dist.irecv, spec, self.meta_group, "handshaking"), "handshaking")
-        mine = _spec(self.stage_index - 1, fingerprint, self.shape, self.dtype, self.max_batch,
-                     self.channels_last)
+        mine = self._spec(self.stage_index - 1, fingerprint)
         theirs = spec.tolist()
         if theirs[:2] != [_MAGIC, _VERSION]:
             code = 1
@@ -370,8 +419,15 @@ class Receiver(_Link):
         what = "posting the next receive"
         works = [self._issue(dist.irecv, self._meta[s], self.meta_group, what)]
         if payload:
-            works.append(self._issue(dist.irecv, self._payload[s], self.group, what))
+            works += self._post_payload(s, what)
         self._pending = (s, works, payload)
+
+    def _post_payload(self, slot: int, what: str) -> list:
+        """The receives of a batch's payload (and side tensor) into `slot`."""
+        works = [self._issue(dist.irecv, self._payload[slot], self.group, what)]
+        if self._sides is not None:
+            works.append(self._issue(dist.irecv, self._sides[slot], self.group, what))
+        return works
 
     def settle(self) -> None:
         """Complete the pre-posted receive now (its message stays for the next recv()): no
@@ -406,8 +462,7 @@ class Receiver(_Link):
         kind, epoch, seq, bs, has_payload, last = self._header(slot)
         payload_works = works[1:]  # the pre-posted payload receive, if any (and not settled)
         if has_payload and not posted:  # the first batch after a marker: its payload now
-            payload_works = [self._issue(dist.irecv, self._payload[slot], self.group,
-                                         "receiving a payload")]
+            payload_works = self._post_payload(slot, "receiving a payload")
         elif posted and not has_payload:
             raise ShapeMismatchError(
                 f"{self._name(self.peer_stage)} sent a {KIND_NAMES[Kind(kind)]} without the "
@@ -421,16 +476,26 @@ class Receiver(_Link):
             self._post(payload=True)  # the next batch arrives while this one computes
         labels = self._meta[slot][HEADER_LEN:HEADER_LEN + bs]
         activation = self._payload[slot][:bs]
+        side = self._sides[slot][:bs] if self._sides is not None else None
         if self.channels_last:  # (N, C, H, W) with channels-last strides, a view
             activation = activation.permute(0, 3, 1, 2)
         if self.device.type != "cuda":
             return Message(kind, epoch, seq, labels=labels, activation=activation,
-                           labels_device=labels, last=bool(last))
+                           labels_device=labels, last=bool(last), side=side)
         if self.staging:  # off the receive buffer at once: it is posted again next time
             activation = _pinned_copy(activation).to(self.device, non_blocking=True)
+            if side is not None:
+                side = _pinned_copy(side).to(self.device, non_blocking=True)
         return Message(kind, epoch, seq, labels=labels, activation=activation,
                        labels_device=_pinned_copy(labels).to(self.device, non_blocking=True),
-                       last=bool(last))
+                       last=bool(last), side=side)
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with zero rows appended up to `rows` (itself when full)."""
+    if t.size(0) == rows:
+        return t
+    return torch.cat([t, t.new_zeros((rows - t.size(0), *t.shape[1:]))])
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:

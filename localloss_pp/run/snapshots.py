@@ -138,7 +138,8 @@ def evaluate_run(run_dir: Path, device: str = "cpu", data_dir: str | None = None
         cfg.data.data_dir = data_dir
     dev = torch.device(device)
     info = DATASETS[cfg.data.dataset]
-    model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed)
+    model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
+                        input_norm=(info.mean, info.std))
     model.setup_units({u.index for u in model.units()}, dev, cfg.optim,
                       precision=cfg.train.precision)
     model.eval()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from localloss_pp.observe.metrics import read_jsonl
+from localloss_pp.observe.record import EpochRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,7 +105,7 @@ class Streamed:
 
 
 # the fields of a metrics record that are timings (they differ between equal runs)
-TIMING = {"train_time_s", "epoch_time_s", "train_samples_per_s", "stages"}
+TIMING = set(EpochRecord.varying())
 
 
 def records(run_dir: Path, keep_timing: bool = False) -> list[dict]:

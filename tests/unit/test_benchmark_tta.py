@@ -35,6 +35,9 @@ def test_median_over_seeds_counts_a_seed_that_never_reaches_as_infinite():
     (["--seeds", ""], "--seeds: give at least one value"),
     (["--stages", "1"], "--stages must be >= 2, got 1"),
     (["--points-per-epoch", "0"], "--points-per-epoch must be >= 1"),
+    (["--variants", "local-nope,backprop1"], "--variants: unknown ['local-nope']"),
+    (["--model-args", "--model resnet20", "--variants", "backprop1"], "with --model-args pass "
+     "--derived none"),
 ])
 def test_bad_arguments_say_what_is_wrong(tmp_path, capsys, argv, message):
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
@@ -83,3 +86,19 @@ def test_sub_epoch_curve_on_real_mnist(mnist_copy, tmp_path, capsys):
         pytest.approx([p["train_s"] * derived["stretch"] for p in curve])
     assert not math.isnan(bp["final_error"])
     assert (tmp_path / "tta.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_objectives_and_models_of_ones_choice_are_variants(tmp_path):
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    args = tta.parse_args(["--data-dir", str(tmp_path), "--variants", "local-dgl,local1-infopro",
+                           "--model-args", "--model resnet32 --feat-mult 0.25",
+                           "--local-modules", "4,4,4,4", "--derived", "none"])
+    cmd, threads = tta._command("local-dgl", args, 1, 23, tmp_path, 2)
+    assert "torch.distributed.run" in cmd and threads == 1
+    assert cmd[cmd.index("--loss-sup") + 1] == "dgl"
+    assert cmd[cmd.index("--local-modules") + 1] == "4,4,4,4"
+    assert cmd[cmd.index("--model") + 1] == "resnet32"
+    cmd, threads = tta._command("local1-infopro", args, 1, 23, tmp_path, 2)
+    assert "torch.distributed.run" not in cmd and threads == 2
+    assert tta.label("local1-infopro") == "local 1 process, infopro"
+    assert tta.model_name(args) == "--model resnet32 --feat-mult 0.25, --local-modules 4,4,4,4"

@@ -29,6 +29,19 @@ def test_lr_decay_starts_the_epoch_after_each_milestone(ms, changes):
     assert [e for e in range(2, 201) if lrs[e - 1] != lrs[e - 2]] == changes
 
 
+@pytest.mark.parametrize("epoch,expected", [(1, 0.01), (2, 0.0890), (10, 0.7141),
+                                            (11, 0.7907), (80, 0.4), (160, 0.0)])
+def test_cosine_schedule_with_warm_up_is_infopros(epoch, expected):
+    # InfoPro-Pytorch train.py, adjust_learning_rate with --cos_lr: lr 0.8, 160 epochs, 10
+    # warm-up epochs from 0.01 (values of its formula, to 4 decimals)
+    opt = build_config(cli_values={"optim": {"optim": "sgd", "momentum": 0.9, "nesterov": True,
+                                             "lr": 0.8, "lr_schedule": "cosine",
+                                             "lr_warmup_epochs": 10}}).optim
+    assert lr_at_epoch(opt, epoch, 160) == pytest.approx(expected, abs=5e-5)
+    assert lr_at_epoch(OptimConfig(lr=0.8, lr_schedule="cosine", lr_cosine_epochs=160), 80,
+                       3) == pytest.approx(0.4)
+
+
 def test_no_dataset_or_model_means_the_quickstart_preset():
     cfg = parse()
     assert (cfg.model.name, cfg.data.dataset, cfg.model.num_layers) == ("mlp", "mnist5k", 3)
@@ -84,6 +97,9 @@ def test_bad_toml_files(tmp_path, text, message):
      "--model-module no.such.module: cannot import it (ModuleNotFoundError"),
     (["--dataset", "CIFAR11"], "unknown dataset 'CIFAR11'"),
     (["--local-modules", "2,x"], "--local-modules must be a number of modules K >= 1"),
+    (["--nesterov"], "--nesterov is Nesterov momentum of --optim sgd"),
+    (["--lr-schedule", "linear"], "unknown learning-rate schedule"),
+    (["--lr-warmup-epochs", "5"], "shape --lr-schedule cosine; add it"),
     (["--loss-unsup", "ae"], "unknown unsupervised loss"),
     (["--optim", "lamb"], "unknown optimizer 'lamb'"),
     (["--nonlin", "gelu"], "unknown nonlinearity"),
@@ -125,7 +141,24 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     assert build_config(load_toml(f)) == cfg
 
 
-RECIPES = sorted(glob.glob(str(ROOT / "configs" / "**" / "*.toml"), recursive=True))
+RECIPES = sorted(set(glob.glob(str(ROOT / "configs" / "**" / "*.toml"), recursive=True))
+                 - set(glob.glob(str(ROOT / "configs" / "protocol" / "*.toml"))))
+PROTOCOL = sorted(glob.glob(str(ROOT / "configs" / "protocol" / "*.toml")))
+
+
+@pytest.mark.parametrize("path", PROTOCOL, ids=lambda p: Path(p).stem)
+def test_the_local_learning_protocols_configs_load_and_validate(path):
+    cfg = build_config(load_toml(path))
+    method = Path(path).stem.rsplit("_", 1)[-1]
+    assert cfg.model.name == "resnet32" and cfg.optim.nesterov
+    assert cfg.optim.lr_schedule == "cosine" and cfg.optim.lr_decay_milestones == []
+    assert cfg.loss.backprop == (method == "backprop")
+    if method != "backprop":
+        assert cfg.loss.loss_sup == method and cfg.loss.local_modules == "4,4,4,4"
+    cifar = cfg.data.dataset == "CIFAR10"
+    assert (cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs) == \
+        ((1024, 0.8, 160) if cifar else (128, 0.1, 20))
+    assert lr_at_epoch(cfg.optim, 1, cfg.train.epochs) == pytest.approx(0.01)
 
 
 def test_every_reference_recipe_has_a_config():

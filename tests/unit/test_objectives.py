@@ -12,7 +12,8 @@ from localloss_pp.config import LossConfig, ModelConfig, OptimConfig, build_conf
 from localloss_pp.data.datasets import Mnist5k
 from localloss_pp.models import (Head, build_model, register_objective, registered_objectives,
                                  resolve_objective, unit_digest)
-from localloss_pp.models.heads import DGLHead
+from localloss_pp.models.heads import DGLHead, InfoProHead, infopro_weights, \
+    supervised_contrastive
 from localloss_pp.models.losses import onehot
 from localloss_pp.models.modules import LocalModule, ModuleOutput, module_sizes
 from localloss_pp.models.objectives import ModuleSpec
@@ -187,3 +188,86 @@ def test_params_shows_the_modules_and_their_heads(capsys):
     assert main(["params", "--model", "resnet32", "--loss-sup", "dgl", "--local-modules",
                  "40"]) == 2
     assert "--local-modules 40: the model has only 16 units" in capsys.readouterr().err
+
+
+def spec_for(shape, index=0, num_modules=4, loss="infopro", input_shape=(3, 32, 32)):
+    return ModuleSpec(index=index, num_modules=num_modules, out_shape=shape,
+                      in_shape=shape, input_shape=input_shape, num_classes=10,
+                      loss=LossConfig(loss_sup=loss), model=ModelConfig(), seed=0,
+                      input_mean=(0.5, 0.5, 0.5), input_std=(0.25, 0.25, 0.25))
+
+
+def test_infopro_heads_and_weights_are_the_published_ones():
+    with torch.device("meta"):
+        head = InfoProHead(spec_for((16, 32, 32)))
+    # decoder: 3x3 16->12 (+bias), BN 12, 3x3 12->3 (+bias); classifier "1c2f" on 16 channels:
+    # 3x3 16->32 stride 2 (no bias), BN 32, Linear 32->128, Linear 128->128 (contrastive)
+    decoder = 9 * 16 * 12 + 12 + 2 * 12 + 9 * 12 * 3 + 3
+    aux = 9 * 16 * 32 + 2 * 32 + 32 * 128 + 128 + 128 * 128 + 128
+    assert sum(p.numel() for p in head.parameters()) == decoder + aux == 2091 + 25408
+    with torch.device("meta"):
+        last = InfoProHead(spec_for((64, 8, 8), index=2), contrast=False)
+    assert last.aux[0].stride == (1, 1) and last.aux[0].out_channels == 64
+    assert last.aux[-1].out_features == 10
+    # ResNet-32, K = 4 (comand.sh: ixx_1 6, ixy_1 0, ixx_2 1, ixy_2 2): linear in between
+    assert [infopro_weights(i, 4) for i in range(3)] == [(6, 0), (3.5, 1), (1, 2)]
+    assert infopro_weights(0, 2) == (5, 1)
+    # another K: the pairs of the nearest published K, from its first to its last head
+    assert infopro_weights(0, 15) == infopro_weights(0, 16) == (5, 0.05)
+    assert infopro_weights(13, 15) == infopro_weights(14, 16) == (0.2, 0.5)
+    with pytest.raises(ValueError, match="infopro reconstructs the input image from a module's "
+                                         "feature map; this model's units give vectors"):
+        net("mlp", loss_sup="infopro")
+
+
+def test_supervised_contrastive_loss_against_its_definition():
+    z = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    t, total = 0.07, 0.0
+    for i in range(6):
+        others = [k for k in range(6) if k != i]
+        denom = sum(torch.exp(z[i] @ z[k] / t) for k in others)
+        pos = [j for j in others if y[j] == y[i]]
+        if pos:
+            total -= sum(torch.log(torch.exp(z[i] @ z[j] / t) / denom) for j in pos) / len(pos)
+    expected = total / 6  # anchor 3 (class 2) has no positive: it adds 0
+    got = supervised_contrastive(z, y, t)
+    assert abs(got.item() - float(expected)) < 1e-9
+
+
+def test_infopro_reconstructs_the_un_normalised_input_and_every_module_learns():
+    m = net(loss_sup="infopro-ce", local_modules="3")
+    assert all(b.needs_input for b in m.blocks) and m.stat_fields[1:3] == ("loss_pred",
+                                                                           "loss_recon")
+    head = m.blocks[0].head
+    assert head.size == (28, 28) and head.decoder[-1].out_channels == 1
+    batches = mnist5k_batches(3)
+    with pytest.raises(ValueError, match="its objective reads the network's input, but none"):
+        step(m, *batches[0])
+    first = None
+    for _ in range(5):
+        for x, y in batches:
+            h, ctxs = forwards(m.blocks, x, image=x)
+            stats, _ = local_updates(m.blocks, ctxs, h, y, onehot(y, 10), m.output)
+            first = first or [s.tolist() for s in stats]
+    last = [s.tolist() for s in stats]
+    # the reconstruction term of every module falls (its decoder learns the image)
+    assert all(b[2] < a[2] for a, b in zip(first, last)), (first, last)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "mlp", "--loss-sup", "infopro"], "infopro reconstructs the input image from a "
+     "module's feature map; this model's units give vectors of 32 values"),
+    (["--model", "resnet20", "--loss-sup", "dgl", "--compile"], "--compile compiles the paper's "
+     "per-layer blocks; the local modules of --loss-sup dgl run eagerly: drop --compile"),
+    (["--model", "resnet20", "--loss-sup", "dgl", "--local-modules", "6,6"],
+     "--local-modules 6,6 covers 12 units, but the model has 10"),
+    (["--model", "resnet20", "--loss-sup", "dgl", "--bio"], "--bio changes the paper's")])
+def test_objectives_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, argv, message):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist5k", "--num-layers", "2", "--num-hidden", "32",
+                 "--feat-mult", "0.25", *argv, "--run-dir", str(run), "--epochs", "1",
+                 "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and message in err[0], err
+    assert not run.exists() or not any(run.iterdir())  # nothing written
