@@ -143,6 +143,8 @@ def _module_table(args, num_layers: int) -> None:
           "(head FLOPs: its forward per example over the module's)")
     print(f"{'module':>6}  {'units':>6} {'params':>12} {'head params':>12} {'head FLOPs':>10}")
     y = torch.zeros(1, dtype=torch.long, device="meta")
+    y1h = torch.zeros(1, info.num_classes, device="meta")
+    image = torch.empty(1, *info.input_shape, device="meta")
     for unit in net.blocks:
         x = torch.empty(1, *unit.in_shape, device="meta")
         head = getattr(unit, "head", None)
@@ -152,7 +154,7 @@ def _module_table(args, num_layers: int) -> None:
             continue
         body = flops(lambda: unit.forward_parts(x, False))
         h = unit.forward_parts(x, False)[0]
-        extra = flops(lambda: head.loss(h, y, None, x=x, image=None))
+        extra = flops(lambda: head.loss(h, y, y1h, x=x, image=image))
         heads = sum(p.numel() for p in head.parameters())
         print(f"{unit.index:>6}  {len(unit.members):>6} {n - heads:>12,} {heads:>12,} "
               f"{100 * extra / max(body, 1):>9.1f}%")

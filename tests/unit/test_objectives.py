@@ -185,6 +185,10 @@ def test_params_shows_the_modules_and_their_heads(capsys):
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
     # module 0: the stem and 3 blocks of 16 channels; its DGL head on 16 x 32 x 32
     assert ["0", "4", "14,480", "14,378"] == rows[-2][:4] and rows[-2][4].endswith("%")
+    for objective in ("predsim", "infopro"):  # heads that read the labels' one-hot, the image
+        assert main(["params", "--model", "resnet32", "--dataset", "MNIST", "--loss-sup",
+                     objective, "--local-modules", "4,4,4,4"]) == 0
+        assert capsys.readouterr().out.count("%") == 3
     assert main(["params", "--model", "resnet32", "--loss-sup", "dgl", "--local-modules",
                  "40"]) == 2
     assert "--local-modules 40: the model has only 16 units" in capsys.readouterr().err
