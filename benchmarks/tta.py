@@ -38,6 +38,7 @@ import shlex
 import shutil
 import statistics
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -250,8 +251,10 @@ def plot(rows: list[dict], args, path: Path) -> None:
     ax.set_ylim(min(args.targets) * 0.6, 30)
     ax.set_xlabel("training wall time (s): evaluation excluded")
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"{args.dataset}, {model_name(args)}, seed {args.seeds[0]}; dashed: derived "
-                 "from backprop's curve", fontsize=9)
+    title = f"{args.dataset}, {model_name(args)}, seed {args.seeds[0]}"
+    if any(r["derived"] for r in rows):
+        title += "; dashed: derived from backprop's curve"
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()

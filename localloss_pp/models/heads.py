@@ -16,6 +16,7 @@ square patch grid as their layer-normalised (D, g, g) map; a vector (F,) stays a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -200,6 +201,13 @@ def supervised_contrastive(z: torch.Tensor, y: torch.Tensor, temperature: float 
     return -mean_positive.mean()
 
 
+def _no_autocast(device_type: str):
+    """Autocast off on devices that have it (the meta device of a shape pass has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class InfoProHead(Head):
     """InfoPro's heads on a (C, H, W) map: a decoder (bilinear upsampling to the input's size,
     3x3 conv to 12 channels, BatchNorm, ReLU, 3x3 conv to the input's channels) whose sigmoid
@@ -256,8 +264,9 @@ class InfoProHead(Head):
         target = (image.float() * self.std + self.mean).clamp(0, 1)
         recon = F.binary_cross_entropy_with_logits(self.decoder(up).float(), target)
         z = self.aux(h)
-        if self.contrast:
-            task = supervised_contrastive(F.normalize(z.float(), dim=1), y)
+        if self.contrast:  # in fp32 also under bf16 autocast: similarities / 0.07
+            with _no_autocast(z.device.type):
+                task = supervised_contrastive(F.normalize(z.float(), dim=1), y)
             correct = task.new_zeros(())
         else:
             task = F.cross_entropy(z, y)
