@@ -79,7 +79,8 @@ def layout_for(world_size: int, num_replicas: int) -> Layout:
 
 def balanced_split(costs: list[float], num_stages: int) -> list[int]:
     """Contiguous split of `costs` into `num_stages` non-empty parts (stages, or local modules)
-    minimising the largest part (dynamic programming; ties go to the split with earlier, larger stages)."""
+    minimising the largest part (dynamic programming; ties go to the split with earlier, larger
+    stages)."""
     n = len(costs)
     if not 1 <= num_stages <= n:
         raise ValueError(f"cannot split {n} blocks into {num_stages} stages")

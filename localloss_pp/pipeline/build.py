@@ -20,7 +20,8 @@ def build_links(cfg: Config, env, model, part, stage_index: int, num_stages: int
     """Sender and receiver of stage `stage_index` of `replica` (None at the ends), connected to
     the neighbours in chain order: stage k connects to k-1 (which is done with k-2), then to
     k+1. Activations travel in the units' output dtype (bf16 under --precision bf16), and in
-    channels-last when the blocks on both sides of the boundary run channels-last."""
+    channels-last when the blocks on both sides of the boundary run channels-last; the
+    network's input goes along where a later unit reads it (`input_needed`)."""
     a, b = part.bounds[stage_index]
     layout = layout or Layout(num_stages, 1)
     lo, hi = shard_bounds(cfg.data.batch_size, 0, layout.num_replicas)  # the largest share
@@ -30,15 +31,17 @@ def build_links(cfg: Config, env, model, part, stage_index: int, num_stages: int
                   meta_group=env.meta_group, staging=env.staging)
     receiver = sender = None
     if stage_index > 0:
-        receiver = Receiver(side_shape=input_needed(model, a),peer_rank=layout.rank_of(stage_index - 1, replica),
+        receiver = Receiver(peer_rank=layout.rank_of(stage_index - 1, replica),
                             peer_stage=stage_index - 1, sample_shape=model.blocks[a].in_shape,
-                            channels_last=nhwc_boundary(cfg, model, a), **common)
+                            channels_last=nhwc_boundary(cfg, model, a),
+                            side_shape=input_needed(model, a), **common)
         receiver.connect(fingerprint)
     if stage_index < num_stages - 1:
-        sender = Sender(side_shape=input_needed(model, b), peer_rank=layout.rank_of(stage_index + 1, replica),
+        sender = Sender(peer_rank=layout.rank_of(stage_index + 1, replica),
                         peer_stage=stage_index + 1, queue_depth=cfg.train.queue_depth,
                         sample_shape=model.blocks[b - 1].out_shape,
-                        channels_last=nhwc_boundary(cfg, model, b), **common)
+                        channels_last=nhwc_boundary(cfg, model, b),
+                        side_shape=input_needed(model, b), **common)
         sender.connect(fingerprint)
     return sender, receiver
 
