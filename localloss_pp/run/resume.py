@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localloss_pp.config import build_config, load_toml
+from localloss_pp.config import Config, build_config, load_toml
 from localloss_pp.errors import first_line
 from localloss_pp.observe.metrics import read_records
 from localloss_pp.run.checkpoint import (MANIFEST, CheckpointError, atomic_write_bytes,
@@ -48,9 +48,17 @@ def _holds_run(run_dir: Path) -> bool:
 
 
 def _config_diffs(saved: dict, cfg, label: str = "checkpoint") -> list[str]:
+    """What differs between a saved semantic config and `cfg`'s. A key the saved one lacks was
+    written by a version before that option existed, which behaved as its default does."""
     now = semantic_config(cfg)
-    return [f"{s}.{k}: {label} {saved.get(s, {}).get(k)!r}, now {v!r}" for s in now
-            for k, v in now[s].items() if saved.get(s, {}).get(k) != v]
+    defaults = semantic_config(Config())
+    diffs = []
+    for s in now:
+        for k, v in now[s].items():
+            old = saved.get(s, {}).get(k, defaults[s][k])
+            if old != v:
+                diffs.append(f"{s}.{k}: {label} {old!r}, now {v!r}")
+    return diffs
 
 
 def _other_run(run_dir: Path, cfg) -> str | None:

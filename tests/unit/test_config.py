@@ -200,3 +200,19 @@ def test_every_train_flag_has_a_help_text_and_a_group():
     text = " ".join(train.format_help().split())
     assert "--queue-depth N" in text and "(default: 2)" in text
     assert "quick start: mnist5k" in text  # the preset's value where it differs
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_as_its_default():
+    # a checkpoint's manifest written by an earlier version has no key for the options added
+    # since (--local-modules, --objective-module, --nesterov, the cosine schedule): those
+    # versions behaved as the defaults do, so only a non-default value now is a difference
+    from localloss_pp.run.checkpoint import semantic_config
+    from localloss_pp.run.resume import _config_diffs
+    cfg = parse("--model", "mlp", "--dataset", "mnist5k")
+    saved = semantic_config(cfg)
+    for section, key in (("loss", "local_modules"), ("loss", "module"), ("optim", "nesterov"),
+                         ("optim", "lr_schedule"), ("optim", "lr_warmup_epochs")):
+        del saved[section][key]
+    assert _config_diffs(saved, cfg) == []
+    cfg.loss.local_modules = "4"
+    assert _config_diffs(saved, cfg) == ["loss.local_modules: checkpoint '', now '4'"]
