@@ -226,32 +226,83 @@ def _fmt(s: dict) -> str:
     return text
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {"mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _fmt_error(s: dict) -> str:
+    """'1.05%' for one seed; '1.05 ± 0.07% [0.98-1.12]' for several."""
+    if s["n"] == 1:
+        return f"{s['mean']:.2f}%"
+    return f"{s['mean']:.2f} ± {s['sd']:.2f}% [{s['min']:.2f}-{s['max']:.2f}]"
+
+
+def epoch_errors(curve: list[dict]) -> list[float]:
+    """The test error at the end of every epoch: the last point of each epoch."""
+    last = {}
+    for p in curve:
+        last[p["epoch"]] = p["test_error"]
+    return [last[e] for e in sorted(last)]
+
+
 def table(rows: list[dict], targets: list[float]) -> str:
-    head = ("| variant | ranks x threads | points/epoch | final error (median) | "
+    head = ("| variant | ranks x threads | points/epoch | final error | samples/s | "
             + " | ".join(f"time to {t:g}%" for t in targets) + " |")
-    lines = [head, "|" + "---|" * (4 + len(targets))]
+    lines = [head, "|" + "---|" * (5 + len(targets))]
     for r in rows:
         lines.append(f"| {r['label']} | {r['ranks']}x{r['threads']} | {r['points_per_epoch']} | "
-                     f"{r['final_error']:.2f}% | "
+                     f"{_fmt_error(r['final'])} | {r['samples_per_s']:.0f} | "
                      + " | ".join(_fmt(r["time_to"][f"{t:g}"]) for t in targets) + " |")
     return "\n".join(lines)
 
 
+def epoch_table(rows: list[dict]) -> str:
+    """Test error at the end of every epoch, mean ± sd over the seeds (derived rows left out:
+    their errors are backprop1's)."""
+    rows = [r for r in rows if not r["derived"]]
+    epochs = max(len(r["per_epoch"]) for r in rows)
+    lines = ["| variant | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |",
+             "|" + "---|" * (1 + epochs)]
+    for r in rows:
+        cells = [_fmt_error(s) for s in r["per_epoch"]]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_curve(curves: list[list[dict]]) -> tuple[list[float], list[float], list[float],
+                                                 list[float]]:
+    """(time, mean error, min error, max error) point by point over the seeds' curves (the
+    same snapshot schedule in every seed; cut to the shortest)."""
+    n = min(len(c) for c in curves)
+    cols = [[c[i] for c in curves] for i in range(n)]
+    return ([statistics.fmean(p["train_s"] for p in col) for col in cols],
+            [statistics.fmean(p["test_error"] for p in col) for col in cols],
+            [min(p["test_error"] for p in col) for col in cols],
+            [max(p["test_error"] for p in col) for col in cols])
+
+
 def plot(rows: list[dict], args, path: Path) -> None:
-    """Test error against training time, the first seed's curve of every row."""
+    """Test error against training time: every row's mean over the seeds (time and error
+    averaged point by point), its range over the seeds shaded."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        curve = r["curves"][0]  # the first seed's curve
-        ax.plot([p["train_s"] for p in curve], [p["test_error"] for p in curve],
-                "--" if r["derived"] else "-", lw=1.3, label=r["label"])
+        t, mean, lo, hi = mean_curve(r["curves"])
+        line, = ax.plot(t, mean, "--" if r["derived"] else "-", lw=1.3, label=r["label"])
+        if len(r["curves"]) > 1 and not r["derived"]:
+            ax.fill_between(t, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
     for t in args.targets:
         ax.axhline(t, color="gray", ls=":", lw=1)
     ax.set_yscale("log")
     ax.set_ylim(min(args.targets) * 0.6, 30)
     ax.set_xlabel("training wall time (s): evaluation excluded")
     ax.set_ylabel("test error (%)")
-    title = f"{args.dataset}, {model_name(args)}, seed {args.seeds[0]}"
+    seeds = (f"seed {args.seeds[0]}" if len(args.seeds) == 1 else
+             f"mean of seeds {','.join(map(str, args.seeds))}, shaded: their range")
+    title = f"{args.dataset}, {model_name(args)}, {seeds}"
     if any(r["derived"] for r in rows):
         title += "; dashed: derived from backprop's curve"
     ax.set_title(textwrap.fill(title, 90), fontsize=9)
@@ -300,10 +351,18 @@ def _derived_rows(args, rows: list[dict], rates: dict) -> list[dict]:
 
 
 def _times_to_targets(rows: list[dict], args, batches: int, every: int) -> None:
-    """Add every row's points per epoch, median final error and times to the targets."""
+    """Add every row's points per epoch, final and per-epoch errors over the seeds, samples/s
+    (training examples over the final point's training time, median over the seeds) and times
+    to the targets."""
+    examples = TRAIN_EXAMPLES[args.dataset] * args.epochs
     for r in rows:
         r["points_per_epoch"] = math.ceil(batches / every)
+        r["final"] = spread([c[-1]["test_error"] for c in r["curves"]])
         r["final_error"] = statistics.median(c[-1]["test_error"] for c in r["curves"])
+        per_epoch = [epoch_errors(c) for c in r["curves"]]
+        r["per_epoch"] = [spread([e[i] for e in per_epoch])
+                          for i in range(min(len(e) for e in per_epoch))]
+        r["samples_per_s"] = statistics.median(examples / c[-1]["train_s"] for c in r["curves"])
         r["time_to"] = {f"{t:g}": summary([time_to(c, t) for c in r["curves"]])
                         for t in args.targets}
 
@@ -339,8 +398,10 @@ def main(argv=None) -> int:
     rows += _derived_rows(args, rows, rates)
     _times_to_targets(rows, args, batches, every)
     print(f"\n## Time to test error on {args.dataset} (median of {len(args.seeds)} seed(s) "
-          f"[range]; training time only)\n")
+          f"[range]; final error: mean ± sd [range]; training time only)\n")
     print(table(rows, args.targets))
+    print(f"\n## Test error at the end of every epoch (mean ± sd [range] over the seeds)\n")
+    print(epoch_table(rows))
     print(f"\n(total {time.perf_counter() - started:.0f}s)")
     if args.json:
         args.json.write_text(json.dumps({"dataset": args.dataset, "targets": args.targets,

@@ -102,3 +102,34 @@ def test_objectives_and_models_of_ones_choice_are_variants(tmp_path):
     assert "torch.distributed.run" not in cmd and threads == 2
     assert tta.label("local1-infopro") == "local 1 process, infopro"
     assert tta.model_name(args) == "--model resnet32 --feat-mult 0.25, --local-modules 4,4,4,4"
+
+
+def _curve(errors_by_epoch, t0=0.0):
+    """Two points per epoch; times 1 s apart."""
+    out, t = [], t0
+    for epoch, errs in enumerate(errors_by_epoch, 1):
+        for i, err in enumerate(errs):
+            t += 1.0
+            out.append({"epoch": epoch, "batch": i + 1, "train_s": t, "test_error": err})
+    return out
+
+
+def test_seeds_give_final_and_per_epoch_errors_with_their_spread(tmp_path):
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    args = tta.parse_args(["--data-dir", str(tmp_path), "--variants", "backprop1",
+                           "--derived", "none", "--epochs", "2", "--targets", "3"])
+    curves = [_curve([[9, 4], [3, 2]]), _curve([[8, 5], [2.5, 1]]), _curve([[7, 6], [2, 3]])]
+    rows = [{"variant": "backprop1", "label": "bp", "derived": False, "ranks": 1, "threads": 2,
+             "curves": curves}]
+    tta._times_to_targets(rows, args, batches=10, every=5)
+    r = rows[0]
+    assert r["final"] == pytest.approx({"mean": 2.0, "sd": 1.0, "min": 1, "max": 3, "n": 3})
+    assert [s["mean"] for s in r["per_epoch"]] == pytest.approx([5.0, 2.0])
+    assert r["samples_per_s"] == pytest.approx(2 * 60000 / 4.0)
+    assert "| bp | 1x2 | 2 | 2.00 ± 1.00% [1.00-3.00] | 30000 | 3.0s [3.0-3.0] |" \
+        in tta.table(rows, args.targets)
+    assert "| bp | 5.00 ± 1.00% [4.00-6.00] | 2.00 ± 1.00% [1.00-3.00] |" in tta.epoch_table(rows)
+    t, mean, lo, hi = tta.mean_curve(curves)
+    assert t == [1, 2, 3, 4] and mean[0] == 8 and lo[3] == 1 and hi[3] == 3
+    tta.plot(rows, args, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
