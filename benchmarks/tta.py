@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     print(f"\n## Time to test error on {args.dataset} (median of {len(args.seeds)} seed(s) "
           f"[range]; final error: mean ± sd [range]; training time only)\n")
     print(table(rows, args.targets))
-    print(f"\n## Test error at the end of every epoch (mean ± sd [range] over the seeds)\n")
+    print("\n## Test error at the end of every epoch (mean ± sd [range] over the seeds)\n")
     print(epoch_table(rows))
     print(f"\n(total {time.perf_counter() - started:.0f}s)")
     if args.json:
