@@ -52,11 +52,47 @@ def _flops(fn) -> float:
 def count_flops(model: ModelConfig, loss: LossConfig, input_shape, num_classes: int,
                 batch_size: int) -> tuple[float, float]:
     """(local train step, backbone forward + backward) matmul/conv FLOPs per sample of the
-    whole model, counted on the CPU (FLOPs do not depend on the device)."""
-    costs = profile_blocks(model, loss, input_shape, num_classes, batch_size,
-                           torch.device("cpu"), steps=0)
-    return (sum(c.local_flops for c in costs) / batch_size,
-            sum(c.backbone_flops for c in costs) / batch_size)
+    whole model, counted on the CPU (FLOPs do not depend on the device). The local units are
+    counted apart from the backbone's, so that local modules (several backbone units in one)
+    are counted as they train."""
+    cpu = torch.device("cpu")
+    local = build_model(model, loss, input_shape, num_classes, seed=11)
+    bp = build_model(model, LossConfig(backprop=True), input_shape, num_classes, seed=11)
+    y, y1h, gen = *_labels(num_classes, batch_size, cpu), torch.Generator().manual_seed(0)
+    image = torch.randn((batch_size, *input_shape), generator=gen)
+    local_flops = backbone_flops = 0.0
+    for lu in local.units():
+        _ready(lu, cpu)
+        x = torch.randn((batch_size, *unit_input_shape(local, lu)), generator=gen)
+        local_flops += _flops(unit_step(lu, x, y, y1h, image))
+    for bu in bp.units():
+        _ready(bu, cpu)
+        x = torch.randn((batch_size, *unit_input_shape(bp, bu)), generator=gen)
+        backbone_flops += _flops(_backbone_step(bu, x))
+    return local_flops / batch_size, backbone_flops / batch_size
+
+
+def _labels(num_classes: int, batch_size: int, device):
+    """Synthetic labels and their one-hot codes."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(num_classes, (batch_size,), generator=gen).to(device)
+    return y, onehot(y, num_classes)
+
+
+def _ready(unit, device) -> None:
+    """A throw-away unit set up to step (a tiny learning rate)."""
+    unit.setup(device, OptimConfig())
+    unit.set_lr(1e-6)
+
+
+def _backbone_step(unit, x):
+    """One forward + backward of a backprop-mode unit alone, as global backprop runs it."""
+    xg = x.clone().requires_grad_(unit.index > 0)
+
+    def step():
+        unit(xg).float().sum().backward()
+        unit.zero_grad(set_to_none=True)
+    return step
 
 
 def matmul_peak_flops(device, size: int | None = None, seconds: float = 0.5,
@@ -103,23 +139,17 @@ def profile_blocks(model: ModelConfig, loss: LossConfig, input_shape, num_classe
     local = build_model(model, loss, input_shape, num_classes, seed=11)
     bp = build_model(model, LossConfig(backprop=True), input_shape, num_classes, seed=11)
     gen = torch.Generator().manual_seed(0)
-    y = torch.randint(num_classes, (batch_size,), generator=gen).to(device)
-    y1h = onehot(y, num_classes)
+    y, y1h = _labels(num_classes, batch_size, device)
     out = []
     for lu, bu in zip(local.units(), bp.units()):
         for u in (lu, bu):
-            u.setup(device, OptimConfig())
-            u.set_lr(1e-6)
+            _ready(u, device)
         x = torch.randn((batch_size, *unit_input_shape(local, lu)), generator=gen).to(device)
         local_step = unit_step(lu, x, y, y1h)
         is_block = hasattr(lu, "train_forward")
         out_shape = lu.out_shape if is_block else (num_classes,)
         name = lu.describe() if is_block else "output " + lu.describe()
-        xg = x.clone().requires_grad_(lu.index > 0)
-
-        def backbone_step():
-            bu(xg).float().sum().backward()
-            bu.zero_grad(set_to_none=True)
+        backbone_step = _backbone_step(bu, x)
         timed = steps > 0  # steps=0: FLOPs only
         out.append(BlockCost(
             index=lu.index, name=name,

@@ -250,9 +250,9 @@ class SendWatch:
             return
         real = sender.send
 
-        def send(kind, epoch, seq, activation=None, labels=None, last=None):
+        def send(kind, epoch, seq, activation=None, labels=None, last=None, **side):
             self._sample()
-            real(kind, epoch, seq, activation, labels, last)
+            real(kind, epoch, seq, activation, labels, last, **side)  # side: the network's input
             self._sample(activation)
 
         sender.send = send  # this instance only: the runner calls self.sender.send

@@ -11,7 +11,7 @@ import torch
 from .schedules import DEFAULT_VARIANTS, PIPELINES, SCHEDULES, VARIANTS
 from .sweep import SWEEP_BATCHES, SWEEP_WARMUP
 
-MODEL_CHOICES = ("mlp", "vgg8b", "resnet18", "vit")
+MODEL_CHOICES = ("mlp", "vgg8b", "resnet18", "resnet32", "vit")
 DEFAULT_MODELS = ("mlp", "vgg8b", "resnet18")
 PRECISIONS = ["fp32", "bf16"]
 
@@ -27,6 +27,9 @@ def models(args) -> list[tuple[str, dict]]:
         "resnet18": (f"resnet18 x{args.resnet_feat_mult:g}", {
             "name": "resnet18", "feat_mult": args.resnet_feat_mult, "dim_in_decoder": 1024,
             "nonlin": "leakyrelu"}),
+        # the CIFAR ResNet of the local-learning literature: the stem and 15 basic blocks
+        "resnet32": (f"resnet32 x{args.resnet32_feat_mult:g}", {
+            "name": "resnet32", "feat_mult": args.resnet32_feat_mult}),
         # a Vision Transformer: units are the patch embedding and every transformer block
         "vit": (args.vit, {"name": args.vit}),
     }
@@ -47,7 +50,15 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    f"(default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--vit", default="vit-micro", metavar="NAME",
                    help="the ViT of --models vit (default vit-micro: 6 blocks, dim 64, patch 4)")
-    p.add_argument("--losses", default="predsim,pred")
+    p.add_argument("--resnet32-feat-mult", type=float, default=0.25,
+                   help="resnet32 width (0.25)")
+    p.add_argument("--objectives", "--losses", dest="losses", default="predsim,pred",
+                   metavar="NAMES", help="the local variants' objectives, comma-separated: any "
+                   "registered name (predsim, pred, sim, dgl, infopro, ...; default "
+                   "predsim,pred); the cost-model check uses the first")
+    p.add_argument("--local-modules", default="", metavar="K|N1,N2,...",
+                   help="group the units of the local variants into K local modules, as "
+                   "`train --local-modules` does (default: one module per unit)")
     p.add_argument("--batches", type=int, default=30,
                    help="measured batches per run of a variant (30; earlier tables used 60)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up batches per run (5)")
@@ -111,6 +122,7 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
         args.mlp_only, args.losses, args.batches, args.warmup = True, "predsim", 30, 5
         args.repeats = 1
     _check_models(p, args)
+    _check_objectives(p, args)
     _check_precisions(p, args)
     _check_variants(p, args)
     if args.batch_size % args.microbatches or args.batch_size % args.stages:
@@ -144,6 +156,36 @@ def _check_models(p: argparse.ArgumentParser, args) -> None:
             parse_vit(args.vit)
         except ValueError as exc:
             p.error(f"--vit: {exc}")
+
+
+def loss_spec(args, objective: str) -> dict:
+    """The LossConfig fields of a local variant trained by `objective`."""
+    spec = {"loss_sup": objective}
+    if args.local_modules:
+        spec["local_modules"] = args.local_modules
+    return spec
+
+
+def _check_objectives(p: argparse.ArgumentParser, args) -> None:
+    """Every objective registered, and each one builds on every chosen model (the module
+    sizes of --local-modules fit it; a head fits the model's shapes)."""
+    from localloss_pp.config import LossConfig, ModelConfig
+    from localloss_pp.models import build_model, registered_objectives
+    from .common import INPUT_SHAPE, NUM_CLASSES
+    names = registered_objectives()
+    objectives = _chosen(p, "--objectives", args.losses, names)
+    for name, mcfg in models(args):
+        for objective in objectives:
+            try:
+                build_model(ModelConfig(**mcfg), LossConfig(**loss_spec(args, objective)),
+                            INPUT_SHAPE, NUM_CLASSES, 0, materialize=())
+            except (ValueError, TypeError) as exc:
+                p.error(f"--objectives {objective}"
+                        f"{' --local-modules ' + args.local_modules if args.local_modules else ''}"
+                        f" on {name}: {exc}")
+    if args.local_modules and (args.memory_sweep is not None or args.timeline):
+        p.error("--local-modules goes with the throughput runs only; --memory-sweep and "
+                "--timeline split the model by units (leave --local-modules out)")
 
 
 def _check_precisions(p: argparse.ArgumentParser, args) -> None:

@@ -6,9 +6,12 @@
                                      [--memory-only]]
     python -m benchmarks.throughput --timeline PNG [--models mlp] [--timeline-batches 4]
 
-For each model (mlp 3x1024, vgg8b and resnet18 at MNIST size; --feat-mult and
---resnet-feat-mult shrink the conv nets; --models picks) and local loss
-(predsim, pred) it runs, with the same global batch and the same synthetic in-memory batches:
+For each model (mlp 3x1024, vgg8b and resnet18 at MNIST size, and the CIFAR resnet32 on
+--models resnet32; --feat-mult, --resnet-feat-mult and --resnet32-feat-mult shrink the conv
+nets; --models picks) and local objective (--objectives, default predsim,pred: any registered
+one, dgl and infopro included; --local-modules K groups the units of the local variants into
+K modules, the backprop variants keep theirs) it runs, with the same global batch and the
+same synthetic in-memory batches:
 (a) local pipeline on S stages, (b) the local algorithm in one process on every core, (c) global
 backprop in one process, (d) global backprop with DDP on S ranks, (e) GPipe and (f) 1F1B from
 torch.distributed.pipelining over the same S-stage split with M micro-batches, and the schedules
@@ -52,7 +55,7 @@ from localloss_pp.pipeline.partition import balanced_split, fold_output
 from .common import INPUT_SHAPE, NUM_CLASSES, environment
 from .costmodel import arithmetic_of, count_flops, matmul_peak_flops, predict, profile_blocks, \
     project
-from .options import models, parse_args
+from .options import loss_spec, models, parse_args
 from .report import plot, report
 from .runs import base_spec, combine, first_error, not_run, num_blocks, run_variant, \
     summarise, virtual_counts
@@ -137,10 +140,17 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
         torch.device(args.device))
     counts = balanced_split(fold_output([c.local_ms for c in costs]), args.stages) if costs \
         else balanced_split([1.0] * num_blocks(mcfg), args.stages)
-    jobs = jobs_of(args, mcfg, counts, cores)
-    rows = _rows(args, model_name, mcfg, counts, _measure(args, model_name, jobs), cores, peaks)
+    local_counts = {loss: module_counts(args, mcfg, loss) for loss in args.losses.split(",")} \
+        if args.local_modules else {}
+    jobs = jobs_of(args, mcfg, counts, cores, local_counts)
+    rows = _rows(args, model_name, mcfg, counts, _measure(args, model_name, jobs), cores, peaks,
+                 local_counts)
     if costs is None:
         return rows, [], None
+    if args.local_modules:  # the cost model predicts the per-unit split only
+        print(f"- {model_name}: no cost-model check with --local-modules (the model predicts "
+              "the per-unit local pipeline)", flush=True)
+        return rows, [], _projection(args, model_name, costs)
     # the local pipeline's runs above, by (loss, split, threads): the cost-model check of the
     # same configuration reuses them instead of launching it again
     measured = {(r["loss"], tuple(r["counts"]), r["threads_per_rank"]): r for r in rows
@@ -150,10 +160,32 @@ def run_model(args, model_name: str, mcfg: dict, cores: int, peaks: dict) -> tup
     return rows, checks, _projection(args, model_name, costs)
 
 
-def jobs_of(args, mcfg: dict, counts: list[int], cores: int) -> list[Job]:
+def module_counts(args, mcfg: dict, objective: str) -> list[int]:
+    """Local modules per stage of the local pipeline trained by `objective` under
+    --local-modules: balanced by each module's measured train-step time (heads included) as
+    `train --partition auto` balances them, or by parameters with --no-costmodel."""
+    from localloss_pp.models import build_model
+    from localloss_pp.pipeline.partition import profile_unit_times
+    from .harness import config_of
+    loss = LossConfig(**loss_spec(args, objective))
+    if args.no_costmodel:
+        net = build_model(ModelConfig(**mcfg), loss, INPUT_SHAPE, NUM_CLASSES, 0,
+                          materialize=())
+        costs = [float(sum(p.numel() for p in u.parameters())) for u in net.units()]
+    else:
+        cfg = config_of(dict(base_spec(args, mcfg), loss=loss_spec(args, objective),
+                             threads=1))
+        costs = profile_unit_times(cfg, INPUT_SHAPE, NUM_CLASSES, torch.device(args.device))
+    return balanced_split(fold_output(costs), args.stages)
+
+
+def jobs_of(args, mcfg: dict, counts: list[int], cores: int,
+            local_counts: dict | None = None) -> list[Job]:
     """Every run of one model: each precision, loss and variant chosen, except the ones that
     cannot run here (they get a 'not run' row) and global backprop with any loss but the
-    first (it does not use the local loss: measured once)."""
+    first (it does not use the local loss: measured once). `local_counts`: objective -> the
+    local pipeline's split into modules (--local-modules); else every variant splits `counts`."""
+    local_counts = local_counts or {}
     base = base_spec(args, mcfg)
     S, jobs = args.stages, []
     vcounts = virtual_counts(num_blocks(mcfg) + 1, S * VIRTUAL_STAGES)
@@ -165,9 +197,10 @@ def jobs_of(args, mcfg: dict, counts: list[int], cores: int) -> list[Job]:
                     continue
                 ranks = 1 if schedule.one_process else S
                 threads = cores if ranks == 1 else max(1, cores // S)
+                split = local_counts.get(loss, counts) if schedule.local else counts
                 jobs.append(Job(precision, loss, variant, ranks, dict(
-                    base, loss={"loss_sup": loss}, threads=threads, precision=precision,
-                    counts=counts, vcounts=vcounts)))
+                    base, loss=loss_spec(args, loss), threads=threads, precision=precision,
+                    counts=split, vcounts=vcounts)))
     return jobs
 
 
@@ -192,13 +225,16 @@ def _measure(args, model_name: str, jobs: list[Job]) -> dict:
     return summaries
 
 
-def _rows(args, model_name, mcfg, counts, summaries, cores, peaks) -> list[dict]:
+def _rows(args, model_name, mcfg, counts, summaries, cores, peaks,
+          local_counts: dict | None = None) -> list[dict]:
     """The table's rows of one model: every precision, loss and variant (global backprop:
     its measurement with the first loss under each loss), with FLOP/s and MFU."""
     losses, rows = args.losses.split(","), []
+    local_counts = local_counts or {}
     for precision in args.precisions:
         for loss in losses:
-            local_flops, backbone = count_flops(ModelConfig(**mcfg), LossConfig(loss_sup=loss),
+            local_flops, backbone = count_flops(ModelConfig(**mcfg),
+                                                LossConfig(**loss_spec(args, loss)),
                                                 INPUT_SHAPE, NUM_CLASSES, args.batch_size)
             for variant in args.variant_list:
                 if variant in args.unrunnable:
@@ -208,8 +244,11 @@ def _rows(args, model_name, mcfg, counts, summaries, cores, peaks) -> list[dict]
                     key = (precision, loss, variant)
                     row = combine(summaries[key if key in summaries
                                             else (precision, losses[0], variant)])
+                local = SCHEDULES[variant].local
                 row.update(model=model_name, model_name=mcfg["name"], loss=loss,
-                           precision=precision, counts=counts)
+                           precision=precision,
+                           counts=local_counts.get(loss, counts) if local else counts,
+                           local_modules=args.local_modules if local else "")
                 if "error" not in row:
                     utilisation(row, local_flops if SCHEDULES[variant].local else backbone,
                                 peaks, args.device)

@@ -123,7 +123,8 @@ FLAGS: list[Flag] = [
     Flag("--lr-schedule", "optim", "lr_schedule", str, "optim", "step (the milestones, "
          "reference) or cosine (per epoch, as the InfoPro and AugLocal code)", "NAME"),
     Flag("--lr-cosine-epochs", "optim", "lr_cosine_epochs", int, "optim",
-         "the cosine's horizon in epochs (0: --epochs)", "E"),
+         "the cosine's horizon in epochs (0: --epochs; epoch E runs at lr 0, as in the "
+         "published code: give a short run its epochs + 1)", "E"),
     Flag("--lr-warmup-epochs", "optim", "lr_warmup_epochs", int, "optim",
          "cosine: linear warm-up over the first W epochs", "W"),
     Flag("--lr-warmup-from", "optim", "lr_warmup_from", float, "optim",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from localloss_pp.config import parse_local_modules
 from localloss_pp.layout import balanced_split
 from localloss_pp.models.blocks import OutputSteps, Unit, _amp_settings, make_optimizer
 from localloss_pp.models.objectives import Head, Objective
@@ -141,11 +142,9 @@ class ModuleOutput(OutputSteps, nn.Module):
         return self.classifier.loss(logits, y)
 
 
-
 def module_sizes(spec: str, costs: list[float]) -> list[int]:
     """The units of each module for `--local-modules spec` ("" one per unit, "K" balanced by
     `costs`, "3,3,2" as listed); a ValueError that says what does not fit."""
-    from localloss_pp.config import parse_local_modules
     n = len(costs)
     k, sizes, _ = parse_local_modules(spec)
     if k is None:

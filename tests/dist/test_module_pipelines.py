@@ -1,4 +1,4 @@
-"""Local modules and the literature's objectives pipelined: one process and 2 stages compute
+"""Local modules and the literature's objectives pipelined: one process, 2 and 3 stages compute
 the same bits with InfoPro, DGL and the paper's predsim under --local-modules on the CIFAR
 ResNet, and a mid-epoch checkpoint of the one-process run resumes on 2 stages with the same
 digest (docs/architecture.md, "The one invariant")."""
@@ -21,18 +21,20 @@ def run(tmp_path, name, procs, objective, *extra):
     return run_dir
 
 
-# infopro reads the network's input in every module (the first stage sends it along): the
-# default run; dgl and predsim are the same path without it
-@pytest.mark.parametrize("objective", ["infopro", pytest.param("dgl", marks=pytest.mark.slow),
-                                       pytest.param("predsim", marks=pytest.mark.slow)])
-def test_local_modules_equal_one_process_on_two_stages(tmp_path, objective):
+# infopro reads the network's input in every module (the first stage sends it along); dgl and
+# predsim are the same path without it. The default suite runs the same two-stage equivalence
+# in one process over in-memory links (tests/unit/test_stage.py); these are the real launches.
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, stages", [("infopro", 2), ("dgl", 2), ("predsim", 2),
+                                               ("infopro", 3), ("dgl", 3)])
+def test_local_modules_equal_one_process_on_several_stages(tmp_path, objective, stages):
     ref = run(tmp_path, "one", 1, objective)
     want = digest(ref), records(ref)
     assert len(want[1][0]["blocks"]) == 3  # 4 modules: 3 with heads, the last one the output's
-    two = run(tmp_path, "two", 2, objective)
-    assert (digest(two), records(two)) == want
-    part = json.loads((two / "partition.json").read_text())
-    assert len(part["counts"]) == 2 and sum(part["counts"]) == 3
+    many = run(tmp_path, "many", stages, objective)
+    assert (digest(many), records(many)) == want
+    part = json.loads((many / "partition.json").read_text())
+    assert len(part["counts"]) == stages and sum(part["counts"]) == 3
 
 
 @pytest.mark.slow

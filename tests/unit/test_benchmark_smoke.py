@@ -100,3 +100,65 @@ def test_gpu_check_preflight_names_what_is_missing_in_one_line(monkeypatch, caps
              and "optional" not in l]
     assert len(lines) == 1 and "PIL" in lines[0] and "mlxtend" in lines[0]
     assert "benchmarks/fetch_wheels.sh" in lines[0]
+
+
+@pytest.mark.slow
+def test_objectives_of_the_literature_in_local_modules(tmp_path):
+    """--objectives dgl,infopro with --local-modules on resnet32: the local variants run the
+    modules (split between modules), backprop runs its units; memory and FLOPs are measured
+    for every row, and InfoPro's links carry the network's input."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--models", "resnet32",
+                           "--resnet32-feat-mult", "0.125", "--objectives", "dgl,infopro",
+                           "--local-modules", "4", "--variants", "local,local1,backprop1,ddp",
+                           "--batches", "4", "--warmup", "1", "--windows", "2", "--repeats",
+                           "1", "--device", "cpu", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["loss"], r["variant"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {(o, v) for o in ("dgl", "infopro")
+                         for v in ("local", "local1", "backprop1", "ddp")}
+    for (objective, variant), r in rows.items():
+        assert r["samples_per_s"] > 0 and all(m > 0 for m in r["peak_memory_mb"])
+        if variant.startswith("local"):
+            assert r["local_modules"] == "4" and sum(r["counts"]) == 3  # 3 modules + output
+    # the network's input travels with InfoPro's activations: 784 more fp32 values a sample
+    extra = rows["infopro", "local"]["bytes_per_sample"] - rows["dgl", "local"]["bytes_per_sample"]
+    assert extra == pytest.approx(784 * 4)
+    # the heads' FLOPs: DGL's are a few percent of the backbone's, InfoPro's decoders more
+    assert rows["infopro", "local"]["flops_per_sample"] > rows["dgl", "local"]["flops_per_sample"]
+    assert "no cost-model check with --local-modules" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objectives", "dgl,nope"], "--objectives: unknown nope; choose from"),
+    (["--models", "resnet32", "--objectives", "dgl", "--local-modules", "99"],
+     "--objectives dgl --local-modules 99 on resnet32 x0.25:"),
+    (["--models", "mlp", "--objectives", "dgl", "--local-modules", "2",
+      "--memory-sweep", "1,2"], "--local-modules goes with the throughput runs only"),
+])
+def test_bad_objective_flags_are_one_line_errors(argv, message, capsys):
+    from benchmarks.options import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_flops_count_local_modules_as_they_train():
+    """count_flops counts the paper's per-layer units as the cost model does, and local
+    modules (several backbone units each) by their own steps."""
+    from benchmarks.common import INPUT_SHAPE, NUM_CLASSES
+    from benchmarks.costmodel import count_flops, profile_blocks
+    from localloss_pp.config import LossConfig, ModelConfig
+    model = ModelConfig(name="resnet8", feat_mult=0.25)
+    costs = profile_blocks(model, LossConfig(), INPUT_SHAPE, NUM_CLASSES, 8,
+                           __import__("torch").device("cpu"), steps=0)
+    paper = count_flops(model, LossConfig(), INPUT_SHAPE, NUM_CLASSES, 8)
+    assert paper == (sum(c.local_flops for c in costs) / 8,
+                     sum(c.backbone_flops for c in costs) / 8)
+    dgl, infopro = (count_flops(model, LossConfig(loss_sup=name, local_modules="2"),
+                                INPUT_SHAPE, NUM_CLASSES, 8) for name in ("dgl", "infopro"))
+    # the same backbone; a module computes no input gradient inside it where the per-unit
+    # count does, and its head adds little (DGL) or much (InfoPro's decoder)
+    assert dgl[1] == infopro[1] == paper[1]
+    assert dgl[0] != paper[0] and infopro[0] > 1.1 * dgl[0]

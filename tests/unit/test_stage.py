@@ -19,19 +19,24 @@ INPUT, CLASSES, EXAMPLES, BATCH = (1, 6, 6), 4, 50, 16  # batches of 16, 16, 16 
 class MemoryLink:
     """Sender and Receiver in one: messages wait in a queue until the next stage takes them."""
 
-    def __init__(self):
+    def __init__(self, side_shape=None):
         self.queue: deque[Message] = deque()
         self.bytes = 0
+        self.side_shape = side_shape  # the network's input goes along (as on the wire)
 
-    def send(self, kind, epoch, seq, activation=None, labels=None, last=None):
+    def send(self, kind, epoch, seq, activation=None, labels=None, last=None, side=None):
         if activation is None:
             self.queue.append(Message(kind, epoch, seq))
             return
         assert labels.device.type == "cpu"  # the header's labels come from the host
+        assert (side is not None) == bool(self.side_shape)
         act = activation.detach().clone()
         self.bytes += act.numel() * act.element_size()
+        if side is not None:
+            side = side.detach().clone()
+            self.bytes += side.numel() * side.element_size()
         self.queue.append(Message(kind, epoch, seq, labels=labels.clone(), activation=act,
-                                  labels_device=labels.clone(), last=bool(last)))
+                                  labels_device=labels.clone(), last=bool(last), side=side))
 
     def recv(self, hold_after=None):
         return self.queue.popleft()
@@ -104,6 +109,42 @@ def test_two_linked_stages_compute_what_one_stage_computes():
     assert [m.kind for m in link.queue] == [STOP]
     last.stop()
     assert not link.queue
+
+
+@pytest.mark.parametrize("objective", ["infopro", "dgl"])
+def test_local_modules_on_two_linked_stages_compute_what_one_stage_computes(objective):
+    """resnet8 in 3 local modules (2 with heads; the last one trained with the output): the
+    first stage sends the network's input along where the next stage's objective reads it
+    (InfoPro reconstructs it), and the two stages compute the one-stage bits."""
+    def net():
+        m = build_model(ModelConfig(name="resnet8", feat_mult=0.25),
+                        LossConfig(loss_sup=objective, local_modules="3"), INPUT, CLASSES, seed=5)
+        for unit in m.units():
+            unit.setup(torch.device("cpu"), OptimConfig(lr=1e-3))
+        return m
+    one = net()
+    assert len(one.blocks) == 2
+    alone = runner(one, 0, 2, 0, 1)
+    reference = [alone.train_epoch(1, data(), 4), alone.eval_epoch(1, data(1), 4)]
+    two = net()
+    reads = two.blocks[1].needs_input
+    assert reads == (objective == "infopro")
+    link = MemoryLink(side_shape=INPUT if reads else None)
+    first, last = runner(two, 0, 1, 0, 2, sender=link), runner(two, 1, 2, 1, 2, receiver=link)
+    first.train_epoch(1, data(), 4)
+    sides = [m.side for m in link.queue if m.kind == TRAIN]
+    if reads:
+        assert all(torch.equal(s, b[0]) for s, b in zip(sides, data()))
+    else:
+        assert sides == [None] * 4
+    tr1 = last.train_epoch(1, None, 4)
+    first.eval_epoch(1, data(1), 4)
+    te1 = last.eval_epoch(1, None, 4)
+    assert model_digest(two) == model_digest(one)
+    keys = ("loss_global", "error", "num_examples")
+    for mine, ref in ((tr1, reference[0]), (te1, reference[1])):
+        assert [summary(mine)[0][k] for k in keys] == [summary(ref)[0][k] for k in keys]
+        assert summary(mine)[1] == summary(ref)[1][1:]  # the last stage's module
 
 
 def test_a_resumed_epoch_starts_at_its_batch_and_keeps_its_statistics():
