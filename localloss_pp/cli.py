@@ -11,9 +11,10 @@ import os
 import sys
 
 from localloss_pp import __version__
-from localloss_pp.config import DATASET_NAMES, Config, ModelConfig
+from localloss_pp.config import Config, ModelConfig
+from localloss_pp.data.registry import registered_datasets
 from localloss_pp.flags import add_config_arguments, config_from_args
-from localloss_pp.errors import first_line, os_error_line
+from localloss_pp.errors import first_line, os_error_line, write_error_note
 
 __all__ = ["main", "build_parser", "load_config"]
 
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "wresnet<depth>-<width>[a], vit-<depth>-<dim>[-p<patch>][-h<heads>]"
                         "[-m<mlp ratio>], vit-nano, vit-micro, vit-tiny (default: vgg8b)")
     params.add_argument("--dataset", default="CIFAR10", metavar="NAME",
-                        help=f"one of {', '.join(DATASET_NAMES)} (default: CIFAR10)")
+                        help=f"one of {', '.join(registered_datasets())}, or folder:PATH "
+                        "(default: CIFAR10)")
     params.add_argument("--feat-mult", type=float, default=1.0, metavar="F",
                         help="factor on every conv layer's channel count (default: 1.0)")
     params.add_argument("--num-layers", type=int, default=None, metavar="N",
@@ -95,17 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _info(data):
+    """The dataset's info; an image folder's is read from the folder (and its cache)."""
+    from localloss_pp.data.registry import dataset_info
+    info = dataset_info(data)
+    if info is None:
+        from localloss_pp.data.datasets import build_datasets
+        info = build_datasets(data)[2]
+    return info
+
+
 def _count(model: str, dataset: str, feat_mult: float, num_layers: int, num_hidden: int,
            batch_norm: bool = True) -> tuple[int, list]:
     from localloss_pp.config import LossConfig, validate, Config, DataConfig
-    from localloss_pp.data.datasets import DATASETS
     from localloss_pp.models import build_model, resolve_model
     cfg = Config(model=ModelConfig(name=model, feat_mult=feat_mult, num_layers=num_layers,
                                    num_hidden=num_hidden, batch_norm=batch_norm),
                  data=DataConfig(dataset=dataset))
     validate(cfg)
     resolve_model(cfg.model)
-    info = DATASETS[cfg.data.dataset]
+    info = _info(cfg.data)
     net = build_model(cfg.model, LossConfig(backprop=True), info.input_shape, info.num_classes, 0,
                       materialize=())
     rows = [(str(b.index), b, sum(p.numel() for p in b.parameters())) for b in net.blocks]
@@ -119,7 +130,6 @@ def _module_table(args, num_layers: int) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from localloss_pp.config import DataConfig, LossConfig, validate
-    from localloss_pp.data.datasets import DATASETS
     from localloss_pp.models import build_model, resolve_model, resolve_objective
     cfg = Config(model=ModelConfig(name=args.model, feat_mult=args.feat_mult,
                                    num_layers=num_layers, num_hidden=args.num_hidden,
@@ -130,7 +140,7 @@ def _module_table(args, num_layers: int) -> None:
     validate(cfg)
     resolve_model(cfg.model)
     resolve_objective(cfg.loss)
-    loss, info = cfg.loss, DATASETS[cfg.data.dataset]
+    loss, info = cfg.loss, _info(cfg.data)
     net = build_model(cfg.model, loss, info.input_shape, info.num_classes, 0, materialize=())
     net.eval()
 
@@ -195,7 +205,7 @@ def _cmd_params(args) -> int:
 def _cmd_train(args) -> int:
     from localloss_pp.pipeline.distributed import import_before_process_group, torchrun_world
     from localloss_pp.observe.metrics import setup_logging
-    from localloss_pp.train import run_training
+    from localloss_pp.training import run_training
     rank, world, _, _ = torchrun_world()
     setup_logging(rank, world)
     if world > 1:
@@ -217,14 +227,16 @@ def _cmd_train(args) -> int:
     except BaseException as exc:  # a pipeline stage: say what failed, then leave at once
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             log.exception("failed")
-        else:
-            log.error("error: %s", os_error_line(exc) if isinstance(exc, OSError)
-                      else first_line(exc))
+        line = os_error_line(exc) if isinstance(exc, OSError) else first_line(exc)
+        code = 2 if isinstance(exc, ValueError) else 1
+        write_error_note(rank, code, line)
+        if not os.environ.get("LOCALLOSS_PP_DEBUG"):
+            log.error("error: %s", line)
         for handler in logging.getLogger("localloss_pp").handlers:
             handler.flush()
         sys.stdout.flush()
         # no interpreter teardown: gloo closes the links and the neighbours stop promptly
-        os._exit(2 if isinstance(exc, ValueError) else 1)
+        os._exit(code)
 
 
 def load_config(args) -> Config:
@@ -232,9 +244,11 @@ def load_config(args) -> Config:
     need more than the config itself: the model name against the registry (after importing
     --model-module) and TensorBoard being installed when --tensorboard asks for it."""
     from localloss_pp.models.registry import resolve_model  # (torch: not for --help)
+    from localloss_pp.data.registry import resolve_dataset
     from localloss_pp.observe.tensorboard import check_tensorboard
     cfg = config_from_args(args)
     resolve_model(cfg.model)
+    resolve_dataset(cfg.data)
     if cfg.train.tensorboard:
         check_tensorboard(cfg.train.tensorboard)
     return cfg
@@ -293,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError) as exc:
         if os.environ.get("LOCALLOSS_PP_DEBUG"):
             raise
+        write_error_note(int(os.environ.get("RANK", "0")), 2, str(exc))
         print(f"localloss-pp {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the disk: full, read-only, gone (what finished is kept)

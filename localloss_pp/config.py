@@ -23,8 +23,8 @@ __all__ = [
     "parse_profile", "parse_local_modules",
 ]
 
-DATASET_NAMES = ("mnist5k", "MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100",
-                 "SVHN", "STL10", "ImageNet")
+IMAGE_MODES = ("auto", "L", "RGB")
+AUGMENT_CHOICES = ("auto", "none", "flip", "crop-flip", "resized-crop-flip")
 LOSS_UNSUP = ("none", "sim", "recon")
 OPTIMS = ("adam", "amsgrad", "sgd")
 LR_SCHEDULES = ("step", "cosine")
@@ -85,6 +85,15 @@ class DataConfig:
     n_holes: int = 1
     length: int = 16
     num_workers: str = "auto"  # DataLoader workers (image folders): "auto" or a count
+    module: str = ""           # a user's module that registers datasets (--dataset-module)
+    augment: str = "auto"      # "auto": the dataset's own; none, flip, crop-flip, ...
+    mean: list[float] = field(default_factory=list)  # per channel; [] the dataset's own
+    std: list[float] = field(default_factory=list)
+    # image folders (--dataset folder:PATH)
+    image_size: int = 0        # N: resize and centre-crop to N x N (0: the images' own size)
+    image_mode: str = "auto"   # "auto" (grayscale if every image is), "L" or "RGB"
+    val_fraction: float = 0.1  # held out of train/ as the test split when there is no val/
+    in_memory: str = "auto"    # "auto" (decoded arrays up to IN_MEMORY_LIMIT_MB), "yes", "no"
 
 
 @dataclass(kw_only=True)
@@ -209,6 +218,8 @@ def _check_type(where: str, value: Any, fld: dataclasses.Field) -> None:
         "bool": isinstance(value, bool),
         "list[int]": isinstance(value, list)
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        "list[float]": isinstance(value, list)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
     }[expected]
     if not ok:
         if fld.name in _INT_OR_STR:
@@ -234,6 +245,8 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
         for fld in fields(obj):
             if fld.type == "float":
                 setattr(obj, fld.name, float(getattr(obj, fld.name)))
+            elif fld.type == "list[float]":
+                setattr(obj, fld.name, [float(v) for v in getattr(obj, fld.name)])
     cfg.data.num_workers = str(cfg.data.num_workers).strip().lower()
     cfg.loss.local_modules = str(cfg.loss.local_modules)
     validate(cfg)
@@ -316,8 +329,30 @@ def parse_local_modules(spec) -> tuple[int | None, list[int] | None, str]:
     return len(sizes), sizes, ",".join(map(str, sizes))
 
 
+IN_MEMORY_LIMIT_MB = 2048  # image folders larger than this, decoded, stream (--in-memory auto)
+
+
 def _check_data(d: DataConfig) -> None:
-    d.dataset = _canonical(d.dataset, DATASET_NAMES, "dataset", "--dataset")
+    # (the name is checked against the dataset registry at launch: data.registry.resolve_dataset)
+    _need(isinstance(d.dataset, str) and d.dataset.strip() != "",
+          "--dataset needs a name (e.g. MNIST) or folder:PATH")
+    d.dataset = d.dataset.strip()
+    _need(d.dataset != "folder:", "--dataset folder:PATH needs the folder's path after "
+          "'folder:', e.g. folder:data/pets (it holds train/<class>/*)")
+    d.augment = _canonical(d.augment, AUGMENT_CHOICES, "augmentation", "--augment")
+    d.image_mode = _canonical(d.image_mode, IMAGE_MODES, "image mode", "--image-mode")
+    _need(d.image_size >= 0, f"--image-size must be >= 0 (0: the images' own size), got "
+          f"{d.image_size}")
+    _need(d.image_size <= 4096, f"--image-size must be at most 4096 pixels, got {d.image_size}")
+    _need(_finite(d.val_fraction) and 0 < d.val_fraction < 1,
+          f"--val-fraction must be in (0, 1), got {d.val_fraction}")
+    d.in_memory = str(d.in_memory).lower()
+    _need(d.in_memory in ("auto", "yes", "no"),
+          f"--in-memory must be auto, yes or no, got {d.in_memory!r}")
+    _need(len(d.mean) == len(d.std), f"--mean and --std must give one value per channel each, "
+          f"got {len(d.mean)} mean(s) and {len(d.std)} std(s)")
+    _need(all(_finite(s) and s > 0 for s in d.std), f"--std values must be > 0, got {d.std}")
+    _need(all(_finite(m) for m in d.mean), f"--mean values must be finite, got {d.mean}")
     _need(d.batch_size >= 1, f"--batch-size must be >= 1, got {d.batch_size}")
     _need(d.classes_per_batch >= 0,
           f"--classes-per-batch must be >= 0, got {d.classes_per_batch}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, NamedTuple
 
-from localloss_pp.config import QUICKSTART, SECTION_CLASSES, Config, build_config, load_toml
+from localloss_pp.config import (IN_MEMORY_LIMIT_MB, QUICKSTART, SECTION_CLASSES, Config,
+                                 build_config, load_toml)
+from localloss_pp.data.registry import registered_datasets
 
 __all__ = ["Flag", "FLAGS", "GROUPS", "add_config_arguments", "config_from_args"]
 
@@ -19,7 +21,8 @@ class Flag(NamedTuple):
     """One `train` flag: the config field it sets, how, and what `--help` says of it.
 
     action: a type for a valued flag; "true"/"false" for a switch that sets the field; "cpu" for
-    --no-cuda; "list" for a list of ints; "optional" for a flag whose value may be left out."""
+    --no-cuda; "list" for a list of ints; "floats" for one or more floats; "optional" for a
+    flag whose value may be left out."""
     flag: str
     section: str
     name: str
@@ -91,8 +94,31 @@ FLAGS: list[Flag] = [
          "alignment, a fixed random label projection" + _REF),
     Flag("--target-proj-size", "loss", "target_proj_size", int, "loss",
          "width of the random label projection under --bio" + _REF, "N"),
-    Flag("--dataset", "data", "dataset", str, "data", "mnist5k (embedded), MNIST, FashionMNIST, "
-         "KuzushijiMNIST, CIFAR10, CIFAR100, SVHN, STL10 or ImageNet" + _REF, "NAME"),
+    Flag("--dataset", "data", "dataset", str, "data", "a registered dataset: "
+         f"{', '.join(registered_datasets())}" + _REF + "; folder:PATH, a folder of your own "
+         "images (PATH/train/<class>/*, PATH/test/ or val/ likewise); or one a "
+         "--dataset-module registers (docs/usage.md, \"Your own data\")", "NAME"),
+    Flag("--dataset-module", "data", "module", str, "data", "import this module first: it "
+         "registers your own datasets (docs/usage.md, \"Your own data\")", "MODULE"),
+    Flag("--augment", "data", "augment", str, "data", "training augmentation: auto (the "
+         "dataset's own: the reference's, or resized-crop-flip for image folders), none, flip, "
+         "crop-flip (random crop with size/8 padding, then a flip) or resized-crop-flip",
+         "NAME"),
+    Flag("--mean", "data", "mean", "floats", "data", "per-channel mean of the normalisation "
+         "(default: the dataset's; measured on the training split of an image folder)", "M"),
+    Flag("--std", "data", "std", "floats", "data", "per-channel std of the normalisation, "
+         "with --mean", "S"),
+    Flag("--image-size", "data", "image_size", int, "data", "image folders: resize (shorter "
+         "side) and centre-crop to N x N (0: the images' own size, when all are square and of "
+         "one size)", "N"),
+    Flag("--image-mode", "data", "image_mode", str, "data", "image folders: auto (grayscale "
+         "when every image is), L (grayscale) or RGB", "auto|L|RGB"),
+    Flag("--val-fraction", "data", "val_fraction", float, "data", "image folders without "
+         "test/ or val/: this share of every class of train/ is held out as the test split "
+         "(a fixed draw, the same for every run)", "F"),
+    Flag("--in-memory", "data", "in_memory", str, "data", "image folders: decode once into "
+         "memory (yes), stream with DataLoader workers (no), or auto (memory up to "
+         f"{IN_MEMORY_LIMIT_MB} MB decoded)", "auto|yes|no"),
     Flag("--batch-size", "data", "batch_size", int, "data", "examples per batch (the global "
          "batch, split across --replicas)" + _REF, "N"),
     Flag("--classes-per-batch", "data", "classes_per_batch", int, "data",
@@ -193,8 +219,8 @@ def _default_text(f: Flag) -> str:
     if f.action in ("true", "false", "cpu"):
         return ""
     value = getattr(SECTION_CLASSES[f.section](), f.name)
-    shown = " ".join(map(str, value)) if isinstance(value, list) else (value if value != ""
-                                                                          else "none")
+    shown = " ".join(map(str, value)) if isinstance(value, list) else value
+    shown = "none" if shown == "" else shown
     text = f" (default: {shown}"
     preset = QUICKSTART.get(f.section, {}).get(f.name)
     if preset is not None and preset != value:
@@ -220,6 +246,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f.flag, nargs="?", const="auto", metavar=f.metavar, **common)
         elif f.action == "list":
             group.add_argument(f.flag, type=int, nargs="*", metavar=f.metavar, **common)
+        elif f.action == "floats":
+            group.add_argument(f.flag, type=float, nargs="+", metavar=f.metavar, **common)
         else:
             group.add_argument(f.flag, type=f.action, metavar=f.metavar, **common)
 

@@ -46,17 +46,43 @@ class BatchAugment:
     image, uniform over [0, 2*pad]^2 (a shift in [-pad, pad]^2). `flip`: RandomHorizontalFlip
     (p = 0.5). Then ToTensor + Normalize, then `cutout` = (n_holes, length) after normalisation:
     per image and hole a centre uniform over the image and a square of side `length` clipped at
-    the border, zero in all channels."""
+    the border, zero in all channels. `resized_crop` (image folders): first a random resized
+    crop (see `resize_crop`)."""
 
     def __init__(self, *, pad: int, flip: bool, mean, std, cutout: tuple[int, int] | None,
-                 device: torch.device):
+                 device: torch.device, resized_crop: bool = False):
         self.pad, self.flip, self.cutout = pad, flip, cutout
+        self.resized_crop = resized_crop
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
 
     @property
     def random(self) -> bool:
-        return bool(self.pad or self.flip or self.cutout)
+        return bool(self.pad or self.flip or self.cutout or self.resized_crop)
+
+    def resize_crop(self, x: torch.Tensor, gen: torch.Generator,
+                    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+        """torchvision's RandomResizedCrop on a whole batch, in one bilinear resampling: per
+        image an area fraction uniform over `scale` and a log-uniform aspect ratio over
+        `ratio`; a box that does not fit is clipped to the image (torchvision redraws it up to
+        10 times instead); a position uniform over where the box fits. Returns float values
+        on the uint8 scale."""
+        b, _, h, w = x.shape
+        dev = x.device
+        area = torch.empty(b, device=dev).uniform_(*scale, generator=gen)
+        log_r = torch.empty(b, device=dev).uniform_(
+            float(np.log(ratio[0])), float(np.log(ratio[1])), generator=gen)
+        aspect = log_r.exp()
+        cw = (area * aspect).sqrt().clamp(max=1.0)  # box width / image width
+        ch = (area / aspect).sqrt().clamp(max=1.0)
+        left = torch.rand(b, generator=gen, device=dev) * (1 - cw)
+        top = torch.rand(b, generator=gen, device=dev) * (1 - ch)
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 2] = cw, 2 * left + cw - 1
+        theta[:, 1, 1], theta[:, 1, 2] = ch, 2 * top + ch - 1
+        grid = F.affine_grid(theta, [b, x.size(1), h, w], align_corners=False)
+        return F.grid_sample(x.to(torch.float32), grid, mode="bilinear",
+                             padding_mode="border", align_corners=False)
 
     def crop(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -87,6 +113,8 @@ class BatchAugment:
         return x * (~hole).unsqueeze(1).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if self.resized_crop:
+            x = self.resize_crop(x, gen)
         if self.pad:
             x = self.crop(x, gen)
         if self.flip:

@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,83 +21,24 @@ from torch.utils.data import ConcatDataset, Dataset
 from localloss_pp.data.batches import (BatchAugment, EpochBatches, LoaderBatches,
                                        NClassRandomSampler, ShardedBatches, TensorBatches)
 from localloss_pp.config import DataConfig
+from localloss_pp.data.registry import (BUILTIN_DATASETS, DatasetInfo, effective_info,
+                                        resolve_dataset)
+from localloss_pp.data.transforms import ArraySplit, Cutout, image_transforms
 from localloss_pp.errors import first_line
 
 __all__ = ["DatasetInfo", "DATASETS", "DatasetNotFoundError", "Cutout", "NClassRandomSampler",
            "Mnist5k", "build_datasets", "build_sources", "dataset_labels", "dataset_arrays",
-           "resolve_num_workers", "MNIST5K_TRAIN_PER_CLASS"]
+           "resolve_num_workers", "MNIST5K_TRAIN_PER_CLASS", "ArraySplit", "image_transforms",
+           "builtin_splits", "user_splits"]
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: str  # "jitter" (crop pad 2), "jitter_flip", "crop4_flip", "none", "imagenet"
-
-    @property
-    def in_memory(self) -> bool:
-        """The whole dataset is one array in memory (everything but image folders)."""
-        return self.augment != "imagenet"
-
-    @property
-    def crop_padding(self) -> int:
-        return {"jitter": 2, "jitter_flip": 2, "crop4_flip": 4}.get(self.augment, 0)
-
-    @property
-    def flips(self) -> bool:
-        return self.augment in ("jitter_flip", "crop4_flip")
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist5k": DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), "jitter"),
-    "MNIST": DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), "jitter"),
-    "FashionMNIST": DatasetInfo((1, 28, 28), 10, (0.286,), (0.353,), "jitter_flip"),
-    "KuzushijiMNIST": DatasetInfo((1, 28, 28), 10, (0.1904,), (0.3475,), "none"),
-    "CIFAR10": DatasetInfo((3, 32, 32), 10, (0.424, 0.415, 0.384), (0.283, 0.278, 0.284),
-                           "crop4_flip"),
-    "CIFAR100": DatasetInfo((3, 32, 32), 100, (0.438, 0.418, 0.377), (0.300, 0.287, 0.294),
-                            "crop4_flip"),
-    "SVHN": DatasetInfo((3, 32, 32), 10, (0.431, 0.430, 0.446), (0.197, 0.198, 0.199), "none"),
-    "STL10": DatasetInfo((3, 96, 96), 10, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271), "none"),
-    "ImageNet": DatasetInfo((3, 224, 224), 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                            "imagenet"),
-}
+DATASETS = BUILTIN_DATASETS  # the built-in datasets' infos by name
 
 MNIST5K_TRAIN_PER_CLASS = 400  # of the 500 images per class; the last 100 are the test split
 
 
 class DatasetNotFoundError(ValueError):
     """A dataset is not on disk and cannot be fetched as configured."""
-
-
-class Cutout:
-    """Zero `n_holes` squares of side `length` (clipped at the border) in a normalised image.
-
-    Centres are drawn with torch's generator of the data pipeline (seeded), not NumPy's unseeded
-    one as in the reference, so runs are reproducible.
-    """
-
-    def __init__(self, n_holes: int, length: int):
-        self.n_holes, self.length = n_holes, length
-
-    def mask(self, h: int, w: int, centres) -> torch.Tensor:
-        """H x W mask with a zero square around each (y, x) centre, clipped at the border."""
-        mask = torch.ones(h, w)
-        half = self.length // 2
-        for y, x in centres:
-            mask[max(y - half, 0):min(y + half, h), max(x - half, 0):min(x + half, w)] = 0
-        return mask
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        centres = [(int(torch.randint(h, ())), int(torch.randint(w, ())))
-                   for _ in range(self.n_holes)]
-        return img * self.mask(h, w, centres).to(img.dtype)
-
-    def __repr__(self):
-        return f"Cutout(n_holes={self.n_holes}, length={self.length})"
 
 
 class Mnist5k(Dataset):
@@ -143,23 +83,6 @@ class Mnist5k(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[i]
-
-
-def _transforms(info: DatasetInfo, cfg: DataConfig, train: bool):
-    from torchvision import transforms as T
-    size = info.input_shape[1]
-    tail = [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    if info.augment == "imagenet":
-        head = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if train else \
-            [T.Resize(256), T.CenterCrop(224)]
-    elif not train or info.augment == "none":
-        head = []
-    else:
-        head = [T.RandomCrop(size, padding=info.crop_padding)] + \
-            ([T.RandomHorizontalFlip()] if info.flips else [])
-    if train and cfg.cutout:
-        tail.append(Cutout(cfg.n_holes, cfg.length))
-    return T.Compose(head + tail)
 
 
 _DAMAGED_FIX = ("delete it and run with --download (needs the internet), or put a good copy of "
@@ -292,12 +215,57 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, tra
     raise ValueError(f"unknown dataset {name!r}")
 
 
-def build_datasets(cfg: DataConfig):
-    """(train set, test set, DatasetInfo) for `cfg.dataset`."""
-    info = DATASETS[cfg.dataset]
+def build_datasets(cfg: DataConfig, cache_dir=None):
+    """(train set, test set, DatasetInfo) of `cfg.dataset`, whatever registered it; image
+    folders keep their decoded arrays and statistics in their cache (beside the data, or in
+    `cache_dir` where the data's folder is read-only)."""
+    entry = resolve_dataset(cfg)
+    if entry.kind == "folder":
+        from localloss_pp.data.folder import folder_splits
+        return folder_splits(cfg, cache_dir)
+    info = effective_info(entry.info, cfg)
+    if entry.kind == "builtin":
+        return builtin_splits(cfg, info)
+    return user_splits(entry.name, entry.loader, cfg, info)
+
+
+def user_splits(name: str, loader, cfg: DataConfig, info: DatasetInfo):
+    """The splits of a dataset registered with register_dataset, checked."""
+    splits = []
+    for train in (True, False):
+        what = "training" if train else "test"
+        transform = None if info.in_memory else image_transforms(info, cfg, train)
+        try:
+            split = loader(cfg, train, transform)
+        except (ValueError, DatasetNotFoundError):
+            raise
+        except Exception as exc:  # a user's loader failing in its own code
+            fn = getattr(loader, "__qualname__", repr(loader))
+            raise ValueError(f"dataset {name}: its loader {loader.__module__}.{fn} failed on the "
+                             f"{what} split ({type(exc).__name__}: {first_line(exc)}); set "
+                             "LOCALLOSS_PP_DEBUG=1 for the traceback") from exc
+        if info.in_memory and isinstance(split, (tuple, list)) and len(split) == 2:
+            split = ArraySplit(*split)
+        if info.in_memory:
+            try:
+                images, _ = dataset_arrays(split)
+            except Exception as exc:
+                raise ValueError(f"dataset {name}: its {what} split is not uint8 images with "
+                                 f"labels ({first_line(exc)}); an in-memory loader returns "
+                                 "(images (N, C, H, W) uint8, labels (N,))") from None
+            if tuple(images.shape[1:]) != tuple(info.input_shape):
+                raise ValueError(f"dataset {name}: its {what} images are "
+                                 f"{'x'.join(map(str, images.shape[1:]))}, but its info says "
+                                 f"{'x'.join(map(str, info.input_shape))} (C x H x W)")
+        splits.append(split)
+    return splits[0], splits[1], info
+
+
+def builtin_splits(cfg: DataConfig, info: DatasetInfo):
+    """The splits of a built-in dataset (mnist5k, torchvision's, ImageNet folders)."""
     if cfg.dataset == "mnist5k":
-        return (Mnist5k(True, _transforms(info, cfg, True)),
-                Mnist5k(False, _transforms(info, cfg, False)), info)
+        return (Mnist5k(True, image_transforms(info, cfg, True)),
+                Mnist5k(False, image_transforms(info, cfg, False)), info)
     root = Path(cfg.data_dir).expanduser()
     if root.exists() and not root.is_dir():
         raise DatasetNotFoundError(f"--data-dir {cfg.data_dir} is a file, not a folder; give "
@@ -305,9 +273,9 @@ def build_datasets(cfg: DataConfig):
                                    "files")
     try:
         train = _torchvision_dataset(cfg.dataset, root, True, cfg.download,
-                                     _transforms(info, cfg, True))
+                                     image_transforms(info, cfg, True))
         test = _torchvision_dataset(cfg.dataset, root, False, cfg.download,
-                                    _transforms(info, cfg, False))
+                                    image_transforms(info, cfg, False))
     except OSError as exc:  # no network for --download, unreadable or read-only folders
         raise DatasetNotFoundError(
             f"dataset {cfg.dataset} could not be read or fetched under {root} (--data-dir): "
@@ -372,10 +340,10 @@ def resolve_num_workers(spec, device: torch.device, local_processes: int, thread
 
 
 def build_sources(cfg: DataConfig, seed: int, device: torch.device, replica: int = 0,
-                  num_replicas: int = 1, num_workers: int = 0):
+                  num_replicas: int = 1, num_workers: int = 0, cache_dir=None):
     """(train source, test source, DatasetInfo): the first stage's batches as the reference
     builds them, on `device`; with replicas, this replica's share of every batch."""
-    train_set, test_set, info = build_datasets(cfg)
+    train_set, test_set, info = build_datasets(cfg, cache_dir)
     train_labels = dataset_labels(train_set)
     for labels in (train_labels, dataset_labels(test_set)):
         _check_labels(cfg.dataset, labels, info.num_classes, cfg.data_dir)
@@ -387,7 +355,8 @@ def build_sources(cfg: DataConfig, seed: int, device: torch.device, replica: int
                 LoaderBatches(test_set, test_order, **common), info)
     cutout = (cfg.n_holes, cfg.length) if cfg.cutout else None
     train_aug = BatchAugment(pad=info.crop_padding, flip=info.flips, mean=info.mean,
-                             std=info.std, cutout=cutout, device=device)
+                             std=info.std, cutout=cutout, device=device,
+                             resized_crop=info.resized_crop)
     test_aug = BatchAugment(pad=0, flip=False, mean=info.mean, std=info.std, cutout=None,
                             device=device)
     train = TensorBatches(*dataset_arrays(train_set), train_order, train_aug, device=device,

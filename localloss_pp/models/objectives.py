@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from localloss_pp.config import LossConfig, ModelConfig
 from localloss_pp.models.blocks import _default_init
-from localloss_pp.models.registry import import_user_module, load_entry_points
+from localloss_pp.plugins import import_user_module, load_entry_points
 
 __all__ = ["ModuleSpec", "Head", "Objective", "register_objective", "objective_entry",
            "registered_objectives", "resolve_objective", "stat_fields", "ENTRY_POINT_GROUP",

@@ -8,14 +8,11 @@ and resume call or read on a unit; `models.blocks.Unit` implements it.
 """
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import sys
 from typing import Callable
 
 from localloss_pp.config import LossConfig, ModelConfig
-from localloss_pp.errors import first_line
+from localloss_pp.plugins import import_user_module, load_entry_points
 from localloss_pp.models.resnets import parse_cifar_resnet, parse_wresnet
 from localloss_pp.models.vit import VIT_PRESETS, is_vit, parse_vit
 
@@ -53,37 +50,10 @@ def register_model(name: str, builder: Builder | None = None, *, pattern: bool =
     return add if builder is None else add(builder)
 
 
-def import_user_module(path: str, flag: str, what: str, rule: str, example: str) -> None:
-    """Import a user's module that registers something (--model-module, --objective-module); a
-    one-line error naming `flag` if it cannot be imported."""
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules beside the run
-    try:
-        importlib.import_module(path)
-    except SystemExit as exc:  # a script's sys.exit() run at import
-        raise ValueError(f"{flag} {path}: importing it called sys.exit({exc.code!r}); "
-                         f"{what} must {rule} at import") from None
-    except Exception as exc:  # ImportError, or any error inside the user's module
-        raise ValueError(f"{flag} {path}: cannot import it ({type(exc).__name__}: "
-                         f"{first_line(exc)}); give an importable module path (on PYTHONPATH "
-                         f"or installed), e.g. {example}") from None
-
-
 def load_model_module(path: str) -> None:
     """Import a user's module that registers models (--model-module)."""
     import_user_module(path, "--model-module", "a model module",
                        "only define and register models", "examples.custom_model")
-
-
-def load_entry_points(group: str, what: str) -> None:
-    """Load the entry points of `group` that installed packages declare (they register)."""
-    from importlib.metadata import entry_points
-    for ep in entry_points(group=group):
-        try:
-            ep.load()
-        except Exception as exc:
-            raise ValueError(f"the {what} entry point {ep.name} ({ep.value}) of an installed "
-                             f"package cannot be loaded: {first_line(exc)}") from None
 
 
 def model_builder(name: str) -> Builder | None:

@@ -82,11 +82,14 @@ def unit_states(units) -> list[dict]:
 
 
 def save_model(path: Path, model_name: str, unit_state_list: list[dict], config_toml: str,
-               epoch: int, digest: str) -> None:
+               epoch: int, digest: str, dataset: dict | None = None) -> None:
     """Write every unit's state (blocks, then the output layer), the config, the number of
-    epochs trained and the model digest."""
+    epochs trained, the model digest and the dataset's info (DatasetInfo.to_dict: input shape,
+    classes, normalisation), which loading the model for inference needs."""
     state = {"format": MODEL_FORMAT, "model": model_name, "config": config_toml,
              "digest": digest, "epoch": epoch, "units": unit_state_list}
+    if dataset is not None:
+        state["dataset"] = dataset
     atomic_torch_save(state, path)
 
 
@@ -112,11 +115,12 @@ def read_model_file(path: Path) -> dict:
     return state
 
 
-def load_model_state(model: LocalModel, path: Path, only=None) -> dict:
+def load_model_state(model: LocalModel, path: Path, only=None, state: dict | None = None) -> dict:
     """Load a file written by save_model into `model` (into the units whose index is in `only`,
-    all when None), verified by read_model_file; a clear CheckpointError if it does not fit."""
+    all when None), verified by read_model_file (or its contents `state`, already read so); a
+    clear CheckpointError if it does not fit."""
     path = Path(path)
-    state = read_model_file(path)
+    state = read_model_file(path) if state is None else state
     units = model.units()
     if state["model"] != model.name or len(state["units"]) != len(units):
         raise CheckpointError(f"{path} holds a {state['model']} with {len(state['units'])} units, "
@@ -158,7 +162,8 @@ MANIFEST = "manifest.json"
 # config fields that change the computed numbers; everything else may differ on resume
 SEMANTIC = {"model": None, "loss": None, "optim": None,
             "data": ("dataset", "batch_size", "classes_per_batch",
-                     "classes_per_batch_until_epoch", "cutout", "n_holes", "length"),
+                     "classes_per_batch_until_epoch", "cutout", "n_holes", "length", "augment",
+                     "mean", "std", "image_size", "image_mode", "val_fraction", "in_memory"),
             "train": ("seed",)}
 
 

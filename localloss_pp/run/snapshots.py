@@ -128,7 +128,7 @@ def evaluate_run(run_dir: Path, device: str = "cpu", data_dir: str | None = None
     [{epoch, batch, step, train_s, test_error, test_loss}] (the loss as the run's
     records give it: the output layer's loss)."""
     from localloss_pp.config import build_config, load_toml
-    from localloss_pp.data.datasets import DATASETS, build_sources
+    from localloss_pp.data.datasets import build_sources
     from localloss_pp.models import build_model
     from localloss_pp.models.losses import onehot
 
@@ -137,13 +137,12 @@ def evaluate_run(run_dir: Path, device: str = "cpu", data_dir: str | None = None
     if data_dir is not None:
         cfg.data.data_dir = data_dir
     dev = torch.device(device)
-    info = DATASETS[cfg.data.dataset]
+    _, test, info = build_sources(cfg.data, cfg.train.seed, dev, cache_dir=run_dir / "data-cache")
     model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
                         input_norm=(info.mean, info.std))
     model.setup_units({u.index for u in model.units()}, dev, cfg.optim,
                       precision=cfg.train.precision)
     model.eval()
-    test = build_sources(cfg.data, cfg.train.seed, dev)[1]
     test.set_epoch(1)
     batches = list(test)
     out = []

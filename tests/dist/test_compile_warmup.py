@@ -45,7 +45,7 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str, model=tuple
     from localloss_pp.cli import build_parser
     from localloss_pp.flags import config_from_args
     from localloss_pp.pipeline.stage import StageRunner
-    from localloss_pp.train import run_training
+    from localloss_pp.training import run_training
     streams = []  # when the stage began its first stream: every compile must come before
     real_stream = StageRunner.run_stream
 

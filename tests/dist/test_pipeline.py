@@ -44,13 +44,14 @@ def one_process(tmp_path_factory):
 SLOW = pytest.mark.slow
 
 
-# the default run: 1 against 2 stages for every family, and one 3-stage case; `-m slow` adds
-# the 4-stage pipelines and bf16 on the wire (the ResNets: test_residual_pipelines.py)
+# the default run: 1 against 2 stages for the linear and conv blocks, and one 3-stage case;
+# `-m slow` adds the ViTs, the 4-stage pipelines and bf16 on the wire (the ResNets:
+# test_residual_pipelines.py)
 @pytest.mark.parametrize("name,args,stage_counts", [
-    ("mlp", MLP, [1, 2, 3]), ("conv", CONV, [1, 2]), ("vit", VIT, [1, 2]),
+    ("mlp", MLP, [1, 2, 3]), ("conv", CONV, [1, 2]),
     pytest.param("mlp", MLP, [1, 4], marks=SLOW, id="mlp-4-stages"),
     pytest.param("conv", CONV, [1, 4], marks=SLOW, id="conv-4-stages"),
-    pytest.param("vit", VIT, [1, 3, 4], marks=SLOW, id="vit-3-4-stages"),
+    pytest.param("vit", VIT, [1, 2, 3, 4], marks=SLOW, id="vit-2-3-4-stages"),
     # bf16 activations on the wire (and between the blocks of a stage), NHWC convolutions
     pytest.param("conv-bf16", CONV + ["--precision", "bf16", "--channels-last"], [1, 3],
                  marks=SLOW, id="conv-bf16")])

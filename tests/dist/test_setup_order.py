@@ -25,7 +25,7 @@ def _stage(rank: int, world: int, port: int, run_dir: str, out: str, extra=()) -
     from localloss_pp.pipeline import transport
     from localloss_pp.cli import build_parser
     from localloss_pp.flags import config_from_args
-    from localloss_pp.train import run_training
+    from localloss_pp.training import run_training
 
     receivers, links, events = [], [], []
     original_init = transport.Receiver.__init__

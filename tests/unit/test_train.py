@@ -27,6 +27,7 @@ def digest_of(stdout):
     return lines[0].split()[1]
 
 
+@pytest.mark.slow  # (the default suite compares digests across runs in tests/dist/)
 def test_same_seed_same_digest_through_the_cli(tmp_path):
     a = run_cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "a"), *SMALL)
     b = run_cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "b"), *SMALL)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from localloss_pp.config import Config, RunMode, lr_at_epoch, parse_profile, to_toml
-from localloss_pp.data.datasets import DATASETS, DatasetInfo, build_sources, resolve_num_workers
+from localloss_pp.data.datasets import build_sources, resolve_num_workers
+from localloss_pp.data.registry import DatasetInfo, dataset_slug, resolve_dataset
 from localloss_pp.errors import first_line
 from localloss_pp.faults import fault_point
 from localloss_pp.layout import Layout, layout_for, shard_bounds
@@ -29,6 +30,7 @@ from localloss_pp.observe.metrics import (append_jsonl, log_blocks, log_epoch,
                                           stage_summary)
 from localloss_pp.observe.profiling import TraceWindow
 from localloss_pp.observe.record import EpochRecord
+from localloss_pp.result import RunResult
 from localloss_pp.run.snapshots import SnapshotRecorder
 from localloss_pp.observe.tensorboard import TensorBoardLog, tensorboard_dir
 from localloss_pp.pipeline.build import build_stage, nhwc_boundary
@@ -48,18 +50,9 @@ from localloss_pp.run.rundir import (RunDirLock, clean_run_dir, read_launch_mark
                                      release_locks, write_launch_mark)
 from localloss_pp.run.stage_checkpoint import StageCheckpointer
 
-__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir"]
+__all__ = ["RunResult", "run_training", "run_tag", "resolve_run_dir"]  # (RunResult: result.py)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    digest: str
-    test_error: float
-    train_error: float
-    epochs: int
 
 
 def run_tag(cfg: Config) -> str:
@@ -80,12 +73,12 @@ def resolve_run_dir(cfg: Config) -> Path:
     if t.run_dir:
         return Path(t.run_dir)
     if t.save_dir:
-        return (Path(t.save_dir) / cfg.data.dataset /
+        return (Path(t.save_dir) / dataset_slug(cfg.data.dataset) /
                 f"{cfg.model.name}_mult{cfg.model.feat_mult:.1f}" / run_tag(cfg))
     # under torchrun the run id names it, so that a restarted attempt finds the same folder
     stamp = os.environ.get("TORCHELASTIC_RUN_ID", "")[:8] or \
         datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.data.dataset}-{cfg.model.name}-{stamp}"
+    return Path("runs") / f"{dataset_slug(cfg.data.dataset)}-{cfg.model.name}-{stamp}"
 
 
 def _check_last_batch(cfg: Config, num_train: int, num_test: int, num_replicas: int = 1) -> None:
@@ -167,15 +160,12 @@ def _check_launch(cfg: Config, world: int) -> Layout:
     """The stages x replicas layout of a world of `world` processes, or a clear error; the
     model and objective names checked against their registries."""
     resolve_model(cfg.model)
+    resolve_dataset(cfg.data)
     if not cfg.loss.backprop:
         entry = resolve_objective(cfg.loss)
         if cfg.train.compile and (cfg.loss.local_modules or not entry.layerwise):
             raise ValueError(f"--compile compiles the paper's per-layer blocks; the local "
                              f"modules of --loss-sup {entry.name} run eagerly: drop --compile")
-    classes, cpb = DATASETS[cfg.data.dataset].num_classes, cfg.data.classes_per_batch
-    if cpb > classes:
-        raise ValueError(f"--classes-per-batch {cpb}: {cfg.data.dataset} has only {classes} "
-                         f"classes; choose at most {classes} (0 = any classes in a batch)")
     layout = layout_for(world, cfg.train.num_replicas)
     S, mode = layout.num_stages, RunMode.of(cfg)
     if S > 1 and mode != RunMode.LOCAL:
@@ -263,27 +253,35 @@ def _lock_and_plan(cfg, env, run_dir: Path, writer: int) -> ResumePlan:
     return ResumePlan(**broadcast_from(env, plan, writer))
 
 
-def _read_data(cfg, env, layout, nodes, stage_index: int, replica: int):
-    """The batch sources of this rank (None off the first stage). The first stage of every
-    replica reads its share of the data; on every node one of them first (it may extract or
-    download the files), then the others."""
+def _read_data(cfg, env, layout, nodes, stage_index: int, replica: int, cache_dir: Path):
+    """The batch sources of this rank (None off the first stage) and the dataset's info (every
+    rank: the first stage's, broadcast). The first stage of every replica reads its share of
+    the data; on every node one of them first (it may extract or download the files, or
+    decode an image folder into its cache), then the others."""
     R = layout.num_replicas
     readers = [layout.rank_of(0, i) for i in range(R)]
     first = {n: min(q for q in readers if nodes[q] == n) for n in {nodes[q] for q in readers}}
-    sources = None
+    sources, info = None, None
     for turn in (True, False):
         err = None
         try:
             if stage_index == 0 and (env.rank == first[nodes[env.rank]]) == turn:
                 workers = resolve_num_workers(cfg.data.num_workers, env.device,
                                               env.local_world_size, env.threads)
-                sources = build_sources(cfg.data, cfg.train.seed, env.device, replica, R,
-                                        workers)[:2]
+                *sources, info = build_sources(cfg.data, cfg.train.seed, env.device, replica, R,
+                                               workers, cache_dir)
                 _check_last_batch(cfg, sources[0].num_examples, sources[1].num_examples, R)
+                cpb, classes = cfg.data.classes_per_batch, info.num_classes
+                if cpb > classes:
+                    raise ValueError(f"--classes-per-batch {cpb}: {cfg.data.dataset} has only "
+                                     f"{classes} classes; choose at most {classes} (0 = any "
+                                     "classes in a batch)")
         except Exception as exc:  # every rank must hear of it, not only this one
             err = first_line(exc)
         all_agree(env, err)
-    return sources
+    info = DatasetInfo.from_dict(broadcast_from(env, info.to_dict() if env.rank == 0 else None,
+                                                0))
+    return sources, info
 
 
 def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
@@ -294,7 +292,6 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     S, k, r = layout.num_stages, layout.stage_of(env.rank), layout.replica_of(env.rank)
     if R > 1:
         setup_logging(k, S, logging.getLogger("localloss_pp").level, r, R)
-    info = DATASETS[cfg.data.dataset]
     # the run directory, and this attempt's mark on its checkpoint parts
     run_dir, token = broadcast_from(env, [str(resolve_run_dir(cfg)), os.urandom(8).hex()]
                                     if env.rank == 0 else None, 0)
@@ -303,7 +300,7 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     plan = _lock_and_plan(cfg, env, run_dir, writer)
     where = gather_all(env, [env.node_rank, str(env.device)])
     nodes = [w[0] for w in where]
-    sources = _read_data(cfg, env, layout, nodes, k, r)
+    sources, info = _read_data(cfg, env, layout, nodes, k, r, run_dir / "data-cache")
     sizes = DataSizes(*broadcast_from(env, [sources[0].num_examples, sources[1].num_examples,
                                             len(sources[0]), len(sources[1])]
                                       if env.rank == 0 else None, 0))
@@ -335,7 +332,7 @@ def _setup_collectives(cfg: Config, env: DistEnv, layout: Layout) -> _Run:
     run.start = _resume(cfg, env, run)
     if env.rank == 0:
         _log_header(cfg, env, run, nodes, where)
-    _write_run_files(env, run)
+    _write_run_files(env, run, cfg.data.dataset)
     fault_point("setup")
     _check_shared_run_dir(env, layout, nodes, run_dir, writer)
     return run
@@ -359,7 +356,7 @@ def _model_and_partition(cfg: Config, env: DistEnv, info, num_stages: int, sourc
     return model, names, part
 
 
-def _write_run_files(env: DistEnv, run: _Run) -> None:
+def _write_run_files(env: DistEnv, run: _Run, dataset: str) -> None:
     """The first writes of the run, by the writer, once the resume state is known to be good:
     this launch's mark, the metrics records no checkpoint covers dropped, an interrupted
     attempt's leftovers cleaned, config.toml and partition.json. No stage writes a checkpoint
@@ -367,6 +364,7 @@ def _write_run_files(env: DistEnv, run: _Run) -> None:
     err = None
     if env.rank == run.writer:
         try:
+            _check_same_data(run, dataset)
             keep, run.ckpt.records_from = kept_metrics(  # (raises before any change)
                 run.run_dir, run.start.epoch,
                 records_start(run.plan, run.run_dir, run.start.epoch))
@@ -377,10 +375,31 @@ def _write_run_files(env: DistEnv, run: _Run) -> None:
             atomic_write_bytes(run.run_dir / "config.toml", run.config_toml.encode())
             atomic_write_bytes(run.run_dir / "partition.json",
                                json.dumps(run.part.to_dict(), indent=2).encode())
+            atomic_write_bytes(run.run_dir / "dataset.json",
+                               json.dumps(run.info.to_dict(), indent=2).encode())
             log.info("run directory: %s", run.run_dir)
         except Exception as exc:
             err = first_line(exc)
     all_agree(env, err)
+
+
+def _check_same_data(run: _Run, dataset: str) -> None:
+    """A run continued from a checkpoint or a model.pt trains on the data it started on: an
+    image folder whose file list changed since is refused (before anything is written)."""
+    if run.plan.kind == "fresh" or not run.info.fingerprint:
+        return
+    source = Path(run.plan.path)
+    if run.plan.kind == "model":
+        from localloss_pp.run.checkpoint import read_model_file
+        before = read_model_file(source).get("dataset", {}).get("fingerprint")
+    else:
+        saved = source.parent.parent / "dataset.json"
+        before = json.loads(saved.read_text()).get("fingerprint") if saved.is_file() else None
+    if before and before != run.info.fingerprint:
+        raise ValueError(f"the image folder of --dataset {dataset} changed since the run "
+                         f"in {source} started (files added, removed or modified): a resumed "
+                         "run needs the same data; restore the folder, or train a new run in "
+                         "another --run-dir")
 
 
 def _log_header(cfg: Config, env: DistEnv, run: _Run, nodes, where) -> None:
@@ -565,8 +584,10 @@ def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> R
     saved, _ = load_units(folder, manifest, indices)
     states = [saved[i]["state"] for i in indices]
     digest = combine_digests([state_digest(i, sd) for i, sd in zip(indices, states)])
-    save_model(run.run_dir / "model.pt", run.model.name, states, run.config_toml, epochs, digest)
+    save_model(run.run_dir / "model.pt", run.model.name, states, run.config_toml, epochs, digest,
+               dataset=run.info.to_dict())
     fault_point("after-model")
     log.info("final test error %.2f%%; model saved to %s", rec.test.error,
              run.run_dir / "model.pt")
-    return RunResult(run.run_dir, digest, rec.test.error, rec.train.error, epochs)
+    records = [EpochRecord.from_json(r) for r in read_jsonl(run.run_dir / "metrics.jsonl")]
+    return RunResult.from_records(run.run_dir, digest, epochs, records)

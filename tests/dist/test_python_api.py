@@ -1,0 +1,51 @@
+"""train(stages=2) from a Python process is the torchrun command: one digest for the Python
+API's pipeline, the torchrun command's and the one-process run, on a generated image folder;
+the examples of docs/python.md run as written."""
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import localloss_pp as lp
+from imagefolders import make_folder
+from launch import ROOT, Streamed
+
+ARGS = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "16", "--epochs", "1",
+        "--batch-size", "12", "--no-progress", "--no-print-stats", "--threads-per-rank", "1"]
+OPTIONS = dict(model="mlp", num_layers=2, num_hidden=16, epochs=1, batch_size=12,
+               progress=False, print_stats=False, threads_per_rank=1)
+
+
+def test_train_with_two_stages_gives_the_digest_of_the_torchrun_command(tmp_path):
+    root = make_folder(tmp_path / "pets")
+    s = Streamed([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc-per-node", "2", "-m", "localloss_pp", "train", "--dataset",
+                  f"folder:{root}", *ARGS, "--run-dir", str(tmp_path / "torchrun")])
+    assert s.wait(240) == 0, s.text[-3000:]
+    cli_digest = s.text.split("model-digest: ")[1].split()[0]
+    handler = signal.getsignal(signal.SIGINT)
+    piped = lp.train(dataset=f"folder:{root}", stages=2, run_dir=str(tmp_path / "api2"),
+                     **OPTIONS)
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    one = lp.train(dataset=f"folder:{root}", run_dir=str(tmp_path / "api1"), **OPTIONS)
+    assert piped.digest == cli_digest == one.digest
+    assert piped.test_error == one.test_error and len(piped.records) == 1
+
+
+def test_a_stage_error_is_raised_in_the_caller_with_its_line(tmp_path):
+    with pytest.raises(ValueError, match="an epoch has 32 training batches, fewer than START"):
+        lp.train(dataset="mnist5k", model="mlp", num_layers=2, num_hidden=16, epochs=1,
+                 profile="1:100:3", stages=2, run_dir=str(tmp_path / "run"), progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,expect", [
+    ("from_python.py", "loaded: test error"),
+    ("own_data.py", "test/centre/000.png is centre"),
+])
+def test_the_examples_run_as_written(tmp_path, script, expect):
+    done = subprocess.run([sys.executable, f"examples/{script}", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expect in done.stdout

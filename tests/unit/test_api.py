@@ -1,0 +1,93 @@
+"""The Python API in one process: train() with options, RunResult, load() to a plain
+nn.Module whose test error is the run's, evaluate(), and the refusals (bad options, damaged
+model files, unfinished runs, a resumed run on a changed folder)."""
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+import localloss_pp as lp
+from imagefolders import CLASSES, make_folder
+
+OPTIONS = dict(model="mlp", num_layers=2, num_hidden=16, epochs=2, batch_size=12,
+               augment="flip", progress=False, print_stats=False, threads_per_rank=1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = make_folder(tmp_path_factory.mktemp("api") / "pets")
+    result = lp.train(dataset=f"folder:{root}", run_dir=str(root.parent / "run"), **OPTIONS)
+    return root, result
+
+
+def test_train_returns_the_run_and_from_dir_reads_it_back(run):
+    _, result = run
+    assert isinstance(result, lp.RunResult) and result.epochs == 2
+    assert [r.epoch for r in result.records] == [1, 2]
+    assert result.records[-1].test.error == result.test_error
+    assert result.samples_per_s > 0 and len(result.digest) == 64
+    again = lp.RunResult.from_dir(result.run_dir)
+    assert (again.digest, again.test_error, again.records) == \
+        (result.digest, result.test_error, result.records)
+    assert (result.run_dir / "dataset.json").is_file()
+
+
+def test_a_loaded_model_is_a_plain_module_with_the_runs_test_error(run, tmp_path):
+    _, result = run
+    model = lp.load(result.run_dir)
+    assert isinstance(model, nn.Module) and not model.training
+    assert model.classes == list(CLASSES) and model.digest == result.digest
+    evaluation = lp.evaluate(model)
+    assert evaluation.error == pytest.approx(result.test_error, abs=1e-9)
+    assert evaluation.num_examples == 12 and set(evaluation.per_class_accuracy) == set(CLASSES)
+    assert int(evaluation.confusion.sum()) == 12
+    # no local heads, unless asked; the same logits either way
+    full = lp.load(result.run_dir / "model.pt", heads=True)
+    n = sum(p.numel() for p in model.parameters())
+    assert n < sum(p.numel() for p in full.parameters())
+    x = model.preprocess(torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8))
+    assert torch.equal(model(x), full(x))
+    assert model.predict(torch.zeros(2, 3, 12, 12, dtype=torch.uint8)).shape == (2,)
+    exported = torch.export.export(model, (x,))
+    assert torch.allclose(exported.module()(x), model(x))
+    torch.save(model, tmp_path / "whole.pt")
+    assert torch.equal(torch.load(tmp_path / "whole.pt", weights_only=False)(x), model(x))
+
+
+def test_a_damaged_model_file_is_refused_on_load(run, tmp_path):
+    _, result = run
+    copy = tmp_path / "model.pt"
+    state = torch.load(result.run_dir / "model.pt", weights_only=True)
+    w = state["units"][0]["encoder.weight"]
+    w.view(torch.int32).view(-1)[3] ^= 1 << 4
+    torch.save(state, copy)
+    with pytest.raises(ValueError, match="is damaged: its weights do not have the digest"):
+        lp.load(copy)
+
+
+def test_options_are_checked_like_flags(tmp_path):
+    with pytest.raises(ValueError, match="unknown option 'num_layer'; did you mean num_layers"):
+        lp.train(dataset="mnist5k", num_layer=2)
+    with pytest.raises(ValueError, match="train\\(\\): epochs must be int, got str '3'"):
+        lp.train(dataset="mnist5k", epochs="3")
+    with pytest.raises(ValueError, match="--dropout must be in \\[0, 1\\)"):
+        lp.train(dataset="mnist5k", dropout=1.5)
+    with pytest.raises(ValueError, match="stages must be an integer >= 1"):
+        lp.train(stages=0)
+    with pytest.raises(ValueError, match="has no model.pt: the run has not finished"):
+        lp.RunResult.from_dir(tmp_path)
+
+
+def test_a_run_resumed_on_a_changed_folder_is_refused(tmp_path):
+    root = make_folder(tmp_path / "pets")
+    options = dict(OPTIONS, epochs=1)
+    lp.train(dataset=f"folder:{root}", run_dir=str(tmp_path / "run"), **options)
+    for name in ("new1.png", "new2.png"):
+        shutil.copy(root / "train" / "top" / "000.png", root / "train" / "top" / name)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    options["epochs"] = 2
+    with pytest.raises(ValueError, match="changed since the run in .* started"):
+        lp.train(dataset=f"folder:{root}", run_dir=str(tmp_path / "run"), resume="auto",
+                 **options)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
