@@ -173,8 +173,10 @@ def choose_partition(cfg: Config, model: LocalModel, num_stages: int, input_shap
     counts the first stage's data loading (timed on `source`) in the first stage's cost."""
     n = len(model.blocks)
     if num_stages > n:
+        more = " (--num-layers N gives the mlp N blocks)" if cfg.model.name == "mlp" else ""
         raise ValueError(f"{num_stages} stages but {cfg.model.name} has only {n} blocks; "
-                         f"launch at most {n} processes per pipeline")
+                         f"launch at most {n} processes per pipeline, or give the model more "
+                         f"blocks{more}")
     spec = cfg.train.partition
     param_costs = fold_output([float(sum(p.numel() for p in u.parameters()))
                                for u in model.units()])

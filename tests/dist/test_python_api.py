@@ -4,12 +4,13 @@ the examples of docs/python.md run as written."""
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 import localloss_pp as lp
 from imagefolders import make_folder
-from launch import ROOT, Streamed
+from launch import ROOT, Streamed, _env
 
 ARGS = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "16", "--epochs", "1",
         "--batch-size", "12", "--no-progress", "--no-print-stats", "--threads-per-rank", "1"]
@@ -49,3 +50,29 @@ def test_the_examples_run_as_written(tmp_path, script, expect):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert expect in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_stage_and_leaves_a_run_that_continues(tmp_path):
+    run = tmp_path / "run"
+    code = ("import localloss_pp as lp; lp.train(dataset='mnist5k', model='mlp', num_layers=2, "
+            f"num_hidden=32, epochs=40, stages=2, run_dir={str(run)!r}, progress=False, "
+            "print_stats=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "e00001-end" / "manifest.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C or a notebook's interrupt sends
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt: stopped; every finished epoch is in" in err, err[-2000:]
+    # no stage is left holding the run directory: it continues, here in one process
+    done = max(int(p.name[1:6]) for p in (run / "checkpoints").iterdir()
+               if (p / "manifest.json").exists() and p.name.endswith("-end"))
+    result = lp.train(dataset="mnist5k", model="mlp", num_layers=2, num_hidden=32,
+                      epochs=done + 1, run_dir=str(run), resume="auto", progress=False,
+                      print_stats=False)
+    assert result.epochs == done + 1 and [r.epoch for r in result.records] == \
+        list(range(1, done + 2))

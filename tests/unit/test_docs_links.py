@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("models", "data", "pipeline", "run", "observe")
 TOP_DIRS = ("localloss_pp", "launch", "configs", "benchmarks", "tests", "docs", "examples")
 # docs/usage.md lists the module paths of before 0.2.0 on purpose: that section is left out
-MOVED_SECTION = "Module paths that moved in 0.2.0"
+MOVED_SECTION = "Module paths that moved in 0.2.0 and 0.4.0"
 
 
 SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "runs", "data", "node_modules"}
