@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from localloss_pp.config import SECTION_CLASSES, Config, build_config, load_toml, to_toml
+from localloss_pp.config import (SECTION_CLASSES, Config, DataConfig, build_config, load_toml,
+                                 to_toml)
 from localloss_pp.data.registry import DatasetInfo
 from localloss_pp.errors import ERROR_DIR_ENV
 from localloss_pp.result import RunResult
@@ -327,7 +328,7 @@ def load(path, device: str | torch.device = "cpu", heads: bool = False) -> Train
     net.eval()
     blocks = list(net.blocks)
     if not heads:
-        x = torch.zeros(2, *info.input_shape)
+        x = torch.randn(2, *info.input_shape, generator=torch.Generator().manual_seed(0))
         stripped = []
         for block in blocks:
             stripped.append(_without_heads(block, x))
@@ -369,9 +370,13 @@ def evaluate(model, dataset: str | None = None, *, batch_size: int | None = None
     if data_dir is not None:
         data.data_dir = data_dir
     data.mean, data.std = list(model.info.mean), list(model.info.std)
-    if data.dataset.startswith("folder:"):
+    if data.dataset.startswith("folder:"):  # any folder: to the model's input
         data.image_size = model.info.input_shape[1]
         data.image_mode = "L" if model.info.input_shape[0] == 1 else "RGB"
+    else:  # a registered dataset brings its own size and mode
+        plain = DataConfig()
+        data.image_size, data.image_mode = plain.image_size, plain.image_mode
+        data.val_fraction, data.in_memory = plain.val_fraction, plain.in_memory
     data.batch_size = batch_size or data.batch_size
     data.cutout, data.classes_per_batch = False, 0
     _, test, info = build_sources(data, 0, dev)

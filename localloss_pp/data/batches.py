@@ -376,6 +376,21 @@ class _SeededBatchSampler(Sampler):
             yield [((base + j) & ((1 << 63) - 1), i) for j, i in enumerate(idx)]
 
 
+def _worker_error(exc: Exception) -> Exception:
+    """A DataLoader worker's exception re-raised with the worker's own message first (the
+    loader's copy starts "Caught X in DataLoader worker process N." and ends with the original
+    "module.X: message" line)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = text.strip().splitlines()[-1]
+    message = last.split(": ", 1)[1] if ": " in last else last
+    try:
+        return type(exc)(message)
+    except Exception:
+        return RuntimeError(message)
+
+
 class LoaderBatches(_Source):
     """A dataset decoded and augmented by DataLoader workers (image folders such as ImageNet):
     pinned batches, prefetched by the workers, copied to the device asynchronously."""
@@ -391,7 +406,14 @@ class LoaderBatches(_Source):
                                  prefetch_factor=4 if num_workers > 0 else None)
 
     def __iter__(self):
-        for x, y_host in self.loader:
+        batches = iter(self.loader)
+        while True:
+            try:
+                x, y_host = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:  # a worker's error: keep its own message as the first line
+                raise _worker_error(exc) from exc
             yield (x.to(self.device, non_blocking=True), y_host.to(self.device, non_blocking=True),
                    y_host)
 

@@ -55,7 +55,7 @@ class FolderScan:
     mode: str           # "L" or "RGB"
     size: int
     listing: list[str]  # "split/relative path:size:mtime_ns" of every file
-    fingerprint: str    # sha256 of the listing
+    fingerprint: str    # sha256 of the listing's names and sizes
 
 
 def _visible(p: Path) -> bool:
@@ -148,7 +148,10 @@ def scan_folder(cfg: DataConfig) -> FolderScan:
             st = f.stat()
             listing.append(f"{split}/{f.relative_to(root).as_posix()}:{st.st_size}:"
                            f"{st.st_mtime_ns}")
-    fingerprint = hashlib.sha256("\n".join(listing).encode()).hexdigest()
+    # the run's record of its data: names and sizes (a copy of the folder elsewhere, with new
+    # times of change, is the same data); the cache also compares the times (listing)
+    fingerprint = hashlib.sha256("\n".join(line.rsplit(":", 1)[0] for line in listing)
+                                 .encode()).hexdigest()
     mode, size = _mode_and_size(cfg, train + test)
     return FolderScan(root, classes, train, test, test_from, mode, size, listing, fingerprint)
 
@@ -274,7 +277,7 @@ def _cached(path: Path | None, scan: FolderScan):
         log.warning("cache %s cannot be read (%s): decoding the folder again", path,
                     first_line(exc))
         return None
-    if saved.get("fingerprint") == scan.fingerprint:
+    if saved.get("listing") == scan.listing:
         return saved
     log.warning("image folder %s changed since its cache was made (files %s): decoding it "
                 "again", scan.root, _changes(saved.get("listing", []), scan.listing))

@@ -2,6 +2,7 @@
 classes, splits, sizes, modes, statistics, the cache and its checksum, the streamed path, the
 batched random resized crop, a user's registered loader, and every bad folder's one line."""
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -196,3 +197,28 @@ def test_a_bad_folder_ends_the_command_line_run_with_one_line(tmp_path, capsys):
     assert err[-1].startswith("localloss-pp train: error: class folder ") and \
         err[-1].endswith("is empty; put its images there or remove the folder")
     assert not (tmp_path / "run" / "config.toml").exists()
+
+
+def test_touched_files_renew_the_cache_but_not_the_runs_record_of_its_data(folder, caplog):
+    _, _, before = build_datasets(folder_cfg(folder))
+    f = folder / "train" / "top" / "003.png"
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a copy elsewhere would be
+    logger = logging.getLogger("localloss_pp")
+    logger.addHandler(caplog.handler)
+    try:
+        _, _, after = build_datasets(folder_cfg(folder))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "(files 0 added, 0 removed, 1 changed): decoding it again" in caplog.text
+    assert after == before  # same names and sizes: the same data for a resumed run
+
+
+def test_a_streamed_image_that_cannot_be_decoded_is_named_by_the_worker(folder):
+    src = build_sources(folder_cfg(folder, in_memory="no", batch_size=48), 1, CPU,
+                        num_workers=2)[0]
+    _truncate(folder)  # damaged after the set-up read it: a worker meets it
+    with pytest.raises(FolderError, match="^[^\\n]*000.png cannot be decoded") as err:
+        list(src)
+    assert "\n" not in str(err.value)
+    src.close()
