@@ -274,8 +274,10 @@ def _without_heads(unit: nn.Module, x: torch.Tensor) -> nn.Module:
             h.remove()
     stripped = copy.deepcopy(unit)
     originals = dict(unit.named_modules())
+    removed: list[str] = []
     for name, module in list(stripped.named_modules()):
-        if not name or name not in originals or id(originals[name]) in called:
+        if not name or name not in originals or id(originals[name]) in called or \
+                any(name.startswith(r + ".") for r in removed):
             continue
         if any(id(m) in called for m in originals[name].modules()):
             continue  # an unused container of something used
@@ -285,6 +287,7 @@ def _without_heads(unit: nn.Module, x: torch.Tensor) -> nn.Module:
         parent = stripped.get_submodule(parent_name) if parent_name else stripped
         if child in parent._modules:
             parent._modules[child] = None
+            removed.append(name)
     try:
         with torch.no_grad():
             same = torch.equal(stripped(x), expected)

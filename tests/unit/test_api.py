@@ -91,3 +91,18 @@ def test_a_run_resumed_on_a_changed_folder_is_refused(tmp_path):
         lp.train(dataset=f"folder:{root}", run_dir=str(tmp_path / "run"), resume="auto",
                  **options)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_local_modules_load_without_their_auxiliary_networks(run, tmp_path):
+    root, _ = run
+    result = lp.train(dataset=f"folder:{root}", model="resnet20", feat_mult=0.25,
+                      loss_sup="dgl", local_modules=2, epochs=1, batch_size=12,
+                      augment="none", run_dir=str(tmp_path / "dgl"), progress=False,
+                      print_stats=False, threads_per_rank=1)
+    model, full = lp.load(result.run_dir), lp.load(result.run_dir, heads=True)
+    assert all(getattr(b, "head", None) is None for b in model.blocks)
+    assert sum(p.numel() for p in model.parameters()) < \
+        sum(p.numel() for p in full.parameters())
+    x = torch.randn(4, 3, 12, 12)
+    assert torch.equal(model(x), full(x))
+    assert lp.evaluate(model).error == pytest.approx(result.test_error, abs=1e-9)
