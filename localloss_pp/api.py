@@ -78,8 +78,8 @@ def _config_of(config, options: dict[str, Any]) -> Config:
         fld = next(f for f in fields(SECTION_CLASSES[section]) if f.name == name)
         if isinstance(value, tuple):
             value = list(value)
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
+        if isinstance(value, os.PathLike):  # a folder given as a Path is an image folder
+            value = ("folder:" if key == "dataset" else "") + os.fspath(value)
         _check_type(f"train(): {key}", value, fld)
         given.setdefault(section, {})[name] = value
     return build_config(base, given)

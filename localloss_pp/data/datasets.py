@@ -304,7 +304,9 @@ def dataset_labels(ds) -> np.ndarray:
             return np.asarray(getattr(ds, attr), dtype=np.int64)
     if hasattr(ds, "samples"):
         return np.asarray([s[1] for s in ds.samples], dtype=np.int64)
-    raise ValueError(f"cannot read the labels of {type(ds).__name__}")
+    raise ValueError(f"cannot read the labels of {type(ds).__name__}: a dataset needs its "
+                     "labels in index order as `targets` (or `labels`), for the epoch order "
+                     "and the N-classes-per-batch sampler")
 
 
 

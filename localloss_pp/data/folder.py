@@ -103,9 +103,10 @@ def _probe(path: Path) -> tuple[str, tuple[int, int]]:
                           "remove it or move it out of the class folders") from None
 
 
-def scan_folder(cfg: DataConfig) -> FolderScan:
-    """The folder's classes and files, its checksum, mode and size; a FolderError naming the
-    path and the fix for every way a folder cannot be a dataset."""
+def scan_folder(cfg: DataConfig, probe: bool = True) -> FolderScan:
+    """The folder's classes and files, its checksum, and (`probe`: from every file's header)
+    its mode and size; a FolderError naming the path and the fix for every way a folder cannot
+    be a dataset."""
     text = cfg.dataset[len(FOLDER_PREFIX):]
     root = Path(text).expanduser()
     flag = f"--dataset {cfg.dataset}"
@@ -152,7 +153,7 @@ def scan_folder(cfg: DataConfig) -> FolderScan:
     # times of change, is the same data); the cache also compares the times (listing)
     fingerprint = hashlib.sha256("\n".join(line.rsplit(":", 1)[0] for line in listing)
                                  .encode()).hexdigest()
-    mode, size = _mode_and_size(cfg, train + test)
+    mode, size = _mode_and_size(cfg, train + test) if probe else ("", 0)
     return FolderScan(root, classes, train, test, test_from, mode, size, listing, fingerprint)
 
 
@@ -285,20 +286,24 @@ def _cached(path: Path | None, scan: FolderScan):
 
 
 def folder_splits(cfg: DataConfig, cache_dir=None):
-    """(train split, test split, DatasetInfo) of `--dataset folder:PATH`."""
-    scan = scan_folder(cfg)
-    channels = 1 if scan.mode == "L" else 3
-    decoded_mb = (len(scan.train) + len(scan.test)) * channels * scan.size ** 2 / 2 ** 20
-    in_memory = cfg.in_memory == "yes" or (cfg.in_memory == "auto" and
-                                           decoded_mb <= IN_MEMORY_LIMIT_MB)
+    """(train split, test split, DatasetInfo) of `--dataset folder:PATH`. A cache made from
+    this very file list gives the arrays (or the statistics) and the mode and size without
+    opening a file; otherwise every file's header is read, then the images decoded."""
+    scan = scan_folder(cfg, probe=False)
     where = _cache_dir(scan.root, cache_dir)
     split = f"split{cfg.val_fraction:g}" if scan.test_from == "split" else scan.test_from
-    name = f"s{scan.size}-{scan.mode}-{split}-{'arrays' if in_memory else 'stats'}.pt"
+    name = f"size{cfg.image_size or '-own'}-{cfg.image_mode}-{split}-{cfg.in_memory}.pt"
     cache = None if where is None else where / name
     saved = _cached(cache, scan)
     start = time.perf_counter()
     if saved is None:
-        saved = {"fingerprint": scan.fingerprint, "listing": scan.listing}
+        scan.mode, scan.size = _mode_and_size(cfg, scan.train + scan.test)
+        channels = 1 if scan.mode == "L" else 3
+        decoded_mb = (len(scan.train) + len(scan.test)) * channels * scan.size ** 2 / 2 ** 20
+        in_memory = cfg.in_memory == "yes" or (cfg.in_memory == "auto" and
+                                               decoded_mb <= IN_MEMORY_LIMIT_MB)
+        saved = {"fingerprint": scan.fingerprint, "listing": scan.listing, "mode": scan.mode,
+                 "size": scan.size}
         if in_memory:
             saved["train"] = _decode_all(scan.train, scan.mode, scan.size)
             saved["test"] = _decode_all(scan.test, scan.mode, scan.size)
@@ -315,6 +320,9 @@ def folder_splits(cfg: DataConfig, cache_dir=None):
                  "(cache: %s)", scan.root, len(scan.train), len(scan.test), len(scan.classes),
                  " into memory" if in_memory else " for its statistics",
                  time.perf_counter() - start, cache or "none")
+    scan.mode, scan.size = saved["mode"], saved["size"]
+    in_memory = "train" in saved
+    channels = 1 if scan.mode == "L" else 3
     info = DatasetInfo((channels, scan.size, scan.size), len(scan.classes),
                        tuple(saved["mean"]), tuple(saved["std"]), "resized_crop_flip",
                        in_memory=in_memory, classes=tuple(scan.classes),

@@ -2,6 +2,7 @@
 nn.Module whose test error is the run's, evaluate(), and the refusals (bad options, damaged
 model files, unfinished runs, a resumed run on a changed folder)."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,16 @@ def test_local_modules_load_without_their_auxiliary_networks(run, tmp_path):
     x = torch.randn(4, 3, 12, 12)
     assert torch.equal(model(x), full(x))
     assert lp.evaluate(model).error == pytest.approx(result.test_error, abs=1e-9)
+
+
+def test_options_override_a_config_or_a_toml_file(tmp_path):
+    from localloss_pp.api import _config_of
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nname = "vgg8b"\n[train]\nepochs = 7\n')
+    cfg = _config_of(f, {"epochs": 3, "dataset": Path("pets"), "replicas": 2,
+                         "batch_norm": False, "lr_decay_milestones": (5, 9)})
+    assert (cfg.model.name, cfg.train.epochs, cfg.data.dataset, cfg.train.num_replicas) == \
+        ("vgg8b", 3, "folder:pets", 2)
+    assert cfg.model.batch_norm is False and cfg.optim.lr_decay_milestones == [5, 9]
+    again = _config_of(cfg, {"lr": 0.1})
+    assert again.train.epochs == 3 and again.optim.lr == 0.1 and again.model.name == "vgg8b"
