@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import tomllib
 import uuid
 from dataclasses import dataclass, field, fields
@@ -169,7 +170,8 @@ def _launch(cfg: Config, world: int) -> None:
     """`world` processes of `python -m localloss_pp train --config FILE` on this machine,
     through torch.distributed's elastic launcher (torchrun --standalone's settings, no
     restarts); a stage's failure is raised here with its one-line message."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import (DefaultLogsSpecs,
+                                                                SignalException, Std)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     package_root = str(Path(__file__).resolve().parents[1])
@@ -178,15 +180,18 @@ def _launch(cfg: Config, world: int) -> None:
         conf.write_text(to_toml(cfg))
         errors = Path(tmp) / "errors"
         errors.mkdir()
+        relay = None if _streams_are_files() else _Relay(Path(tmp) / "logs")
+        logs = DefaultLogsSpecs(log_dir=str(Path(tmp) / "logs"),
+                                redirects=Std.NONE if relay is None else Std.ALL)
         launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
                               run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                               rdzv_endpoint="localhost:0", max_restarts=0,
-                              monitor_interval=0.1)
+                              monitor_interval=0.1, logs_specs=logs)
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         env = {ERROR_DIR_ENV: str(errors), "PYTHONPATH": path}
         if "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = "1"  # (torchrun's default; each stage sets its threads)
-        with _environ(**env), _signal_handlers_kept():
+        with _environ(**env), _signal_handlers_kept(), relay or contextlib.nullcontext():
             try:
                 elastic_launch(launch, sys.executable)(
                     "-m", "localloss_pp", "train", "--config", str(conf))
@@ -198,6 +203,58 @@ def _launch(cfg: Config, world: int) -> None:
                         f"stopped; every finished epoch is in {cfg.train.run_dir}: "
                         "train(..., run_dir=..., resume=\"auto\") continues it") from None
                 raise
+
+
+def _streams_are_files() -> bool:
+    """Whether this process's sys.stdout and sys.stderr are its file descriptors 1 and 2,
+    which the stage processes inherit; in a notebook's kernel they are not."""
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _Relay:
+    """While the stages run, copies their output (files the launcher writes) to this
+    process's sys.stdout and sys.stderr, line by line: where a notebook shows them."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.offsets, self.partial = folder, {}, {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        for path, rest in self.partial.items():  # a last line without its newline
+            (sys.stderr if path.name == "stderr.log" else sys.stdout).write(rest + "\n")
+
+    def _run(self):
+        while not self.done.wait(0.2):
+            self.pump()
+        self.pump()
+
+    def pump(self):
+        for name, dst in (("stdout.log", sys.stdout), ("stderr.log", sys.stderr)):
+            for path in sorted(self.folder.rglob(name)):
+                try:
+                    with open(path, "rb") as fh:
+                        fh.seek(self.offsets.get(path, 0))
+                        data = fh.read()
+                except OSError:
+                    continue
+                self.offsets[path] = self.offsets.get(path, 0) + len(data)
+                text = self.partial.pop(path, "") + data.decode(errors="replace")
+                lines, _, rest = text.rpartition("\n")
+                if rest:
+                    self.partial[path] = rest
+                if lines:
+                    dst.write(lines + "\n")
+                    dst.flush()
 
 
 def _failure(errors: Path, exc) -> Exception:

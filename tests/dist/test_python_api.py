@@ -34,6 +34,7 @@ def test_train_with_two_stages_gives_the_digest_of_the_torchrun_command(tmp_path
     assert piped.test_error == one.test_error and len(piped.records) == 1
 
 
+@pytest.mark.slow
 def test_a_stage_error_is_raised_in_the_caller_with_its_line(tmp_path):
     with pytest.raises(ValueError, match="an epoch has 32 training batches, fewer than START"):
         lp.train(dataset="mnist5k", model="mlp", num_layers=2, num_hidden=16, epochs=1,
@@ -76,3 +77,28 @@ def test_ctrl_c_stops_every_stage_and_leaves_a_run_that_continues(tmp_path):
                       print_stats=False)
     assert result.epochs == done + 1 and [r.epoch for r in result.records] == \
         list(range(1, done + 2))
+
+
+@pytest.mark.slow
+def test_train_runs_from_a_jupyter_notebook(tmp_path):
+    """A real kernel (nbclient, ipykernel): the pipelined run from a notebook cell, no
+    `__main__` guard, its result and the loaded model in the next cell."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = make_folder(tmp_path / "pets")
+    cells = [
+        "import localloss_pp as lp",
+        f"r = lp.train(dataset='folder:{root}', stages=2, run_dir='{tmp_path / 'run'}', "
+        "model='mlp', num_layers=2, num_hidden=16, epochs=1, batch_size=12, progress=False)",
+        "m = lp.load(r.run_dir)\nprint('errors', r.test_error, lp.evaluate(m).error, "
+        "r.digest)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    out = "".join(o.get("text", "") for o in nb.cells[2].outputs)
+    _, run_error, loaded_error, digest = out.split()
+    assert float(run_error) == pytest.approx(float(loaded_error), abs=1e-9)
+    assert digest == lp.RunResult.from_dir(tmp_path / "run").digest
+    logs = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert "[stage 2/2] epoch 1/1" in logs  # the stages' lines reach the notebook

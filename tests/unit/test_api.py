@@ -120,3 +120,20 @@ def test_options_override_a_config_or_a_toml_file(tmp_path):
     assert cfg.model.batch_norm is False and cfg.optim.lr_decay_milestones == [5, 9]
     again = _config_of(cfg, {"lr": 0.1})
     assert again.train.epochs == 3 and again.optim.lr == 0.1 and again.model.name == "vgg8b"
+
+
+def test_the_notebook_relay_copies_whole_lines_as_the_stage_files_grow(tmp_path, capsys):
+    from localloss_pp.api import _Relay
+    log = tmp_path / "run" / "attempt_0" / "1" / "stderr.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("[stage 2/2] epoch 1/2 ...\n[stage 2/2] epo")
+    relay = _Relay(tmp_path)
+    relay.pump()
+    assert capsys.readouterr().err == "[stage 2/2] epoch 1/2 ...\n"
+    with open(log, "a") as fh:
+        fh.write("ch 2/2 ...\nlast words")
+    relay.pump()
+    assert capsys.readouterr().err == "[stage 2/2] epoch 2/2 ...\n"
+    with relay:  # the launch ends: what is left of a line comes out too
+        pass
+    assert capsys.readouterr().err == "last words\n"

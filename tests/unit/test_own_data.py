@@ -216,7 +216,7 @@ def test_touched_files_renew_the_cache_but_not_the_runs_record_of_its_data(folde
 
 def test_a_streamed_image_that_cannot_be_decoded_is_named_by_the_worker(folder):
     src = build_sources(folder_cfg(folder, in_memory="no", batch_size=48), 1, CPU,
-                        num_workers=2)[0]
+                        num_workers=1)[0]
     _truncate(folder)  # damaged after the set-up read it: a worker meets it
     with pytest.raises(FolderError, match="^[^\\n]*000.png cannot be decoded") as err:
         list(src)
