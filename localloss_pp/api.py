@@ -6,6 +6,7 @@ as S x R processes started by torch's elastic launcher (what torchrun uses) with
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import copy
 import dataclasses
@@ -122,11 +123,29 @@ def train(config: Config | str | os.PathLike | None = None, *, stages: int = 1,
                          "process, not from inside a torchrun worker (WORLD_SIZE is set)")
     if world == 1:
         return _train_here(cfg)
+    _check_visible_to_stages(cfg)
     from localloss_pp.training import resolve_run_dir
     if not cfg.train.run_dir:  # fixed here, so that the result can be read back
         cfg.train.run_dir = str(resolve_run_dir(cfg))
     _launch(cfg, world)
     return RunResult.from_dir(cfg.train.run_dir)
+
+
+def _check_visible_to_stages(cfg: Config) -> None:
+    """The stage processes are new interpreters: a dataset or model registered in this
+    process's __main__ (a notebook, or the script itself) does not exist there."""
+    from localloss_pp.data.registry import dataset_entry
+    from localloss_pp.models.registry import model_builder
+    entry = dataset_entry(cfg.data.dataset)
+    found = [("dataset", cfg.data.dataset, "dataset_module",
+              entry.loader if entry is not None and entry.kind == "user" else None),
+             ("model", cfg.model.name, "model_module", model_builder(cfg.model.name))]
+    for what, name, option, fn in found:
+        if fn is not None and getattr(fn, "__module__", "") == "__main__":
+            raise ValueError(f"{what} {name} is registered in this process's __main__ (a "
+                             "notebook or the script itself), which the stage processes do not "
+                             f"run: move it to a module and name that with {option}=..., or "
+                             "train with stages=1")
 
 
 def _train_here(cfg: Config) -> RunResult:
@@ -219,7 +238,7 @@ class _Relay:
     process's sys.stdout and sys.stderr, line by line: where a notebook shows them."""
 
     def __init__(self, folder: Path):
-        self.folder, self.offsets, self.partial = folder, {}, {}
+        self.folder, self.offsets, self.partial, self.decoders = folder, {}, {}, {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -248,7 +267,9 @@ class _Relay:
                 except OSError:
                     continue
                 self.offsets[path] = self.offsets.get(path, 0) + len(data)
-                text = self.partial.pop(path, "") + data.decode(errors="replace")
+                decoder = self.decoders.setdefault(  # (a character split between two reads)
+                    path, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+                text = self.partial.pop(path, "") + decoder.decode(data)
                 lines, _, rest = text.rpartition("\n")
                 if rest:
                     self.partial[path] = rest
@@ -410,6 +431,10 @@ class Evaluation:
     confusion: torch.Tensor | None = field(default=None, repr=False)  # [true, predicted]
 
 
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 @torch.no_grad()
 def evaluate(model, dataset: str | None = None, *, batch_size: int | None = None,
              device: str | torch.device | None = None, data_dir: str | None = None,
@@ -420,13 +445,17 @@ def evaluate(model, dataset: str | None = None, *, batch_size: int | None = None
     Images are prepared as the run prepared its test images, with the model's own
     normalisation; `batch_size` defaults to the run's."""
     from localloss_pp.data.datasets import build_sources
+    from localloss_pp.data.registry import dataset_info
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"evaluate(): batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(model, TrainedModel):
         model = load(model, device or "cpu")
     dev = torch.device(device) if device is not None else model.norm_mean.device
     model = model.to(dev)
     data = copy.deepcopy(model.config.data)
     if dataset is not None:
-        data.dataset = dataset
+        data.dataset = ("folder:" if isinstance(dataset, os.PathLike) else "") + \
+            os.fspath(dataset)
     if data_dir is not None:
         data.data_dir = data_dir
     data.mean, data.std = list(model.info.mean), list(model.info.std)
@@ -437,14 +466,24 @@ def evaluate(model, dataset: str | None = None, *, batch_size: int | None = None
         plain = DataConfig()
         data.image_size, data.image_mode = plain.image_size, plain.image_mode
         data.val_fraction, data.in_memory = plain.val_fraction, plain.in_memory
+        data.mean, data.std = [], []
+        known = dataset_info(data)
+        if tuple(known.input_shape) != tuple(model.info.input_shape):
+            raise ValueError(f"dataset {data.dataset} has {_shape(known.input_shape)} images; "
+                             f"the model was trained on {_shape(model.info.input_shape)}")
+        data.mean, data.std = list(model.info.mean), list(model.info.std)
     data.batch_size = batch_size or data.batch_size
     data.cutout, data.classes_per_batch = False, 0
     _, test, info = build_sources(data, 0, dev)
     if info.num_classes != model.info.num_classes or \
             tuple(info.input_shape) != tuple(model.info.input_shape):
         raise ValueError(f"dataset {data.dataset} has {info.num_classes} classes of "
-                         f"{tuple(info.input_shape)} images; the model was trained on "
-                         f"{model.info.num_classes} classes of {tuple(model.info.input_shape)}")
+                         f"{_shape(info.input_shape)} images; the model was trained on "
+                         f"{model.info.num_classes} classes of {_shape(model.info.input_shape)}")
+    if info.classes and model.info.classes and tuple(info.classes) != tuple(model.info.classes):
+        raise ValueError(f"dataset {data.dataset} has the classes {', '.join(info.classes)}; "
+                         f"the model was trained on {', '.join(model.info.classes)} (the same "
+                         "names in the same order are needed)")
     k = info.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64, device=dev)
     test.set_epoch(1)

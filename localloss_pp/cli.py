@@ -101,9 +101,13 @@ def _info(data):
     """The dataset's info; an image folder's is read from the folder (and its cache)."""
     from localloss_pp.data.registry import dataset_info
     info = dataset_info(data)
-    if info is None:
-        from localloss_pp.data.datasets import build_datasets
-        info = build_datasets(data)[2]
+    if info is None:  # an image folder: its classes and its images' headers say enough
+        from localloss_pp.data.folder import scan_folder
+        from localloss_pp.data.registry import DatasetInfo
+        scan = scan_folder(data)
+        channels = 1 if scan.mode == "L" else 3
+        info = DatasetInfo((channels, scan.size, scan.size), len(scan.classes),
+                           (0.0,) * channels, (1.0,) * channels)
     return info
 
 

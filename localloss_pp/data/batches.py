@@ -413,7 +413,10 @@ class LoaderBatches(_Source):
             except StopIteration:
                 return
             except Exception as exc:  # a worker's error: keep its own message as the first line
-                raise _worker_error(exc) from exc
+                err = _worker_error(exc)
+                if err is exc:
+                    raise
+                raise err from exc
             yield (x.to(self.device, non_blocking=True), y_host.to(self.device, non_blocking=True),
                    y_host)
 

@@ -170,10 +170,15 @@ def _check_mnist_split(raw: Path, split: str, info: DatasetInfo) -> None:
             f"this dataset has classes 0 to {info.num_classes - 1}); {_DAMAGED_FIX}")
 
 
-def _check_labels(name: str, labels: np.ndarray, num_classes: int, root) -> None:
+def _check_labels(name: str, labels: np.ndarray, num_classes: int, root,
+                  builtin: bool = True) -> None:
     """Every label of a loaded dataset is one of its classes (any dataset, any format)."""
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        if not builtin:
+            raise ValueError(f"dataset {name}: its loader gave label {int(bad)}, but its "
+                             f"DatasetInfo has classes 0 to {num_classes - 1}; fix the labels "
+                             "or num_classes")
         raise DatasetNotFoundError(
             f"dataset {name} under {root} (--data-dir) holds label {int(bad)}, but it has "
             f"classes 0 to {num_classes - 1}; its files are damaged or of another dataset: "
@@ -244,15 +249,23 @@ def user_splits(name: str, loader, cfg: DataConfig, info: DatasetInfo):
             raise ValueError(f"dataset {name}: its loader {loader.__module__}.{fn} failed on the "
                              f"{what} split ({type(exc).__name__}: {first_line(exc)}); set "
                              "LOCALLOSS_PP_DEBUG=1 for the traceback") from exc
-        if info.in_memory and isinstance(split, (tuple, list)) and len(split) == 2:
-            split = ArraySplit(*split)
         if info.in_memory:
             try:
-                images, _ = dataset_arrays(split)
+                if isinstance(split, (tuple, list)) and len(split) == 2:
+                    images, labels = (torch.as_tensor(np.asarray(v)) if not
+                                      isinstance(v, torch.Tensor) else v for v in split)
+                    if labels.is_floating_point() or labels.dim() != 1:
+                        raise ValueError(f"labels must be integers, one per image, got "
+                                         f"{labels.dtype} of shape {tuple(labels.shape)}")
+                    split = ArraySplit(images.cpu(), labels.cpu().numpy())
+                images, labels = dataset_arrays(split)
             except Exception as exc:
                 raise ValueError(f"dataset {name}: its {what} split is not uint8 images with "
                                  f"labels ({first_line(exc)}); an in-memory loader returns "
                                  "(images (N, C, H, W) uint8, labels (N,))") from None
+            if len(images) != len(labels):
+                raise ValueError(f"dataset {name}: its {what} split has {len(images)} images "
+                                 f"but {len(labels)} labels; give one label per image")
             if tuple(images.shape[1:]) != tuple(info.input_shape):
                 raise ValueError(f"dataset {name}: its {what} images are "
                                  f"{'x'.join(map(str, images.shape[1:]))}, but its info says "
@@ -348,7 +361,8 @@ def build_sources(cfg: DataConfig, seed: int, device: torch.device, replica: int
     train_set, test_set, info = build_datasets(cfg, cache_dir)
     train_labels = dataset_labels(train_set)
     for labels in (train_labels, dataset_labels(test_set)):
-        _check_labels(cfg.dataset, labels, info.num_classes, cfg.data_dir)
+        _check_labels(cfg.dataset, labels, info.num_classes, cfg.data_dir,
+                      cfg.dataset in BUILTIN_DATASETS)
     train_order = EpochBatches(train_labels, cfg, seed, replica, num_replicas)
     test_order = ShardedBatches(len(test_set), cfg.batch_size, replica, num_replicas)
     if not info.in_memory:

@@ -35,7 +35,7 @@ __all__ = ["FolderScan", "scan_folder", "folder_splits", "FolderImages", "CACHE_
 log = logging.getLogger(__name__)
 
 CACHE_FOLDER = ".localloss-pp-cache"
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 STATS_SAMPLE = 20000  # images the statistics of a streamed folder are measured on
 _LAYOUT = ("put the images of each class in PATH/train/<class>/ (and the test images in "
            "PATH/test/<class>/ or PATH/val/<class>/)")
@@ -73,9 +73,12 @@ def _class_files(split_dir: Path, where: str) -> dict[str, list[Path]]:
     if not entries:
         raise FolderError(f"{split_dir} has no class folders; {_LAYOUT}")
     for class_dir in entries:
-        files = []
+        files, seen = [], {os.path.realpath(class_dir)}
         for base, dirs, names in os.walk(class_dir, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            # linked folders are followed, each real folder once (a link cycle ends here)
+            dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")
+                       and os.path.realpath(os.path.join(base, d)) not in seen]
+            seen.update(os.path.realpath(os.path.join(base, d)) for d in dirs)
             files += [Path(base) / n for n in sorted(names) if not n.startswith(".")]
         if not files:
             raise FolderError(f"class folder {class_dir} is empty; put its images there or "
@@ -98,7 +101,7 @@ def _probe(path: Path) -> tuple[str, tuple[int, int]]:
     try:
         with Image.open(path) as img:
             return img.mode, img.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise FolderError(f"{path} is not an image that can be read ({first_line(exc)}); "
                           "remove it or move it out of the class folders") from None
 
@@ -180,15 +183,36 @@ def _mode_and_size(cfg: DataConfig, items) -> tuple[str, int]:
     return mode, w
 
 
+# what opening or decoding a damaged, foreign or oversized image file raises
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
+def _in_mode(img: Image.Image, mode: str, path: Path) -> Image.Image:
+    """`img` as 8-bit `mode` ("L" or "RGB"): 16-bit grayscale scaled to 8 bits (the top byte),
+    never clipped; 32-bit integer or float images refused."""
+    wide = np.asarray(img) if img.mode.startswith("I") else None
+    if wide is not None and wide.size and (wide.min() < 0 or wide.max() > 65535):
+        wide = None  # (a 32-bit image: refused below)
+    if wide is not None:  # 16-bit (older Pillow opens 16-bit PNGs as mode I)
+        img = Image.fromarray((wide.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        raise FolderError(f"{path} holds {'32-bit integer' if img.mode == 'I' else 'float'} "
+                          f"pixels (mode {img.mode}), whose range is unknown; convert the "
+                          "folder's images to 8- or 16-bit PNG or to JPEG")
+    return img.convert(mode)
+
+
 def _decode(path: Path, mode: str, size: int) -> np.ndarray:
     from torchvision.transforms import functional as TF
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = _in_mode(img, mode, path)
             if img.size != (size, size):
                 img = TF.center_crop(TF.resize(img, size), size)
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except FolderError:
+        raise
+    except IMAGE_ERRORS as exc:
         raise FolderError(f"{path} cannot be decoded ({first_line(exc)}); replace it with a "
                           "good copy or remove it") from None
 
@@ -203,10 +227,19 @@ def _decode_all(items, mode: str, size: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W), on the [0, 1] scale."""
-    x = images.transpose(0, 1).reshape(images.size(1), -1).to(torch.float64) / 255
-    return tuple(round(v, 6) for v in x.mean(1).tolist()), \
-        tuple(round(max(v, 1e-6), 6) for v in x.std(1, unbiased=False).tolist())
+    """Per-channel mean and std of uint8 images (N, C, H, W), on the [0, 1] scale: exact, from
+    each channel's histogram of its 256 values, counted a few images at a time (no float copy
+    of the split)."""
+    counts = torch.zeros(images.size(1), 256, dtype=torch.float64)
+    for chunk in images.split(256):
+        for c in range(images.size(1)):
+            counts[c] += torch.bincount(chunk[:, c].reshape(-1).to(torch.int64), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = counts.sum(1)
+    mean = (counts * values).sum(1) / n
+    var = (counts * values ** 2).sum(1) / n - mean ** 2
+    std = var.clamp(min=0).sqrt().clamp(min=1e-6)  # (a blank channel still normalises)
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
 
 
 class FolderImages(Dataset):
@@ -223,9 +256,11 @@ class FolderImages(Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)
+                img = _in_mode(img, self.mode, path)
                 return self.transform(img), label
-        except (UnidentifiedImageError, OSError) as exc:
+        except FolderError:
+            raise
+        except IMAGE_ERRORS as exc:
             raise FolderError(f"{path} cannot be decoded ({first_line(exc)}); replace it with "
                               "a good copy or remove it") from None
 
@@ -285,6 +320,13 @@ def _cached(path: Path | None, scan: FolderScan):
     return None
 
 
+def _check_norm(cfg: DataConfig, scan: FolderScan, channels: int) -> None:
+    if cfg.mean and len(cfg.mean) != channels:
+        raise FolderError(f"--mean/--std give {len(cfg.mean)} value(s), but the images of "
+                          f"{scan.root} have {channels} channel(s) ({scan.mode}): give one per "
+                          "channel")
+
+
 def folder_splits(cfg: DataConfig, cache_dir=None):
     """(train split, test split, DatasetInfo) of `--dataset folder:PATH`. A cache made from
     this very file list gives the arrays (or the statistics) and the mode and size without
@@ -299,6 +341,7 @@ def folder_splits(cfg: DataConfig, cache_dir=None):
     if saved is None:
         scan.mode, scan.size = _mode_and_size(cfg, scan.train + scan.test)
         channels = 1 if scan.mode == "L" else 3
+        _check_norm(cfg, scan, channels)
         decoded_mb = (len(scan.train) + len(scan.test)) * channels * scan.size ** 2 / 2 ** 20
         in_memory = cfg.in_memory == "yes" or (cfg.in_memory == "auto" and
                                                decoded_mb <= IN_MEMORY_LIMIT_MB)
@@ -327,11 +370,8 @@ def folder_splits(cfg: DataConfig, cache_dir=None):
                        tuple(saved["mean"]), tuple(saved["std"]), "resized_crop_flip",
                        in_memory=in_memory, classes=tuple(scan.classes),
                        fingerprint=scan.fingerprint)
+    _check_norm(cfg, scan, channels)
     info = effective_info(info, cfg)
-    if cfg.mean and len(cfg.mean) != channels:
-        raise FolderError(f"--mean/--std give {len(cfg.mean)} value(s), but the images of "
-                          f"{scan.root} have {channels} channel(s) ({scan.mode}): give one per "
-                          "channel")
     if in_memory:
         return ArraySplit(*saved["train"]), ArraySplit(*saved["test"]), info
     return (FolderImages(scan.train, scan.mode, image_transforms(info, cfg, True, resize=True)),

@@ -81,6 +81,27 @@ class DatasetEntry:
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
+AUGMENT_KINDS = ("none", "flip", "jitter", "jitter_flip", "crop4_flip", "crop_flip",
+                 "resized_crop_flip")
+
+
+def _check_info(name: str, info: DatasetInfo) -> None:
+    """A registered dataset's info makes sense (a ValueError naming the field otherwise)."""
+    where = f"register_dataset({name!r}): DatasetInfo"
+    shape = info.input_shape
+    if len(shape) != 3 or not all(isinstance(v, int) and v >= 1 for v in shape):
+        raise ValueError(f"{where}.input_shape must be (channels, height, width), positive "
+                         f"integers, got {shape!r}")
+    if not isinstance(info.num_classes, int) or info.num_classes < 1:
+        raise ValueError(f"{where}.num_classes must be an integer >= 1, got {info.num_classes!r}")
+    if len(info.mean) != shape[0] or len(info.std) != shape[0]:
+        raise ValueError(f"{where}: mean and std need one value per channel ({shape[0]}), got "
+                         f"{len(info.mean)} and {len(info.std)}")
+    if not all(s > 0 for s in info.std):
+        raise ValueError(f"{where}.std values must be > 0, got {info.std}")
+    if info.augment not in AUGMENT_KINDS:
+        raise ValueError(f"{where}.augment {info.augment!r} is not one of "
+                         f"{', '.join(AUGMENT_KINDS)}")
 
 
 def register_dataset(name: str, loader: Callable | None = None, *, info: DatasetInfo):
@@ -93,6 +114,7 @@ def register_dataset(name: str, loader: Callable | None = None, *, info: Dataset
     `info`: resize, crop, flip, to tensor, normalise). Labels are 0 .. num_classes - 1."""
     if not isinstance(info, DatasetInfo):
         raise TypeError(f"register_dataset({name!r}): info must be a DatasetInfo")
+    _check_info(name, info)
 
     def add(fn: Callable) -> Callable:
         _REGISTRY[name.lower()] = DatasetEntry(name, "user", info, fn)
@@ -172,6 +194,10 @@ def resolve_dataset(d: DataConfig) -> DatasetEntry:
         if folder_only:
             raise ValueError(f"{folder_only[0]} applies to image folders (--dataset "
                              f"folder:PATH); {entry.name} has its own: drop it")
+        if d.augment != "auto" and entry.info.augment == "imagenet":
+            raise ValueError(f"--augment {d.augment}: {entry.name} keeps the reference's "
+                             "ImageNet transforms (random resized crops of 224, flips); drop "
+                             "--augment")
         if d.mean and len(d.mean) != entry.info.input_shape[0]:
             raise ValueError(f"--mean/--std give {len(d.mean)} value(s), but {entry.name} has "
                              f"{entry.info.input_shape[0]} channel(s): give one per channel")

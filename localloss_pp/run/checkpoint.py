@@ -173,6 +173,8 @@ def semantic_config(cfg) -> dict:
     for section, keep in SEMANTIC.items():
         values = dataclasses.asdict(getattr(cfg, section))
         out[section] = {k: v for k, v in values.items() if keep is None or k in keep}
+    if out["data"]["dataset"].startswith("folder:"):  # where the folder is does not count:
+        out["data"]["dataset"] = "folder:"             # its file list is checked instead
     return out
 
 

@@ -19,6 +19,7 @@ that was interrupted are taken again from the batch it resumes at.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -137,6 +138,10 @@ def evaluate_run(run_dir: Path, device: str = "cpu", data_dir: str | None = None
     if data_dir is not None:
         cfg.data.data_dir = data_dir
     dev = torch.device(device)
+    recorded = run_dir / "dataset.json"
+    if recorded.is_file():  # the run's normalisation, not one measured on the data as it is now
+        saved = json.loads(recorded.read_text())
+        cfg.data.mean, cfg.data.std = list(saved["mean"]), list(saved["std"])
     _, test, info = build_sources(cfg.data, cfg.train.seed, dev, cache_dir=run_dir / "data-cache")
     model = build_model(cfg.model, cfg.loss, info.input_shape, info.num_classes, cfg.train.seed,
                         input_norm=(info.mean, info.std))

@@ -137,3 +137,36 @@ def test_the_notebook_relay_copies_whole_lines_as_the_stage_files_grow(tmp_path,
     with relay:  # the launch ends: what is left of a line comes out too
         pass
     assert capsys.readouterr().err == "last words\n"
+
+
+def test_a_run_continues_on_a_copy_of_its_folder_elsewhere(tmp_path):
+    root = make_folder(tmp_path / "pets")
+    options = dict(OPTIONS, epochs=1)
+    lp.train(dataset=f"folder:{root}", run_dir=str(tmp_path / "run"), **options)
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "pets", copy_function=shutil.copy,
+                            ignore=shutil.ignore_patterns(".*"))  # new times, no cache
+    options["epochs"] = 2
+    result = lp.train(dataset=moved, run_dir=str(tmp_path / "run"), resume="auto", **options)
+    assert result.epochs == 2 and [r.epoch for r in result.records] == [1, 2]
+
+
+def test_evaluate_and_train_refuse_what_cannot_work(run, tmp_path):
+    root, result = run
+    other = make_folder(tmp_path / "other", classes=("x", "y", "z"))
+    with pytest.raises(ValueError, match="has the classes x, y, z; the model was trained on "
+                       "bottom, middle, top"):
+        lp.evaluate(result.run_dir, Path(other))
+    with pytest.raises(ValueError, match="dataset mnist5k has 1x28x28 images; the model was "
+                       "trained on 3x12x12"):
+        lp.evaluate(result.run_dir, "mnist5k")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        lp.evaluate(result.run_dir, batch_size=0)
+
+    def pictures(cfg, train, transform):  # as if defined in a notebook's cell
+        return torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4) % 2
+    pictures.__module__ = "__main__"
+    lp.register_dataset("test-notebook-pictures", pictures,
+                        info=lp.DatasetInfo((1, 8, 8), 2, (0.5,), (0.5,)))
+    with pytest.raises(ValueError, match="dataset test-notebook-pictures is registered in this "
+                       "process's __main__ .* dataset_module=..., or train with stages=1"):
+        lp.train(dataset="test-notebook-pictures", model="mlp", num_layers=2, stages=2)

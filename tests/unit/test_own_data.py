@@ -128,13 +128,25 @@ def test_a_registered_dataset_is_read_from_its_loader_and_checked():
     train, test, got = build_datasets(cfg)
     assert got == info and train.data.shape == (10, 1, 8, 8) and len(test.targets) == 4
 
-    @register_dataset("test-wrong-shape", info=info)
-    def wrong(cfg, train, transform):
-        return np.zeros((3, 9, 9), dtype=np.uint8), np.zeros(3)
-
-    with pytest.raises(ValueError, match="its training images are 1x9x9, but its info says "
-                       "1x8x8"):
-        build_datasets(DataConfig(dataset="test-wrong-shape"))
+    for name, images, labels, message in [
+            ("test-wrong-shape", np.zeros((3, 9, 9), np.uint8), np.zeros(3, np.int64),
+             "its training images are 1x9x9, but its info says 1x8x8"),
+            ("test-float-labels", np.zeros((3, 8, 8), np.uint8), np.zeros(3),
+             "labels must be integers, one per image, got torch.float64"),
+            ("test-fewer-labels", np.zeros((3, 8, 8), np.uint8), np.zeros(2, np.int64),
+             "its training split has 3 images but 2 labels"),
+            ("test-label-range", np.zeros((3, 8, 8), np.uint8), np.array([0, 1, 2]),
+             "its loader gave label 2, but its DatasetInfo has classes 0 to 1")]:
+        register_dataset(name, lambda cfg, train, t, a=images, b=labels: (a, b), info=info)
+        with pytest.raises(ValueError, match=message):
+            build_sources(DataConfig(dataset=name, batch_size=2), 1, CPU)
+    with pytest.raises(ValueError, match="DatasetInfo.augment 'crop-flip' is not one of"):
+        register_dataset("test-bad-info", blobs,
+                         info=DatasetInfo((1, 8, 8), 2, (0.5,), (0.25,), "crop-flip"))
+    with pytest.raises(ValueError, match="mean and std need one value per channel \\(3\\)"):
+        register_dataset("test-bad-info", blobs, info=DatasetInfo((3, 8, 8), 2, (0.5,), (0.2,)))
+    with pytest.raises(ValueError, match="--augment flip: ImageNet keeps the reference's"):
+        resolve_dataset(DataConfig(dataset="ImageNet", augment="flip"))
     with pytest.raises(ValueError, match="unknown dataset 'nope'.*Test-Blobs.*folder:PATH"):
         resolve_dataset(DataConfig(dataset="nope"))
     with pytest.raises(ValueError, match="--image-size applies to image folders"):
@@ -222,3 +234,41 @@ def test_a_streamed_image_that_cannot_be_decoded_is_named_by_the_worker(folder):
         list(src)
     assert "\n" not in str(err.value)
     src.close()
+
+
+def test_a_registered_streamed_dataset_is_read_through_its_transform():
+    info = DatasetInfo((3, 10, 10), 2, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), "flip",
+                       in_memory=False)
+
+    class Pictures(torch.utils.data.Dataset):
+        def __init__(self, n, transform):
+            self.targets, self.transform = [i % 2 for i in range(n)], transform
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return self.transform(Image.new("RGB", (10, 10), (40 * i % 255, 0, 0))), \
+                self.targets[i]
+
+    register_dataset("test-pictures", lambda cfg, train, transform:
+                     Pictures(20 if train else 6, transform), info=info)
+    train, test, _ = build_sources(DataConfig(dataset="test-pictures", batch_size=8), 1, CPU)
+    x, y, _ = next(iter(test))
+    assert x.shape == (6, 3, 10, 10) and y.tolist() == [0, 1, 0, 1, 0, 1]
+    assert torch.allclose(x[1, 0], torch.full((10, 10), (40 / 255 - 0.5) / 0.2))
+    assert len(list(train)) == 3
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_and_link_cycles_end(tmp_path):
+    root = tmp_path / "scans"
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            wide = np.full((8, 8), 256 * (40 * i + 100 * (c == "b")) + 255, dtype=np.uint16)
+            Image.fromarray(wide).save(root / "train" / c / f"{i}.png")  # mode I;16
+    (root / "train" / "a" / "loop").symlink_to(root / "train" / "a")
+    train, test, info = build_datasets(folder_cfg(root, val_fraction=0.34))
+    assert info.input_shape == (1, 8, 8) and len(train.targets) + len(test.targets) == 6
+    values = sorted(int(v) for v in torch.cat([train.data, test.data]).flatten().unique())
+    assert values == [0, 40, 80, 100, 140, 180]  # the top byte of each 16-bit value
