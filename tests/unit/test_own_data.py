@@ -52,15 +52,21 @@ def test_an_image_folder_is_decoded_once_into_memory_with_its_classes_and_statis
     assert again == info and torch.equal(again_train.data, train.data)
 
 
-def test_a_changed_folder_is_noticed_and_decoded_again(folder, caplog):
-    _, _, before = build_datasets(folder_cfg(folder))
-    shutil.copy(folder / "train" / "top" / "000.png", folder / "train" / "top" / "new.png")
+def rebuilt(folder, caplog):
+    """(train split, info) of `folder` read again, with the package's log lines captured."""
     logger = logging.getLogger("localloss_pp")
     logger.addHandler(caplog.handler)
     try:
-        train, _, after = build_datasets(folder_cfg(folder))
+        train, _, info = build_datasets(folder_cfg(folder))
     finally:
         logger.removeHandler(caplog.handler)
+    return train, info
+
+
+def test_a_changed_folder_is_noticed_and_decoded_again(folder, caplog):
+    _, _, before = build_datasets(folder_cfg(folder))
+    shutil.copy(folder / "train" / "top" / "000.png", folder / "train" / "top" / "new.png")
+    train, after = rebuilt(folder, caplog)
     assert after.fingerprint != before.fingerprint and len(train.targets) == 37
     assert "changed since its cache was made (files 1 added, 0 removed, 0 changed)" \
         in caplog.text
@@ -216,12 +222,7 @@ def test_touched_files_renew_the_cache_but_not_the_runs_record_of_its_data(folde
     f = folder / "train" / "top" / "003.png"
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a copy elsewhere would be
-    logger = logging.getLogger("localloss_pp")
-    logger.addHandler(caplog.handler)
-    try:
-        _, _, after = build_datasets(folder_cfg(folder))
-    finally:
-        logger.removeHandler(caplog.handler)
+    _, after = rebuilt(folder, caplog)
     assert "(files 0 added, 0 removed, 1 changed): decoding it again" in caplog.text
     assert after == before  # same names and sizes: the same data for a resumed run
 
