@@ -144,8 +144,8 @@ def run_training(cfg: Config) -> RunResult | None:
         # the run directory untouched)
         run = _setup_collectives(cfg, env, layout)
         runner = _build_runner(cfg, env, run)  # 3. links, in chain order
-        rec = _train_epochs(cfg, env, run, runner)  # 4. epochs from the resume point
-        result = _finish(cfg, env, run, runner, rec)  # 5. model.pt, final line
+        _train_epochs(cfg, env, run, runner)  # 4. epochs from the resume point
+        result = _finish(cfg, env, run, runner)  # 5. model.pt, final line
         if run.tb is not None:
             run.tb.close()
         failed = False
@@ -496,15 +496,13 @@ def _build_runner(cfg: Config, env: DistEnv, run: _Run) -> StageRunner:
                        on_batch=run.snapshots.after_batch if run.snapshots else None)
 
 
-def _train_epochs(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner) -> dict | None:
+def _train_epochs(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner) -> None:
     """Phase 4: every epoch from the start point: train stream, eval stream, statistics
-    gathered to the writer, the metrics record, the epoch-end checkpoint. Returns the last
-    record (on the writer)."""
-    rec, start = None, run.start
+    gathered to the writer, the metrics record, the epoch-end checkpoint."""
+    start = run.start
     for epoch in range(start.epoch, cfg.train.epochs + 1):
         skip = start.batches_done if epoch == start.epoch else 0
-        rec = _epoch(cfg, env, run, runner, epoch, skip, start.stats if skip else None) or rec
-    return rec
+        _epoch(cfg, env, run, runner, epoch, skip, start.stats if skip else None)
 
 
 def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, initial):
@@ -557,10 +555,9 @@ def _epoch(cfg, env, run: _Run, runner: StageRunner, epoch: int, skip: int, init
     run.ckpt.save(epoch, None)  # after the metrics record: a resumed run never loses one
     if run.snapshots is not None:
         run.snapshots.flush()
-    return rec
 
 
-def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> RunResult | None:
+def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner) -> RunResult | None:
     """Phase 5: the stop message down the chain; the writer writes model.pt from the final
     checkpoint (every stage's part of it is on disk: the manifest says so). A run killed
     after that checkpoint, or after model.pt, is restarted into this phase alone."""
@@ -568,12 +565,12 @@ def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> R
     if env.rank != run.writer:
         return None
     epochs = cfg.train.epochs
-    if rec is None:  # nothing trained in this attempt: the record is on disk
-        rec = next((EpochRecord.from_json(r) for r in read_jsonl(run.run_dir / "metrics.jsonl")
-                    if r["epoch"] == epochs), None)
-        if rec is None:
-            raise CheckpointError(f"{run.run_dir / 'metrics.jsonl'} has no record of epoch "
-                                  f"{epochs}, the last one; resume in a new --run-dir")
+    # every epoch's record, this attempt's and those of the attempts before it
+    records = [EpochRecord.from_json(r) for r in read_jsonl(run.run_dir / "metrics.jsonl")]
+    rec = next((r for r in records if r.epoch == epochs), None)
+    if rec is None:
+        raise CheckpointError(f"{run.run_dir / 'metrics.jsonl'} has no record of epoch "
+                              f"{epochs}, the last one; resume in a new --run-dir")
     fault_point("before-model")
     found = latest_checkpoint(run.run_dir, log)
     if found is None or found[1]["complete_epochs"] != epochs or found[1]["step"] is not None:
@@ -589,5 +586,4 @@ def _finish(cfg: Config, env: DistEnv, run: _Run, runner: StageRunner, rec) -> R
     fault_point("after-model")
     log.info("final test error %.2f%%; model saved to %s", rec.test.error,
              run.run_dir / "model.pt")
-    records = [EpochRecord.from_json(r) for r in read_jsonl(run.run_dir / "metrics.jsonl")]
     return RunResult.from_records(run.run_dir, digest, epochs, records)
